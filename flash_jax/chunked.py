@@ -1,0 +1,165 @@
+"""The "chunked" implementation: blockwise online softmax in pure jnp, any platform.
+
+Forward (FlashAttention-2, Algorithm 1, with all queries as one row block): scan over
+key/value chunks of `block_kv` columns keeping the running max m, running sum l and a
+rescaled float32 accumulator, so memory is O(T * block_kv) instead of O(T * S).
+Backward (FlashAttention-2, Algorithm 2): recompute each chunk's probabilities from the
+saved lse, P = exp(logits - lse); dV += P^T dO, dP = dO V^T, dS = P * (dP - delta),
+dQ += dS K, dK = dS^T Q. Key/value chunks are independent, so dK, dV (and dbias
+columns) are scan outputs and dQ the only carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from flash_jax import masking, tiles
+from flash_jax.config import BlockSizes
+from flash_jax.implementation import BlockwiseImplementation
+from flash_jax.spec import AttentionArrays, AttentionSpec
+
+DEFAULT_BLOCK_KV = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+  """Inputs padded to a whole number of key/value chunks, in the grouped frame."""
+
+  width: int
+  count: int
+  k: jax.Array  # [B, S_pad, Nkv, H]
+  v: jax.Array  # [B, S_pad, Nkv, Hv]
+  bias5: jax.Array | None  # [B?, Nkv?, G?, T?, S_pad or 1]
+  mask5: jax.Array | None  # same frame, bool
+  arrays: AttentionArrays  # kv_segment_ids padded to S_pad
+  kv_bound: int | None  # S when padding was added, so padded columns stay hidden
+
+  def columns(self, index):
+    start = index * self.width
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, self.width, axis=1)
+    return start, take(self.k), take(self.v), tiles.columns(self.bias5, start, self.width)
+
+
+def _pad_axis(x, axis, size, value=0):
+  if x is None or x.shape[axis] in (1, size):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _chunk_inputs(k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config) -> _Chunks:
+  width = min(config.block_kv, spec.kv_len)
+  count = -(-spec.kv_len // width)
+  padded = count * width
+  bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
+  mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
+  arrays = dataclasses.replace(arrays, kv_segment_ids=_pad_axis(arrays.kv_segment_ids, 1, padded))
+  return _Chunks(
+      width=width, count=count, k=_pad_axis(k, 1, padded), v=_pad_axis(v, 1, padded),
+      bias5=_pad_axis(bias5, 4, padded), mask5=_pad_axis(mask5, 4, padded, False),
+      arrays=arrays, kv_bound=spec.kv_len if padded > spec.kv_len else None)
+
+
+def _reduce_to(x, shape):
+  """Sums the axes of `x` that `shape` broadcasts (size 1)."""
+  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
+class ChunkedImplementation(BlockwiseImplementation):
+  name = "chunked"
+  platforms = ("cpu", "gpu", "tpu")
+
+  def default_config(self, spec: AttentionSpec) -> BlockSizes:
+    return BlockSizes(block_kv=DEFAULT_BLOCK_KV)
+
+  def _resolve(self, config) -> BlockSizes:
+    return config.fill(block_kv=DEFAULT_BLOCK_KV)
+
+  def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    chunks = _chunk_inputs(k, v, bias, arrays, spec, self._resolve(config))
+    q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
+    stat_shape = (spec.batch, spec.num_kv_heads, spec.group_size, spec.q_len, 1)
+
+    def step(carry, index):
+      row_max, row_sum, acc = carry
+      start, k_c, v_c, bias_c = chunks.columns(index)
+      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
+      visible = tiles.tile_visibility(spec, chunks.arrays, chunks.mask5, start, chunks.width,
+                                      chunks.kv_bound)
+      logits = masking.masked_logits(logits, visible)
+      new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1, keepdims=True))
+      rescale = jnp.exp(row_max - new_max)
+      p = masking.masked_exp(logits, new_max, visible)
+      row_sum = rescale * row_sum + jnp.sum(p, axis=-1, keepdims=True)
+      dropout = tiles.tile_dropout(spec, chunks.arrays, start, chunks.width)
+      if dropout is not None:
+        p = p * dropout
+      pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v_c,
+                      preferred_element_type=jnp.float32)
+      return (new_max, row_sum, rescale * acc + pv), None
+
+    init = (jnp.full(stat_shape, masking.MASK_VALUE, jnp.float32),
+            jnp.zeros(stat_shape, jnp.float32),
+            jnp.zeros(stat_shape[:-1] + (spec.head_dim_v,), jnp.float32))
+    (row_max, row_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(chunks.count))
+    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)  # [B, Nkv, G, T, Hv]
+    out = tiles.ungroup_queries(jnp.moveaxis(out, 3, 1), spec).astype(q.dtype)
+    lse = tiles.lse_from_stats(row_max[..., 0], row_sum[..., 0])
+    return out, tiles.grouped_stats_to_heads(lse, spec)
+
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+    chunks = _chunk_inputs(k, v, bias, arrays, spec, self._resolve(config))
+    q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
+    do5 = tiles.group_queries(dout, spec)  # [B, T, Nkv, G, Hv]
+    lse5 = tiles.heads_to_grouped_stats(lse, spec)[..., None]  # [B, Nkv, G, T, 1]
+    lse5 = jnp.where(jnp.isfinite(lse5), lse5, 0.0)  # rows that see nothing: P = 0 anyway
+    delta5 = tiles.heads_to_grouped_stats(delta, spec)[..., None]
+    bias_cols_broadcast = chunks.bias5 is not None and chunks.bias5.shape[-1] == 1
+
+    def step(carry, index):
+      dq, dbias_acc = carry
+      start, k_c, v_c, bias_c = chunks.columns(index)
+      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
+      visible = tiles.tile_visibility(spec, chunks.arrays, chunks.mask5, start, chunks.width,
+                                      chunks.kv_bound)
+      p = masking.masked_exp(logits, lse5, visible)
+      dp = jnp.einsum("btkgh,bskh->bkgts", do5, v_c, preferred_element_type=jnp.float32)
+      dropout = tiles.tile_dropout(spec, chunks.arrays, start, chunks.width)
+      p_kept = p if dropout is None else p * dropout
+      dp = dp if dropout is None else dp * dropout
+      dv_c = jnp.einsum("bkgts,btkgh->bskh", p_kept.astype(dout.dtype), do5,
+                        preferred_element_type=jnp.float32)
+      ds = p * (dp - delta5)  # d loss / d logits
+      if spec.softcap is not None:
+        ds = ds * masking.softcap_grad(logits, spec.softcap)
+      dbias_c = None if bias_c is None else _reduce_to(ds, bias_c.shape)
+      ds = (ds * spec.scale).astype(q.dtype)
+      dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_c, preferred_element_type=jnp.float32)
+      dk_c = jnp.einsum("bkgts,btkgh->bskh", ds, q5, preferred_element_type=jnp.float32)
+      if bias_cols_broadcast:
+        dbias_acc, dbias_c = dbias_acc + dbias_c, None
+      return (dq, dbias_acc), (dk_c, dv_c, dbias_c)
+
+    dbias_init = (jnp.zeros(chunks.bias5.shape, jnp.float32) if bias_cols_broadcast else None)
+    init = (jnp.zeros(q5.shape, jnp.float32), dbias_init)
+    (dq, dbias_acc), (dk, dv, dbias_cols) = jax.lax.scan(step, init, jnp.arange(chunks.count))
+
+    def join_columns(x, axis):  # [n, ..., w at axis, ...] -> [..., S at axis, ...]
+      x = jnp.moveaxis(x, 0, axis)
+      x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+      return jax.lax.slice_in_dim(x, 0, spec.kv_len, axis=axis)
+
+    dk, dv = join_columns(dk, 1).astype(k.dtype), join_columns(dv, 1).astype(v.dtype)
+    dbias = None
+    if bias is not None:
+      dbias5 = dbias_acc if bias_cols_broadcast else join_columns(dbias_cols, 4)
+      dbias = tiles.from_grouped_frame(dbias5, bias.shape).astype(bias.dtype)
+    return tiles.ungroup_queries(dq, spec).astype(q.dtype), dk, dv, dbias
+
+
+IMPLEMENTATION = ChunkedImplementation()

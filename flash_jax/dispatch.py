@@ -1,0 +1,76 @@
+"""Which implementation serves a call: a registry, in order of preference.
+
+Dispatch is data: each entry names an implementation, the platforms it runs on, and
+where it lives. Modules load lazily, so importing flash_jax never imports a GPU- or
+TPU-only module. `implementation=None` takes the first entry for the current platform
+whose `check` passes; a named implementation that cannot serve a call raises
+`NotImplementedError` from its `check`, never falling back silently.
+Adding a backend means adding one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+
+import jax
+
+from flash_jax.implementation import Implementation
+from flash_jax.spec import AttentionSpec
+
+logger = logging.getLogger("flash_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryEntry:
+  name: str
+  platforms: tuple[str, ...]
+  target: str  # "module:attribute" of the Implementation instance
+
+
+REGISTRY: tuple[RegistryEntry, ...] = (
+    RegistryEntry("chunked", ("cpu", "gpu", "tpu"), "flash_jax.chunked:IMPLEMENTATION"),
+    RegistryEntry("xla", ("cpu", "gpu", "tpu"), "flash_jax.reference:IMPLEMENTATION"),
+)
+
+
+def implementation_names() -> tuple[str, ...]:
+  return tuple(entry.name for entry in REGISTRY)
+
+
+@functools.cache
+def get_implementation(name: str) -> Implementation:
+  for entry in REGISTRY:
+    if entry.name == name:
+      module, attribute = entry.target.split(":")
+      return getattr(importlib.import_module(module), attribute)
+  raise ValueError(f"implementation must be None or one of {implementation_names()}, got {name!r}")
+
+
+def current_platform() -> str:
+  return jax.default_backend()
+
+
+def select(spec: AttentionSpec, implementation: str | None, *, interpret: bool = False,
+           platform: str | None = None) -> Implementation:
+  """The implementation that serves `spec`: the named one (checked) or the best one."""
+  platform = platform or current_platform()
+  if implementation is not None:
+    impl = get_implementation(implementation)
+    impl.check(spec, platform=platform, interpret=interpret)
+    return impl
+  reasons = []
+  for entry in REGISTRY:
+    if platform not in entry.platforms:
+      continue
+    impl = get_implementation(entry.name)
+    try:
+      impl.check(spec, platform=platform, interpret=False)
+    except NotImplementedError as e:
+      reasons.append(str(e))
+      continue
+    logger.debug("flash_jax: implementation=None picked %r on %s for %s", impl.name, platform, spec)
+    return impl
+  raise NotImplementedError(f"no implementation serves this call on {platform}: {reasons}")

@@ -1,0 +1,201 @@
+"""The masking rules of flash_jax, written once.
+
+Every implementation (the materializing reference, the chunked jnp fallback and the
+Pallas kernels) builds its logits, visibility and dropout from these functions, so all
+of them compute the same function. They are plain jnp on broadcastable int32 arrays
+and therefore also run inside Pallas kernel bodies, on a [block_q, block_kv] tile.
+
+Coordinates: query row i (0 <= i < T) sits at key position p(i) = i + q_offset. Query i
+sees key j (0 <= j < S) when every active rule allows it:
+
+    causal          j <= p(i)
+    window (L, R)   p(i) - L <= j <= p(i) + R         (a None side is unbounded)
+    segment ids     q_segment_ids[i] == kv_segment_ids[j]
+    lengths         i < q_length  and  j < kv_length
+    dense mask      mask[b, h, i, j]                   (applied by each implementation)
+
+    Causal, T=4, S=6, q_offset=2 (chunked prefill: the 4 queries are the last 4 keys):
+        keys  0 1 2 3 4 5
+      q0 (p=2) x x x . . .
+      q1 (p=3) x x x x . .
+      q2 (p=4) x x x x x .
+      q3 (p=5) x x x x x x
+
+A row that sees no key produces output 0 and lse -inf. Masked logits take the finite
+MASK_VALUE and masked probabilities are zeroed explicitly with `where`, so no -inf
+arithmetic, and no NaN, can arise (online softmax, FlashAttention-2 section 3.1.1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Large, finite and far from overflow when a running max is subtracted from it.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
+                   q_segment_ids=None, kv_segment_ids=None, q_length=None,
+                   kv_length=None, kv_bound=None):
+  """Bool array: may query row `q_idx` see key `k_idx`? None when every key is visible.
+
+  q_idx, k_idx: broadcastable int32 index arrays (e.g. [bq, 1] and [1, bk]).
+  q_offset, q_length, kv_length: scalars or arrays broadcastable against them.
+  q_segment_ids broadcasts with q_idx, kv_segment_ids with k_idx.
+  kv_bound: static S; hides padded key columns k_idx >= S of a tail tile.
+  """
+  visible = None
+
+  def both(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  q_pos = q_idx if q_offset is None else q_idx + q_offset
+  if causal:
+    visible = both(visible, k_idx <= q_pos)
+  if window is not None:
+    left, right = window
+    if left is not None:
+      visible = both(visible, k_idx >= q_pos - left)
+    if right is not None:
+      visible = both(visible, k_idx <= q_pos + right)
+  if q_segment_ids is not None:
+    visible = both(visible, q_segment_ids == kv_segment_ids)
+  if q_length is not None:
+    visible = both(visible, q_idx < q_length)
+  if kv_length is not None:
+    visible = both(visible, k_idx < kv_length)
+  if kv_bound is not None:
+    visible = both(visible, k_idx < kv_bound)
+  return visible
+
+
+def visible_kv_range(q_lo, q_hi, *, kv_len, causal=False, window=None, q_offset=None,
+                     kv_length=None):
+  """Keys [k_lo, k_hi) outside which no query of rows [q_lo, q_hi) sees anything.
+
+  Used for tile skipping: key blocks outside the range are never loaded. Works on
+  Python ints and traced int32 scalars. Segment ids and dense masks are not bounded here.
+  """
+  offset = 0 if q_offset is None else q_offset
+  first_pos, last_pos = q_lo + offset, q_hi - 1 + offset
+  k_lo, k_hi = 0, kv_len
+  if causal:
+    k_hi = jnp.minimum(k_hi, last_pos + 1)
+  if window is not None:
+    left, right = window
+    if left is not None:
+      k_lo = jnp.maximum(k_lo, first_pos - left)
+    if right is not None:
+      k_hi = jnp.minimum(k_hi, last_pos + right + 1)
+  if kv_length is not None:
+    k_hi = jnp.minimum(k_hi, kv_length)
+  k_lo = jnp.clip(k_lo, 0, kv_len)
+  return k_lo, jnp.clip(k_hi, k_lo, kv_len)
+
+
+def visible_q_range(k_lo, k_hi, *, q_len, causal=False, window=None, q_offset=None,
+                    q_length=None):
+  """Query rows [q_lo, q_hi) outside which no row sees a key of [k_lo, k_hi) (the dual)."""
+  offset = 0 if q_offset is None else q_offset
+  q_lo, q_hi = 0, q_len
+  if causal:
+    q_lo = jnp.maximum(q_lo, k_lo - offset)
+  if window is not None:
+    left, right = window
+    if right is not None:
+      q_lo = jnp.maximum(q_lo, k_lo - right - offset)
+    if left is not None:
+      q_hi = jnp.minimum(q_hi, k_hi + left - offset)
+  if q_length is not None:
+    q_hi = jnp.minimum(q_hi, q_length)
+  q_lo = jnp.clip(q_lo, 0, q_len)
+  return q_lo, jnp.clip(q_hi, q_lo, q_len)
+
+
+def tile_fully_visible(q_lo, q_hi, k_lo, k_hi, *, kv_len, causal=False, window=None,
+                       q_offset=None, q_length=None, kv_length=None):
+  """True when every (query, key) of the tile is visible under the positional rules.
+
+  Such tiles skip the mask arithmetic. Segment ids and dense masks are not considered:
+  a kernel with either must mask every tile (or precompute per-block information).
+  """
+  offset = 0 if q_offset is None else q_offset
+  full = jnp.asarray(k_hi <= kv_len)
+  if causal:
+    full &= k_hi - 1 <= q_lo + offset
+  if window is not None:
+    left, right = window
+    if left is not None:
+      full &= k_lo >= q_hi - 1 + offset - left
+    if right is not None:
+      full &= k_hi - 1 <= q_lo + offset + right
+  if q_length is not None:
+    full &= q_hi <= q_length
+  if kv_length is not None:
+    full &= k_hi <= kv_length
+  return full
+
+
+def transform_logits(s, *, scale, bias=None, softcap=None):
+  """float32 q.k^T -> logits: scale, add bias, then soft-cap c * tanh(s / c)."""
+  s = s * scale
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  if softcap is not None:
+    s = softcap * jnp.tanh(s / softcap)
+  return s
+
+
+def softcap_grad(logits, softcap):
+  """d logits / d (pre-cap logits) written with the capped logits: 1 - tanh^2."""
+  if softcap is None:
+    return None
+  t = logits / softcap
+  return 1.0 - t * t
+
+
+def masked_logits(logits, visible):
+  """Replaces hidden logits by MASK_VALUE (finite: no -inf arithmetic)."""
+  return logits if visible is None else jnp.where(visible, logits, MASK_VALUE)
+
+
+def masked_exp(logits, row_max, visible):
+  """exp(logits - row_max), exactly 0 where hidden, also on rows that see nothing."""
+  p = jnp.exp(logits - row_max)
+  return p if visible is None else jnp.where(visible, p, 0.0)
+
+
+# ---- dropout: a pure counter-based hash of (seed, batch, head, query, key) ---------------
+# The same bits in forward and backward, in every implementation, the references
+# included, so implementations can be compared exactly. A murmur3-style finalizer
+# (fmix32) mixes each coordinate in; only uint32 multiply, xor and shifts are used,
+# which Triton, Mosaic GPU, Mosaic TPU and XLA all lower.
+
+def _fmix32(h):
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def dropout_keep(seed, batch_idx, head_idx, q_idx, k_idx, rate):
+  """Bool keep-mask, True with probability 1 - rate; broadcasts its index arguments.
+
+  Indices are global: batch b, query head h (0 <= h < Nq), query row i, key column j.
+  """
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+  h = _fmix32(u32(seed) ^ (u32(batch_idx) * jnp.uint32(0x9E3779B1)))
+  h = _fmix32(h ^ (u32(head_idx) * jnp.uint32(0x85EBCA77)))
+  h = _fmix32(h ^ (u32(q_idx) * jnp.uint32(0xC2B2AE3D)))
+  h = _fmix32(h ^ (u32(k_idx) * jnp.uint32(0x27D4EB2F)))
+  # Compare the top 24 bits as int32: signed compares lower everywhere.
+  threshold = int(round(rate * (1 << 24)))
+  return (h >> 8).astype(jnp.int32) >= threshold
+
+
+def dropout_multiplier(keep, rate):
+  """keep / (1 - rate) as float32, 0 where dropped."""
+  return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))

@@ -1,0 +1,247 @@
+"""One normalized description of an attention call.
+
+`normalize` validates the user's arguments once and splits them into
+  * `AttentionSpec`: everything static (shapes, dtype, which mask features are on,
+    scale, window, softcap, dropout rate); frozen and hashable, so it can be a
+    static argument of `jax.jit` / `jax.custom_vjp` and a key for tuning tables;
+  * `AttentionArrays`: the dynamic, non-differentiable arrays that parametrize the
+    mask (query offsets, segment ids, lengths, dense bool mask, dropout seed).
+The differentiable inputs (q, k, v, bias) travel beside them.
+
+Every implementation reads the same spec, so a feature is parsed in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Static description of one attention call. Shapes use B, T, S, Nq, Nkv, H, Hv."""
+
+  batch: int
+  q_len: int  # T
+  kv_len: int  # S
+  num_q_heads: int  # Nq
+  num_kv_heads: int  # Nkv
+  head_dim: int  # H (q and k)
+  head_dim_v: int  # Hv (v and the output)
+  dtype: str  # name of the input dtype: 'bfloat16' | 'float16' | 'float32'
+  scale: float
+  causal: bool = False
+  # (left, right) in key positions relative to the query's position; None = unbounded.
+  window: tuple[int | None, int | None] | None = None
+  softcap: float | None = None
+  bias_shape: tuple[int, int, int, int] | None = None  # broadcastable to [B, Nq, T, S]
+  mask_shape: tuple[int, int, int, int] | None = None  # broadcastable to [B, Nq, T, S]
+  has_q_offset: bool = False
+  has_segment_ids: bool = False
+  has_q_lengths: bool = False
+  has_kv_lengths: bool = False
+  dropout_rate: float = 0.0
+
+  @property
+  def group_size(self) -> int:
+    """Query heads that share one key/value head (GQA; 1 for MHA)."""
+    return self.num_q_heads // self.num_kv_heads
+
+  @property
+  def jnp_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_shape is not None
+
+  @property
+  def has_mask(self) -> bool:
+    return self.mask_shape is not None
+
+  @property
+  def has_dropout(self) -> bool:
+    return self.dropout_rate > 0.0
+
+  @property
+  def has_structured_mask(self) -> bool:
+    """True when some rule besides a dense bool mask hides keys from queries."""
+    return (self.causal or self.window is not None or self.has_segment_ids
+            or self.has_q_lengths or self.has_kv_lengths)
+
+  def features(self) -> tuple[str, ...]:
+    """Names of the features this call uses, as implementations declare them."""
+    names = {
+        "causal": self.causal, "window": self.window is not None,
+        "softcap": self.softcap is not None, "bias": self.has_bias, "mask": self.has_mask,
+        "q_offset": self.has_q_offset, "segment_ids": self.has_segment_ids,
+        "q_lengths": self.has_q_lengths, "kv_lengths": self.has_kv_lengths,
+        "dropout": self.has_dropout,
+        "gqa": self.num_q_heads != self.num_kv_heads,
+    }
+    return tuple(name for name, used in names.items() if used)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionArrays:
+  """Dynamic mask parameters; a field is None when its feature is off in the spec."""
+
+  q_offset: jax.Array | None = None  # [B] int32: position of query 0 in key coordinates
+  q_segment_ids: jax.Array | None = None  # [B, T] int32
+  kv_segment_ids: jax.Array | None = None  # [B, S] int32
+  q_lengths: jax.Array | None = None  # [B] int32: queries >= length see nothing
+  kv_lengths: jax.Array | None = None  # [B] int32: keys >= length are hidden
+  mask: jax.Array | None = None  # bool, 4-D, broadcastable to [B, Nq, T, S]
+  dropout_seed: jax.Array | None = None  # [] uint32
+
+
+def _shape_str(x: Any) -> str:
+  return str(tuple(np.shape(x)))
+
+
+def _as_4d(name: str, x: Any, target: tuple[int, int, int, int]) -> jax.Array:
+  """Left-pads `x` to 4-D and checks it broadcasts to `target` = (B, Nq, T, S)."""
+  x = jnp.asarray(x)
+  if x.ndim > 4:
+    raise ValueError(f"{name} must have at most 4 dims [B, Nq, T, S], got shape {x.shape}")
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  for got, want in zip(x.shape, target):
+    if got not in (1, want):
+      raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, Nq, T, S] = {target}")
+  return x
+
+
+def _int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+  if x.shape != shape:
+    raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+  return x.astype(jnp.int32)
+
+
+def normalize_window(window: Any, causal: bool) -> tuple[int | None, int | None] | None:
+  """`window` int w -> (w, w), or (w, 0) with causal; a pair passes through; checks >= 0."""
+  if window is None:
+    return None
+  if isinstance(window, (int, np.integer)):
+    left, right = int(window), (0 if causal else int(window))
+  else:
+    try:
+      left, right = window
+    except (TypeError, ValueError):
+      raise TypeError(f"window must be an int or a (left, right) pair, got {window!r}") from None
+  for side, value in (("left", left), ("right", right)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+      raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
+  left = None if left is None else int(left)
+  right = None if right is None else int(right)
+  if causal:
+    right = 0  # causal already hides every key right of the query
+  if left is None and (right is None or causal):
+    return None  # the window hides nothing beyond what causal hides
+  return (left, right)
+
+
+def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segment_ids=None,
+              q_offset=None, window=None, softcap=None, dropout_rate=0.0, dropout_rng=None,
+              q_lengths=None, kv_lengths=None):
+  """Validates a call; returns (spec, q, k, v, bias, arrays). Raises before any tracing."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if np.ndim(x) != 4:
+      raise ValueError(f"{name} must be 4-D [batch, length, heads, head_dim], got shape {_shape_str(x)}")
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  batch, q_len, num_q_heads, head_dim = q.shape
+  kb, kv_len, num_kv_heads, k_head_dim = k.shape
+  if q.dtype not in SUPPORTED_DTYPES:
+    raise TypeError(f"q dtype must be one of bfloat16, float16, float32, got {q.dtype}")
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+  if kb != batch or v.shape[0] != batch:
+    raise ValueError(f"q, k, v must share the batch size, got q={q.shape}, k={k.shape}, v={v.shape}")
+  if k_head_dim != head_dim:
+    raise ValueError(f"q and k must share head_dim, got q={q.shape}, k={k.shape}")
+  if v.shape[1] != kv_len or v.shape[2] != num_kv_heads:
+    raise ValueError(f"k and v must share length and heads, got k={k.shape}, v={v.shape}")
+  if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+    raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads}); "
+                     f"q={q.shape}, k={k.shape}")
+  if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or not MIN_HEAD_DIM <= v.shape[3] <= MAX_HEAD_DIM:
+    raise ValueError(f"head dims must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got q={q.shape}, v={v.shape}")
+  if q_len == 0 or kv_len == 0:
+    raise ValueError(f"sequence lengths must be positive, got q={q.shape}, k={k.shape}")
+
+  if scale is None:
+    scale = 1.0 / float(np.sqrt(head_dim))
+  if not isinstance(scale, (int, float, np.floating, np.integer)):
+    raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+  if softcap is not None:
+    if not isinstance(softcap, (int, float, np.floating, np.integer)) or softcap <= 0:
+      raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    softcap = float(softcap)
+  if not isinstance(dropout_rate, (int, float, np.floating)) or not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
+
+  target = (batch, num_q_heads, q_len, kv_len)
+  if bias is not None:
+    bias = _as_4d("bias", bias, target)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise TypeError(f"bias must be a float array, got dtype {bias.dtype}; pass bool masks as mask=")
+  if mask is not None:
+    mask = _as_4d("mask", mask, target)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+
+  arrays = {}
+  if q_offset is not None:
+    if isinstance(q_offset, (int, np.integer)):
+      q_offset = jnp.full((batch,), q_offset, jnp.int32)
+    arrays["q_offset"] = _int_array("q_offset", jnp.broadcast_to(q_offset, (batch,))
+                                    if np.ndim(q_offset) == 0 else q_offset, (batch,))
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      if len(segment_ids) != 2:
+        raise ValueError("segment_ids must be an array [B, T] or a pair (q_ids [B, T], kv_ids [B, S])")
+      q_ids, kv_ids = segment_ids
+    else:
+      if q_len != kv_len:
+        raise ValueError(f"a single segment_ids array needs T == S (self-attention), got T={q_len}, "
+                         f"S={kv_len}; pass a pair (q_ids, kv_ids)")
+      q_ids = kv_ids = segment_ids
+    arrays["q_segment_ids"] = _int_array("segment_ids (query)", q_ids, (batch, q_len))
+    arrays["kv_segment_ids"] = _int_array("segment_ids (key/value)", kv_ids, (batch, kv_len))
+  if q_lengths is not None:
+    arrays["q_lengths"] = _int_array("q_lengths", q_lengths, (batch,))
+  if kv_lengths is not None:
+    arrays["kv_lengths"] = _int_array("kv_lengths", kv_lengths, (batch,))
+  if mask is not None:
+    arrays["mask"] = mask
+  if dropout_rate > 0.0:
+    arrays["dropout_seed"] = dropout_seed_from_rng(dropout_rng)
+
+  spec = AttentionSpec(
+      batch=batch, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=v.shape[3],
+      dtype=q.dtype.name, scale=float(scale), causal=bool(causal),
+      window=normalize_window(window, bool(causal)), softcap=softcap,
+      bias_shape=None if bias is None else tuple(bias.shape),
+      mask_shape=None if mask is None else tuple(mask.shape),
+      has_q_offset=q_offset is not None, has_segment_ids=segment_ids is not None,
+      has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
+      dropout_rate=float(dropout_rate))
+  return spec, q, k, v, bias, AttentionArrays(**arrays)
+
+
+def dropout_seed_from_rng(rng) -> jax.Array:
+  """A uint32 seed from a PRNG key (new-style typed or raw uint32[2])."""
+  return jax.random.bits(rng, (), jnp.uint32)

@@ -1,0 +1,105 @@
+"""jnp tile computations shared by the reference and the chunked implementation.
+
+A tile is all queries against the key columns [k_start, k_start + width), laid out in
+the grouped frame [B, Nkv, G, T, width] (G = query heads per key/value head), so GQA
+never materializes repeated K/V. Masking rules come from `masking`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flash_jax import masking
+from flash_jax.spec import AttentionArrays, AttentionSpec
+
+
+def group_queries(q, spec: AttentionSpec):
+  """[B, T, Nq, H] -> [B, T, Nkv, G, H]."""
+  return q.reshape(spec.batch, spec.q_len, spec.num_kv_heads, spec.group_size, q.shape[-1])
+
+
+def ungroup_queries(x, spec: AttentionSpec):
+  """[B, T, Nkv, G, H] -> [B, T, Nq, H]."""
+  return x.reshape(spec.batch, spec.q_len, spec.num_q_heads, x.shape[-1])
+
+
+def to_grouped_frame(x, spec: AttentionSpec):
+  """A 4-D [B?, Nq?, T?, S?] bias or mask -> 5-D [B?, Nkv?, G?, T?, S?]."""
+  b, n, t, s = x.shape
+  if n == 1:
+    return x.reshape(b, 1, 1, t, s)
+  return x.reshape(b, spec.num_kv_heads, spec.group_size, t, s)
+
+
+def from_grouped_frame(x, shape4):
+  """Inverse of `to_grouped_frame`, summing any axis that was broadcast."""
+  b, n, t, s = shape4
+  x = x.reshape(x.shape[0], -1, x.shape[3], x.shape[4])
+  target = (b, n, t, s)
+  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, target)) if want == 1 and got != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(target)
+
+
+def columns(x, k_start, width):
+  """Key columns [k_start, k_start + width) of a grouped bias/mask (broadcast S stays)."""
+  if x is None or x.shape[-1] == 1:
+    return x
+  return jax.lax.dynamic_slice_in_dim(x, k_start, width, axis=x.ndim - 1)
+
+
+def tile_logits(q5, k, bias5, spec: AttentionSpec, precision=None):
+  """q5 [B, T, Nkv, G, H], k [B, w, Nkv, H] -> float32 logits [B, Nkv, G, T, w]."""
+  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
+                 preferred_element_type=jnp.float32)
+  return masking.transform_logits(s, scale=spec.scale, bias=bias5, softcap=spec.softcap)
+
+
+def tile_visibility(spec: AttentionSpec, arrays: AttentionArrays, mask5, k_start, width,
+                    kv_bound=None):
+  """Bool [B, Nkv|1, G|1, T, w] (or None): positional rules, segment ids and dense mask."""
+  col = lambda x: None if x is None else x[:, None, None, None, None]  # [B] -> [B,1,1,1,1]
+  q_idx = jnp.arange(spec.q_len, dtype=jnp.int32)[:, None]  # [T, 1]
+  k_idx = k_start + jnp.arange(width, dtype=jnp.int32)[None, :]  # [1, w]
+  q_seg = kv_seg = None
+  if arrays.q_segment_ids is not None:
+    q_seg = arrays.q_segment_ids[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    kv_seg = jax.lax.dynamic_slice_in_dim(arrays.kv_segment_ids, k_start, width, axis=1)
+    kv_seg = kv_seg[:, None, None, None, :]  # [B, 1, 1, 1, w]
+  visible = masking.key_visibility(
+      q_idx, k_idx, causal=spec.causal, window=spec.window, q_offset=col(arrays.q_offset),
+      q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_length=col(arrays.q_lengths),
+      kv_length=col(arrays.kv_lengths), kv_bound=kv_bound)
+  if mask5 is not None:
+    dense = columns(mask5, k_start, width)
+    visible = dense if visible is None else jnp.logical_and(visible, dense)
+  return visible
+
+
+def tile_dropout(spec: AttentionSpec, arrays: AttentionArrays, k_start, width):
+  """float32 multiplier keep / (1 - rate) on [B, Nkv, G, T, w], or None without dropout."""
+  if not spec.has_dropout:
+    return None
+  b = jnp.arange(spec.batch, dtype=jnp.int32)[:, None, None, None, None]
+  h = jnp.arange(spec.num_q_heads, dtype=jnp.int32).reshape(
+      1, spec.num_kv_heads, spec.group_size, 1, 1)
+  i = jnp.arange(spec.q_len, dtype=jnp.int32)[:, None]
+  j = k_start + jnp.arange(width, dtype=jnp.int32)[None, :]
+  keep = masking.dropout_keep(arrays.dropout_seed, b, h, i, j, spec.dropout_rate)
+  return masking.dropout_multiplier(keep, spec.dropout_rate)
+
+
+def lse_from_stats(row_max, row_sum):
+  """Natural-log log-sum-exp from the running max and sum; -inf where the row saw nothing."""
+  seen = row_sum > 0
+  return jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+
+
+def grouped_stats_to_heads(x, spec: AttentionSpec):
+  """[B, Nkv, G, T] -> [B, Nq, T]."""
+  return x.reshape(spec.batch, spec.num_q_heads, spec.q_len)
+
+
+def heads_to_grouped_stats(x, spec: AttentionSpec):
+  """[B, Nq, T] -> [B, Nkv, G, T]."""
+  return x.reshape(spec.batch, spec.num_kv_heads, spec.group_size, spec.q_len)

@@ -1,0 +1,30 @@
+"""The implementations the shared suite runs, and how (natively or in interpret mode).
+
+A backend joins every shared test by adding one `Target` here. On CPU, Pallas backends
+run in interpret mode with small shapes; `gpu`-marked targets run natively on a GPU
+(`pytest -m gpu`). `max_tokens` bounds the T*S of the cases a slow target takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str  # the implementation name passed to flash_attention
+  interpret: bool = False
+  platform: str = "cpu"  # "cpu": runs in CI; "gpu": only under `pytest -m gpu`
+  max_tokens: int | None = None  # skip cases whose T * S exceeds this (slow interpreters)
+  dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+  @property
+  def id(self) -> str:
+    suffix = "-interpret" if self.interpret else ("-gpu" if self.platform == "gpu" else "")
+    return self.name + suffix
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("xla"),
+    Target("chunked"),
+)
