@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,8 +61,18 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
   else:
     impl.check_config(block_sizes)
     config = block_sizes
-  out, lse = impl(q, k, v, bias, arrays, spec, config, interpret)
+  out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays)
   return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _named_call(impl, spec, config, interpret):
+  """`impl` under a jit named flash_jax_<implementation>: the jaxpr shows which one ran,
+  and eager calls reuse the compiled function of an identical call."""
+  def call(q, k, v, bias, arrays):
+    return impl(q, k, v, bias, arrays, spec, config, interpret)
+  call.__name__ = f"flash_jax_{impl.name}"
+  return jax.jit(call)
 
 
 def which_implementation(q, k, v, *, implementation=None, interpret=False, **kwargs) -> str:
