@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from flash_jax import BlockSizes
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -17,14 +19,18 @@ class Target:
   platform: str = "cpu"  # "cpu": runs in CI; "gpu": only under `pytest -m gpu`
   max_tokens: int | None = None  # skip cases whose T * S exceeds this (slow interpreters)
   dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
+  block_sizes: BlockSizes | None = None  # None: the implementation's default config
+  label: str = ""  # tells apart two targets of one implementation
 
   @property
   def id(self) -> str:
     suffix = "-interpret" if self.interpret else ("-gpu" if self.platform == "gpu" else "")
-    return self.name + suffix
+    return self.name + (f"-{self.label}" if self.label else "") + suffix
 
 
 TARGETS: tuple[Target, ...] = (
     Target("xla"),
     Target("chunked"),
+    # Many key/value chunks with a ragged tail: the online-softmax merge path.
+    Target("chunked", block_sizes=BlockSizes(block_kv=48), label="bkv48"),
 )

@@ -1,0 +1,114 @@
+"""Curated attention cases: a sample of shapes x features x dtypes, and their inputs.
+
+The space (lengths 1..1025 with T != S, head dims 16..256, MHA/GQA/MQA, every mask
+feature alone and combined, fully masked rows, three dtypes) is sampled, not
+multiplied out: each case exercises a few axes at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  batch: int
+  q_len: int
+  kv_len: int
+  num_q_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: str
+  features: tuple[str, ...] = ()
+  head_dim_v: int | None = None
+
+  @property
+  def tokens(self) -> int:
+    return self.q_len * self.kv_len
+
+  @property
+  def id(self) -> str:
+    heads = f"{self.num_q_heads}x{self.num_kv_heads}"
+    hv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
+    feats = "+".join(self.features) or "plain"
+    return (f"b{self.batch}-t{self.q_len}-s{self.kv_len}-h{heads}-d{self.head_dim}{hv}-"
+            f"{self.dtype}-{feats}")
+
+
+CASES = (
+    Case(1, 1, 1, 1, 1, 16, "float32"),
+    Case(2, 7, 7, 2, 2, 40, "bfloat16", ("causal",)),
+    Case(1, 97, 130, 4, 2, 64, "float16", ("causal", "q_offset_array")),
+    Case(2, 130, 97, 4, 1, 72, "float32", ("window",)),
+    Case(1, 97, 97, 2, 2, 128, "bfloat16", ("segment_ids",)),
+    Case(2, 64, 130, 2, 2, 64, "float32", ("bias",), head_dim_v=40),
+    Case(1, 33, 130, 4, 4, 40, "bfloat16", ("bias_broadcast", "mask")),
+    Case(2, 97, 97, 2, 1, 64, "float16", ("lengths",)),
+    Case(1, 65, 65, 2, 2, 256, "bfloat16", ("causal", "softcap")),
+    Case(1, 1025, 1025, 2, 1, 64, "bfloat16", ("causal", "window")),
+    Case(1, 130, 130, 4, 2, 64, "float32", ("dropout",)),
+    Case(2, 97, 130, 2, 2, 64, "bfloat16", ("empty_rows",)),
+    Case(1, 7, 1025, 2, 2, 128, "float32", ("causal", "q_offset_int")),
+    Case(1, 130, 130, 2, 2, 72, "bfloat16",
+         ("causal", "window", "segment_ids", "softcap", "bias", "dropout")),
+    Case(1, 1, 97, 4, 2, 64, "bfloat16", ("causal", "decode")),
+    Case(1, 256, 256, 2, 2, 16, "float16", ("mask", "dropout")),
+    Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths")),
+)
+
+
+def make_inputs(case: Case, seed: int):
+  """Fresh random q, k, v and flash_attention keyword arguments for `case`."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
+  dtype = jnp.dtype(case.dtype)
+  b, t, s = case.batch, case.q_len, case.kv_len
+  hv = case.head_dim_v or case.head_dim
+  q = jax.random.normal(next(keys), (b, t, case.num_q_heads, case.head_dim), dtype)
+  k = jax.random.normal(next(keys), (b, s, case.num_kv_heads, case.head_dim), dtype)
+  v = jax.random.normal(next(keys), (b, s, case.num_kv_heads, hv), dtype)
+  kwargs = {}
+  f = set(case.features)
+  if "causal" in f:
+    kwargs["causal"] = True
+  if "q_offset_array" in f:
+    kwargs["q_offset"] = jax.random.randint(next(keys), (b,), 0, s - t + 1)
+  if "q_offset_int" in f or "decode" in f:
+    kwargs["q_offset"] = s - t
+  if "window" in f:
+    kwargs["window"] = (int(min(s, 96) // 3), None if "causal" in f else 5)
+  if "segment_ids" in f:
+    # Three packed documents; keys sit at proportional positions when T != S.
+    bounds = jnp.sort(jax.random.randint(next(keys), (b, 3), 1, max(t, 2)), axis=-1)
+    segment = lambda pos: jnp.sum(pos[None, :, None] >= bounds[:, None, :], axis=-1)
+    q_ids, kv_ids = segment(jnp.arange(t)), segment(jnp.arange(s) * t // s)
+    kwargs["segment_ids"] = q_ids if t == s else (q_ids, kv_ids)
+  if "lengths" in f:
+    kwargs["kv_lengths"] = jax.random.randint(next(keys), (b,), 1, s + 1)
+    kwargs["q_lengths"] = jax.random.randint(next(keys), (b,), 1, t + 1)
+  if "softcap" in f:
+    kwargs["softcap"] = 2.5
+  if "bias" in f:
+    kwargs["bias"] = jax.random.normal(next(keys), (b, case.num_q_heads, t, s), jnp.float32)
+  if "bias_broadcast" in f:
+    kwargs["bias"] = jax.random.normal(next(keys), (1, case.num_q_heads, 1, s), dtype)
+  if "mask" in f:
+    kwargs["mask"] = jax.random.bernoulli(next(keys), 0.7, (b, 1, t, s))
+  if "dropout" in f:
+    kwargs["dropout_rate"] = 0.25
+    kwargs["dropout_rng"] = next(keys)
+  if "empty_rows" in f:
+    # Query segments 0..2, key segments 1..2 only: rows of segment 0 see no key.
+    q_ids = jnp.where(jnp.arange(t) < t // 4, 0, 1 + (jnp.arange(t) % 2))
+    kv_ids = 1 + (jnp.arange(s) % 2)
+    kwargs["segment_ids"] = (jnp.broadcast_to(q_ids, (b, t)), jnp.broadcast_to(kv_ids, (b, s)))
+    kwargs["kv_lengths"] = jnp.array([s, s // 2][:b])
+  return q, k, v, kwargs
+
+
+def visible_rows(lse) -> np.ndarray:
+  """Bool [B, T, Nq]: rows that see at least one key (finite lse [B, Nq, T])."""
+  return np.isfinite(np.asarray(lse)).transpose(0, 2, 1)

@@ -1,0 +1,199 @@
+"""The shared suite: every implementation in targets.TARGETS runs every test here."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from cases import CASES, Case, make_inputs, visible_rows
+from conftest import (assert_accurate, attend, highest_precision, skip_if_unsupported,
+                      upcast)
+
+CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
+
+
+def _reference(q, k, v, kwargs, *, exact):
+  """The xla reference: float32 at HIGHEST precision on upcast inputs, or same precision."""
+  if exact:
+    q, k, v, kwargs = upcast((q, k, v, kwargs))
+    with highest_precision():
+      return flash_jax.flash_attention(q, k, v, implementation="xla", return_lse=True, **kwargs)
+  return flash_jax.flash_attention(q, k, v, implementation="xla", return_lse=True, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_forward_and_lse(target, case: Case):
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=zlib.crc32(case.id.encode()))
+  out, lse = attend(target, q, k, v, return_lse=True, **kwargs)
+  assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
+  assert lse.shape == (case.batch, case.num_q_heads, case.q_len) and lse.dtype == jnp.float32
+  ref_out, ref_lse = _reference(q, k, v, kwargs, exact=True)
+  same_out, same_lse = _reference(q, k, v, kwargs, exact=False)
+  assert_accurate("out", out, same_out, ref_out, factor=2, dtype=case.dtype)
+  assert_accurate("lse", lse, same_lse, ref_lse, factor=2, dtype=case.dtype)
+  # Rows that see no key: exactly zero output and -inf lse.
+  hidden = ~visible_rows(ref_lse)
+  assert np.all(np.asarray(out, np.float32)[hidden] == 0)
+
+
+def _loss_and_grads(fn, q, k, v, bias, seed):
+  """Gradients of <out, dout> + <lse, dlse> for random cotangents (lse on finite rows)."""
+  def loss(q, k, v, bias):
+    out, lse = fn(q, k, v, bias)
+    keys = jax.random.split(jax.random.PRNGKey(seed))
+    dout = jax.random.normal(keys[0], out.shape, jnp.float32)
+    dlse = jax.random.normal(keys[1], lse.shape, jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * dout) + 0.5 * jnp.sum(lse * dlse)
+  argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+  return jax.grad(loss, argnums=argnums)(q, k, v, bias)
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_gradients(target, case: Case):
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=zlib.crc32(case.id.encode()) + 1)
+  bias = kwargs.pop("bias", None)
+  seed = 7
+
+  def run(impl_fn):
+    return lambda q, k, v, b: impl_fn(q, k, v, **kwargs, **({} if b is None else {"bias": b}))
+
+  grads = _loss_and_grads(run(lambda *a, **kw: attend(target, *a, return_lse=True, **kw)),
+                          q, k, v, bias, seed)
+  same = _loss_and_grads(run(lambda *a, **kw: flash_jax.flash_attention(
+      *a, implementation="xla", return_lse=True, **kw)), q, k, v, bias, seed)
+  q32, k32, v32, b32, kw32 = upcast((q, k, v, bias, kwargs))
+  with highest_precision():
+    exact = _loss_and_grads(lambda q, k, v, b: flash_jax.flash_attention(
+        q, k, v, implementation="xla", return_lse=True, **kw32,
+        **({} if b is None else {"bias": b})), q32, k32, v32, b32, seed)
+  for name, g, s, r, x in zip(("dq", "dk", "dv", "dbias"), grads, same, exact, (q, k, v, bias)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    assert_accurate(name, g, s, r, factor=3, dtype=case.dtype)
+
+
+FEATURED = Case(2, 97, 130, 4, 2, 64, "bfloat16",
+                ("causal", "q_offset_array", "segment_ids", "softcap", "dropout"))
+SMALL = Case(2, 33, 47, 4, 2, 32, "float32", ("causal", "bias", "window"))
+
+
+def test_deterministic(target):
+  case = FEATURED if target.max_tokens is None else SMALL
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=3)
+
+  def outputs():
+    fn = lambda q, k, v: attend(target, q, k, v, **kwargs)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(jnp.ones_like(out)))
+
+  first, second = outputs(), outputs()
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_implementation_really_ran(target):
+  q, k, v, kwargs = make_inputs(SMALL, seed=4)
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda q: jnp.sum(attend(target, q, k, v, **kwargs))))(q))
+  assert f"flash_jax_{target.name}" in jaxpr
+  if target.name not in ("xla", "chunked", "cudnn"):
+    assert "pallas_call" in jaxpr
+
+
+def test_jax_transformations(target):
+  """jit, vmap over an extra batch axis, grad, checkpoint and scan over layers."""
+  case = SMALL
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=5)
+  fn = lambda q, k, v: attend(target, q, k, v, **kwargs)
+  expected = fn(q, k, v)
+  np.testing.assert_allclose(jax.jit(fn)(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]), (q, k, v))
+  batched = jax.vmap(fn)(*stacked)
+  np.testing.assert_allclose(batched[0], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batched[1], fn(q[::-1], k[::-1], v[::-1]), rtol=1e-5, atol=1e-5)
+
+  loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  remat_grads = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+  for g, r in zip(grads, remat_grads):
+    np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-5)
+
+  def layers(x):
+    def layer(h, _):
+      h = h + fn(h, k, v).reshape(h.shape[:3] + (-1,))[..., :h.shape[-1]]
+      return h, None
+    return jnp.sum(jax.lax.scan(layer, x, None, length=2)[0])
+  scanned = jax.jit(jax.grad(layers))(q)
+  assert scanned.shape == q.shape and np.all(np.isfinite(scanned))
+
+
+def test_rows_that_see_nothing(target):
+  """Zero output, -inf lse and zero, finite gradients on fully masked rows."""
+  case = Case(2, 16, 24, 2, 1, 32, "float32", ("empty_rows",))
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=6)
+  fn = lambda q, k, v: attend(target, q, k, v, return_lse=True, **kwargs)
+  out, lse = fn(q, k, v)
+  hidden = ~visible_rows(lse)
+  assert hidden.any() and (~hidden).any()
+  assert np.all(np.asarray(out)[hidden] == 0)
+  assert np.all(np.isneginf(np.asarray(lse).transpose(0, 2, 1)[hidden]))
+  dq, dk, dv = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0] ** 2), argnums=(0, 1, 2))(q, k, v)
+  for g in (dq, dk, dv):
+    assert np.all(np.isfinite(np.asarray(g)))
+  assert np.all(np.asarray(dq)[hidden] == 0)
+
+
+# Where the features overlap, flash_jax.dot_product_attention equals jax.nn's.
+JAX_NN_CASES = (
+    ("causal", dict(is_causal=True)),
+    ("bias", dict(bias=True)),
+    ("mask", dict(mask=True)),
+    ("lengths", dict(query_seq_lengths=True, key_value_seq_lengths=True)),
+    ("window", dict(local_window_size=(9, 4))),
+    ("causal_window", dict(is_causal=True, local_window_size=6)),
+)
+
+
+@pytest.mark.parametrize("name,options", JAX_NN_CASES, ids=[c[0] for c in JAX_NN_CASES])
+def test_matches_jax_nn(target, name, options):
+  case = Case(2, 40, 40 if "causal" in name or "window" in name else 56, 4, 2, 32, "float32")
+  skip_if_unsupported(target, case)
+  q, k, v, _ = make_inputs(case, seed=8)
+  keys = jax.random.split(jax.random.PRNGKey(9), 4)
+  b, t, s = case.batch, case.q_len, case.kv_len
+  kwargs = dict(options)
+  if kwargs.pop("bias", None):
+    kwargs["bias"] = jax.random.normal(keys[0], (b, 1, t, s))
+  if kwargs.pop("mask", None):
+    kwargs["mask"] = jax.random.bernoulli(keys[1], 0.8, (b, 4, t, s)).at[..., 0].set(True)
+  if kwargs.pop("query_seq_lengths", None):
+    kwargs["query_seq_lengths"] = jnp.array([t, t // 2], jnp.int32)
+  if kwargs.pop("key_value_seq_lengths", None):
+    kwargs["key_value_seq_lengths"] = jnp.array([s // 3, s], jnp.int32)
+  expected = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  try:
+    got = flash_jax.dot_product_attention(q, k, v, implementation=target.name, **kwargs) \
+        if not target.interpret else attend(target, q, k, v, **_to_flash_kwargs(kwargs))
+  except NotImplementedError as e:
+    if target.name in ("xla", "chunked"):
+      raise
+    pytest.skip(str(e))
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def _to_flash_kwargs(kwargs):
+  """jax.nn argument names -> flash_attention's (for interpret-mode targets)."""
+  names = dict(is_causal="causal", local_window_size="window",
+               query_seq_lengths="q_lengths", key_value_seq_lengths="kv_lengths")
+  return {names.get(k, k): v for k, v in kwargs.items()}
