@@ -1,0 +1,189 @@
+"""Benchmark: `python -m flash_jax.bench` (FlashAttention-paper protocol).
+
+batch x seq = 16384 tokens, model dim 2048 (heads = 2048 / head_dim), seq 512..16384,
+head dims 64/128/256, causal and not, forward and forward+backward. FLOPs: forward
+4 * B * N * T * S * H, halved when causal; backward 2.5x forward, so forward+backward
+is 3.5x. Every available flash_jax implementation and jax.nn.dot_product_attention
+('xla', and 'cudnn' on NVIDIA) run in one process; the table gives TFLOP/s and each
+row's ratio to cuDNN. On CPU the defaults shrink so that a run takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import flash_jax
+from flash_jax import dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  seq_len: int
+  head_dim: int
+  causal: bool
+  mode: str  # "fwd" | "fwd_bwd"
+  tokens: int
+  model_dim: int
+  dtype: str
+
+  @property
+  def batch(self) -> int:
+    return max(1, self.tokens // self.seq_len)
+
+  @property
+  def heads(self) -> int:
+    return max(1, self.model_dim // self.head_dim)
+
+  def flops(self) -> float:
+    """The paper's count: 4 B N T S H forward (half when causal), backward 2.5x forward."""
+    fwd = 4.0 * self.batch * self.heads * self.seq_len * self.seq_len * self.head_dim
+    fwd = fwd / 2 if self.causal else fwd
+    return fwd * (3.5 if self.mode == "fwd_bwd" else 1.0)
+
+
+def _contenders(platform: str, names) -> dict:
+  """name -> attention function (q, k, v, causal) for every contender on this platform."""
+  fns = {}
+  for name in names:
+    fns[name] = lambda q, k, v, causal, name=name: flash_jax.flash_attention(
+        q, k, v, causal=causal, implementation=name)
+  fns["jax.nn[xla]"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="xla")
+  if platform == "gpu":
+    fns["jax.nn[cudnn]"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn")
+  return fns
+
+
+def _inputs(problem: Problem, seed: int):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  shape = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+  dtype = jnp.dtype(problem.dtype)
+  return tuple(jax.random.normal(key, shape, dtype) for key in keys)  # q, k, v, dout
+
+
+def _compiled(fn, problem: Problem):
+  if problem.mode == "fwd":
+    return jax.jit(lambda q, k, v, do: fn(q, k, v, problem.causal))
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, problem.causal), q, k, v)
+    return out, vjp(do)
+  return jax.jit(fwd_bwd)
+
+
+def time_call(compiled, args, warmup: int, repeats: int) -> float:
+  """Median seconds of `repeats` calls after `warmup`; inputs rotate between two sets."""
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args[0]))
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args[i % len(args)]))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
+  rows = []
+  for n, problem in enumerate(problems):
+    args = [_inputs(problem, seed) for seed in (0, 1)]
+    for name, fn in contenders.items():
+      row = dict(dataclasses.asdict(problem), batch=problem.batch, heads=problem.heads,
+                 implementation=name)
+      try:
+        if name in dispatch.implementation_names():
+          q, k, v, _ = args[0]
+          flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name)
+        seconds = time_call(_compiled(fn, problem), args, warmup, repeats)
+        row.update(ms=seconds * 1e3, tflops=problem.flops() / seconds / 1e12)
+      except NotImplementedError as e:
+        row.update(status=f"n/a: {e}")
+      except Exception as e:  # out of memory, compile failure: report, go on
+        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+      rows.append(row)
+      print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
+            f"{_cell(row)}", file=log, flush=True)
+  return rows
+
+
+def _describe(p: Problem) -> str:
+  return (f"{p.mode:7} d{p.head_dim:<3} s{p.seq_len:<5} {'causal' if p.causal else 'full  '} "
+          f"b{p.batch}xh{p.heads}")
+
+
+def _cell(row) -> str:
+  return f"{row['tflops']:8.4g} TFLOP/s {row['ms']:9.3f} ms" if "tflops" in row else row["status"]
+
+
+def table(rows) -> str:
+  """One line per problem: each contender's TFLOP/s and its ratio to cuDNN."""
+  names = list(dict.fromkeys(r["implementation"] for r in rows))
+  keyed = {}
+  for r in rows:
+    key = (r["mode"], r["head_dim"], r["seq_len"], r["causal"])
+    keyed.setdefault(key, {})[r["implementation"]] = r
+  header = f"{'mode':7} {'d':>4} {'seq':>6} {'causal':>6} | " + " | ".join(
+      f"{n:>22}" for n in names)
+  lines = [header, "-" * len(header)]
+  for (mode, d, s, causal), by_name in keyed.items():
+    base = by_name.get("jax.nn[cudnn]", {}).get("tflops")
+    cells = []
+    for n in names:
+      r = by_name.get(n, {})
+      if "tflops" not in r:
+        cells.append(f"{'n/a' if r.get('status', '').startswith('n/a') else 'error':>22}")
+      elif base:
+        cells.append(f"{r['tflops']:7.1f} TF/s ({r['tflops'] / base:4.2f}x)".rjust(22))
+      else:
+        cells.append(f"{r['tflops']:7.3g} TF/s ({r['ms']:.2f} ms)".rjust(22))
+    lines.append(f"{mode:7} {d:>4} {s:>6} {str(causal):>6} | " + " | ".join(cells))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  platform = jax.default_backend()
+  on_cpu = platform == "cpu"
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq-lens", type=int, nargs="+",
+                      default=[128, 256] if on_cpu else [512, 1024, 2048, 4096, 8192, 16384])
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[64] if on_cpu else [64, 128, 256])
+  parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
+  parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+  parser.add_argument("--tokens", type=int, default=512 if on_cpu else 16384,
+                      help="batch x seq (paper: 16384)")
+  parser.add_argument("--model-dim", type=int, default=256 if on_cpu else 2048,
+                      help="heads x head_dim (paper: 2048)")
+  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  parser.add_argument("--implementations", nargs="+", default=None,
+                      help="flash_jax implementations (default: all registered for this platform)")
+  parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
+  parser.add_argument("--repeats", type=int, default=3 if on_cpu else 20)
+  parser.add_argument("--json", default="bench_results.json", help="where to write all rows")
+  args = parser.parse_args(argv)
+
+  names = args.implementations or [e.name for e in dispatch.REGISTRY if platform in e.platforms]
+  causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+  problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype)
+              for m in args.modes for d in args.head_dims for s in args.seq_lens for c in causals]
+  device = jax.devices()[0]
+  print(f"flash_jax {flash_jax.__version__} on {device.device_kind} ({platform}), jax {jax.__version__}; "
+        f"{len(problems)} problems x {len(names) + 1 + (platform == 'gpu')} contenders", flush=True)
+  rows = run(problems, _contenders(platform, names), warmup=args.warmup, repeats=args.repeats)
+  with open(args.json, "w") as f:
+    json.dump(dict(device=device.device_kind, platform=platform, jax=jax.__version__,
+                   rows=rows), f, indent=1)
+  print(table(rows))
+  print(f"(rows written to {args.json})")
+
+
+if __name__ == "__main__":
+  main()
