@@ -40,7 +40,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
       (-inf on rows that see no key). It is differentiable.
     implementation: None (the fastest that serves the call on this platform, see
       `which_implementation`), or one of "xla", "chunked", "triton", "mosaic_gpu",
-      "mosaic_tpu", "cudnn" (those registered); a named implementation that cannot
+      "mosaic_tpu" (see `implementation_names()`); a named implementation that cannot
       serve the call raises NotImplementedError.
     block_sizes: a `BlockSizes` (or the implementation's own config subclass).
     interpret: run a Pallas implementation in interpret mode (on CPU).
@@ -88,10 +88,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   """Drop-in for `jax.nn.dot_product_attention`: same arguments, shapes and defaults.
 
   query [B, T, N, H] or [T, N, H]; key/value [B, S, K, H] or [S, K, H]. `implementation`
-  takes flash_jax's names (None picks the fastest; "cudnn" is jax.nn's cuDNN path where
-  registered). The one difference: a query row that sees no key returns zeros, where
+  takes flash_jax's names (None picks the fastest) and "cudnn", which runs jax.nn's own
+  cuDNN path unchanged. The one difference: a query row that sees no key returns zeros, where
   jax.nn's XLA path returns the mean of value (and its lse residual here is -inf there).
   """
+  if implementation == "cudnn":  # jax.nn's own cuDNN path, exactly as jax.nn runs it
+    return jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation="cudnn",
+        return_residual=return_residual)
   unbatched = np.ndim(query) == 3
   if unbatched:
     query, key, value = (jnp.asarray(x)[None] for x in (query, key, value))
