@@ -204,10 +204,10 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
 
   arrays = {}
   if q_offset is not None:
-    if isinstance(q_offset, (int, np.integer)):
-      q_offset = jnp.full((batch,), q_offset, jnp.int32)
-    arrays["q_offset"] = _int_array("q_offset", jnp.broadcast_to(q_offset, (batch,))
-                                    if np.ndim(q_offset) == 0 else q_offset, (batch,))
+    q_offset = jnp.asarray(q_offset)
+    if q_offset.ndim == 0:  # one offset for every batch row
+      q_offset = jnp.broadcast_to(q_offset, (batch,))
+    arrays["q_offset"] = _int_array("q_offset", q_offset, (batch,))
   if segment_ids is not None:
     if isinstance(segment_ids, (tuple, list)):
       if len(segment_ids) != 2:
