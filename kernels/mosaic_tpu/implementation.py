@@ -1,0 +1,75 @@
+"""The "mosaic_tpu" implementation: Pallas Mosaic TPU kernels behind one custom_vjp.
+
+Serves every feature of the API on TPU (and on CPU in TPU interpret mode): causal with
+q_offset, window, segment ids, lengths, softcap, bias with dbias, dense bool mask,
+dropout, GQA/MQA, any T and S, head dims 1..256, bfloat16 and float32. float16 runs in
+float32 inside the kernels (TPU matrix units take bfloat16 and float32, not float16)
+and is cast back. Residuals are q, k, v, bias, the mask arrays, out and lse only.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from flash_jax import tiles
+from flash_jax.config import BlockSizes
+from flash_jax.implementation import BlockwiseImplementation
+from flash_jax.spec import AttentionSpec
+
+from flash_jax.kernels.mosaic_tpu import backward as backward_kernels
+from flash_jax.kernels.mosaic_tpu import config as config_lib
+from flash_jax.kernels.mosaic_tpu import forward as forward_kernel
+from flash_jax.kernels.mosaic_tpu.config import MosaicTpuBlockSizes
+from flash_jax.kernels.mosaic_tpu.layout import Geometry
+
+
+def _compute_dtype(spec: AttentionSpec):
+  return jnp.float32 if spec.jnp_dtype == jnp.float16 else spec.jnp_dtype
+
+
+def _to_compute(spec: AttentionSpec, *xs):
+  dtype = _compute_dtype(spec)
+  return tuple(x.astype(dtype) for x in xs)
+
+
+class MosaicTpuImplementation(BlockwiseImplementation):
+  name = "mosaic_tpu"
+  platforms = ("tpu",)
+  interpretable = True
+  config_type = MosaicTpuBlockSizes
+
+  def check_config(self, config) -> None:
+    """Any `BlockSizes` is accepted; its set block sizes must be multiples of 128."""
+    if not isinstance(config, BlockSizes):
+      raise TypeError(f"block_sizes for {self.name!r} must be a BlockSizes (or "
+                      f"MosaicTpuBlockSizes), got {type(config).__name__}")
+    config.require_multiple(config_lib.LANES)
+
+  def default_config(self, spec: AttentionSpec) -> MosaicTpuBlockSizes:
+    return config_lib.default_block_sizes(spec)
+
+  def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    config = config_lib.resolve(config, spec)
+    geo = Geometry(spec, config.block_q, config.block_kv)
+    out, lse = forward_kernel.forward(*_to_compute(spec, q, k, v), bias, arrays, geo,
+                                      interpret=interpret,
+                                      vmem_limit_bytes=config.vmem_limit_bytes)
+    return out.astype(q.dtype), lse
+
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+    config = config_lib.resolve(config, spec)
+    cq, ck, cv, cdout = _to_compute(spec, q, k, v, dout)
+    kwargs = dict(interpret=interpret, vmem_limit_bytes=config.vmem_limit_bytes)
+    dk, dv = backward_kernels.backward_dkv(
+        cq, ck, cv, bias, arrays, lse, cdout, delta,
+        Geometry(spec, config.block_q_dkv, config.block_kv_dkv), **kwargs)
+    dq, dbias_full = backward_kernels.backward_dq(
+        cq, ck, cv, bias, arrays, lse, cdout, delta,
+        Geometry(spec, config.block_q_dq, config.block_kv_dq), **kwargs)
+    dbias = None
+    if bias is not None:  # sum dS [B, Nq, T, S] over the dims the bias broadcasts
+      dbias = tiles.from_grouped_frame(dbias_full[:, :, None], bias.shape).astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+IMPLEMENTATION = MosaicTpuImplementation()
