@@ -31,6 +31,7 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target("xla"),
     Target("chunked"),
+    Target("mosaic_tpu", interpret=True, max_tokens=65536),
     # Many key/value chunks with a ragged tail: the online-softmax merge path.
     Target("chunked", block_sizes=BlockSizes(block_kv=48), label="bkv48"),
 )
