@@ -122,7 +122,7 @@ class FlashAttention(nnx.Module):
     if self.normalize_qk:
       query, key = self.query_ln(query), self.key_ln(key)
 
-    dropout_rng, deterministic = None, True
+    dropout_rng = None
     if self.dropout_rate > 0.0:
       deterministic = self.deterministic if deterministic is None else deterministic
       if deterministic is None:
@@ -137,5 +137,5 @@ class FlashAttention(nnx.Module):
     x = self.attention_fn(query, key, value, mask=mask, segment_ids=segment_ids,
                           dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                           broadcast_dropout=self.broadcast_dropout,
-                          deterministic=deterministic, dtype=self.dtype)
+                          deterministic=dropout_rng is None, dtype=self.dtype)
     return self.out(x)  # [batch..., T, out_features]
