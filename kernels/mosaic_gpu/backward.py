@@ -1,0 +1,323 @@
+"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic (no atomics).
+
+FlashAttention-2 Algorithm 2 split into two passes that each own their output, as in
+FlashAttention-3 section 3 (backward): probabilities are recomputed from the forward's
+lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
+    dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
+Both kernels use the forward's layout: a producer warpgroup streams blocks through a
+TMA ring (`pipeline`), two consumer warpgroups each own 64 rows of the output and
+issue wgmma with float32 accumulators in registers.
+  * dK/dV: a CTA owns 2 x 64 key rows of one (batch, query head) and streams the
+    query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
+    its own dK/dV, summed over the group afterwards in float32.
+  * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
+Blocks outside the visible range are skipped by loop bounds; fully visible blocks run
+without mask arithmetic. Statistics are in base 2, as in the forward.
+For head dim 256 one warpgroup cannot hold both 64 x 256 float32 accumulators of dK
+and dV, so dK and dV run as two launches of the same kernel (`outputs`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from flash_jax import masking
+from flash_jax.spec import AttentionSpec
+from flash_jax.kernels.mosaic_gpu import compat, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
+
+LOG2E = math.log2(math.e)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def _logits_base2(qk, spec: AttentionSpec):
+  """float32 q.k^T -> (logits * log2(e), softcap derivative or None)."""
+  if spec.softcap is None:
+    return masking.transform_logits(qk, scale=spec.scale * LOG2E), None
+  logits = masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap)
+  return logits * LOG2E, masking.softcap_grad(logits, spec.softcap)
+
+
+def backward(q, k, v, lse, dout, delta, spec: AttentionSpec, config: MosaicGPUBlockSizes):
+  """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
+  rows_dkv, rows_dq = NUM_COMPUTE_WGS * config.block_kv_dkv, NUM_COMPUTE_WGS * config.block_q_dq
+  t_pad = _round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
+  s_pad = _round_up(spec.kv_len, math.lcm(rows_dkv, config.block_kv_dq))
+  # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
+  # hidden (kv_bound). Rows that saw no key have lse = -inf: base 0 keeps exp2 finite,
+  # and the mask zeroes their P (every key they could pair with is masked).
+  q, dout = _pad_axis(q, 1, t_pad), _pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H]
+  k, v = _pad_axis(k, 1, s_pad), _pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H]
+  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
+  lse2 = _pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
+  delta = _pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
+  operands = (q, k, v, dout, lse2, delta)
+  if spec.head_dim <= 128:
+    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
+  else:
+    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
+    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
+  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
+  if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
+    group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
+                                spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
+    dk, dv = group(dk), group(dv)
+  return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
+
+
+def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
+         s_pad: int, outputs: tuple[str, ...]):
+  """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
+  block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
+  rows_per_cta = NUM_COMPUTE_WGS * block_kv
+  num_kv_tiles = s_pad // rows_per_cta
+  head_dim, dtype = spec.head_dim, q.dtype
+  rules = dict(causal=spec.causal, window=spec.window)
+  need_dk, need_dv = "dk" in outputs, "dv" in outputs
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    out_refs, refs = refs[:len(outputs)], refs[len(outputs):]
+    kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    kv_head = lax.div(head, jnp.int32(spec.group_size))
+    cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
+    q_lo_blk, q_hi_blk = ranges.visited_q_blocks(
+        cta_k_lo, cta_k_lo + rows_per_cta, block_q=block_q, q_len=spec.q_len,
+        kv_len=spec.kv_len, **rules)
+    num_steps = q_hi_blk - q_lo_blk
+    rings = (q_ring, do_ring, lse_ring, delta_ring)
+    sources = (
+        lambda step: q_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q), head],
+        lambda step: do_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q), head],
+        lambda step: lse_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
+        lambda step: delta_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
+    )
+    streams = tuple(pipeline.Stream(src, ring, barriers[2 * i], barriers[2 * i + 1])
+                    for i, (src, ring) in enumerate(zip(sources, rings)))
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
+      k_lo = cta_k_lo + wg * block_kv
+      k_smem, v_smem = kv_smem2.at[wg], v_smem2.at[wg]  # [block_kv, H]
+      rows = (batch, pl.ds(k_lo, block_kv), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[wg])
+      plgpu.barrier_wait(kv_ready.at[wg])
+      f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
+                                              block_q=block_q, kv_len=spec.kv_len, **rules)
+      zeros = lambda: compat.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
+                                         compat.wgmma_layout())
+      kv_bound = spec.kv_len if s_pad > spec.kv_len else None
+
+      def step(i, carry, *, masked: bool):
+        slot = pipeline.slot_of(i - q_lo_blk, stages)
+        for stream in streams:
+          plgpu.barrier_wait(stream.ready.at[slot])
+        q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H]
+
+        def st_matmul(acc_ref):  # S^T = K Q^T  [block_kv, block_q]
+          plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+          return acc_ref[...]
+
+        st = pl.run_scoped(st_matmul, plgpu.ACC((block_kv, block_q), jnp.float32))
+        st, softcap_grad = _logits_base2(st, spec)
+        lse_cols = plgpu.load(lse_ring.at[slot], (), layout=compat.col_layout())  # [block_q]
+        pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
+        if masked:
+          q_idx = compat.iota((block_kv, block_q), 1) + i * block_q
+          k_idx = compat.iota((block_kv, block_q), 0) + k_lo
+          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
+          pt = jnp.where(visible, pt, 0.0)
+        carry = dict(carry)
+        if need_dv:
+          carry["dv"] = compat.accumulate(
+              lambda acc_ref: plgpu.wgmma(acc_ref, pt.astype(dtype), do_smem), carry["dv"])
+        if need_dk:
+          def dpt_matmul(acc_ref):  # dP^T = V dO^T  [block_kv, block_q]
+            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
+            return acc_ref[...]
+
+          dpt = pl.run_scoped(dpt_matmul, plgpu.ACC((block_kv, block_q), jnp.float32))
+          delta_cols = plgpu.load(delta_ring.at[slot], (), layout=compat.col_layout())
+          dst = pt * (dpt - lax.broadcast_in_dim(delta_cols, dpt.shape, [1]))
+          if softcap_grad is not None:
+            dst = dst * softcap_grad
+          carry["dk"] = compat.accumulate(
+              lambda acc_ref: plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem), carry["dk"])
+        pipeline.release(streams, slot)
+        return carry
+
+      carry = {name: zeros() for name in outputs}
+      carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+      carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
+      staging = {"dk": k_smem, "dv": v_smem}
+      for name, out_ref in zip(outputs, out_refs):
+        result = carry[name] * spec.scale if name == "dk" else carry[name]
+        staging[name][...] = result.astype(dtype)
+      plgpu.commit_smem()
+      for name, out_ref in zip(outputs, out_refs):
+        plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _producer():
+      pipeline.produce(streams, num_steps, stages)
+
+  transforms = compat.smem_transforms(dtype)
+  ring_barriers = []
+  for _ in range(4):
+    ring_barriers.extend(pipeline.ring_barriers(stages, NUM_COMPUTE_WGS))
+  scratch = [
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+      plgpu.Barrier(num_arrivals=2, num_barriers=NUM_COMPUTE_WGS),  # K and V rows
+      *ring_barriers,
+  ]
+  kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
+  out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
+                   for _ in outputs)
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(spec.num_q_heads, num_kv_tiles, spec.batch),
+      grid_names=("heads", "kv_tiles", "batch"),
+      num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=compat.compiler_params(),
+  )(q, k, v, dout, lse2, delta)
+
+
+def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
+        t_pad: int):
+  """dQ: [B, T_pad, Nq, H]."""
+  block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
+  rows_per_cta = NUM_COMPUTE_WGS * block_q
+  num_q_tiles = t_pad // rows_per_cta
+  head_dim, dtype = spec.head_dim, q.dtype
+  rules = dict(causal=spec.causal, window=spec.window)
+  s_pad = k.shape[1]
+  kv_bound = spec.kv_len if s_pad > spec.kv_len else None
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2,
+             lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready, k_free, v_ready,
+             v_free):
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    kv_head = lax.div(head, jnp.int32(spec.group_size))
+    tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")  # longest causal tiles first
+    cta_q_lo = tile * rows_per_cta
+    lo, hi = ranges.visited_kv_blocks(
+        cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
+        kv_len=spec.kv_len, **rules)
+    num_steps = hi - lo
+    block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
+    streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_ring, k_ready, k_free),
+               pipeline.Stream(lambda step: v_ref.at[block(step)], v_ring, v_ready, v_free))
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
+      q_lo = cta_q_lo + wg * block_q
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]  # [block_q, H]
+      rows = (batch, pl.ds(q_lo, block_q), head)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, rows_ready.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rows_ready.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, pl.ds(q_lo, block_q)], lse_smem2.at[wg],
+                              rows_ready.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q_lo, block_q)],
+                              delta_smem2.at[wg], rows_ready.at[wg])
+      plgpu.barrier_wait(rows_ready.at[wg])
+      lse_rows = plgpu.load(lse_smem2.at[wg], (), layout=compat.row_layout())  # [block_q]
+      delta_rows = plgpu.load(delta_smem2.at[wg], (), layout=compat.row_layout())
+      f_lo, f_hi = ranges.unmasked_kv_blocks(q_lo, q_lo + block_q, lo, hi, block_kv=block_kv,
+                                             kv_len=spec.kv_len, **rules)
+
+      def step(j, dq_acc, *, masked: bool):
+        slot = pipeline.slot_of(j - lo, stages)
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
+        k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]  # [block_kv, H]
+
+        def s_and_dp(refs):  # S = Q K^T and dP = dO V^T in one scope: one wgmma wait
+          s_ref, dp_ref = refs
+          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem, (1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        s, dp = pl.run_scoped(s_and_dp, (plgpu.ACC((block_q, block_kv), jnp.float32),
+                                         plgpu.ACC((block_q, block_kv), jnp.float32)))
+        plgpu.barrier_arrive(v_free.at[slot])
+        s, softcap_grad = _logits_base2(s, spec)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
+        if masked:
+          q_idx = compat.iota((block_q, block_kv), 0) + q_lo
+          k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
+          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
+          p = jnp.where(visible, p, 0.0)
+        ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
+        if softcap_grad is not None:
+          ds = ds * softcap_grad
+        dq_acc = compat.accumulate(
+            lambda acc_ref: plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem), dq_acc)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq_acc
+
+      dq_acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                  compat.wgmma_layout())
+      dq_acc = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), dq_acc)
+      dq_acc = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), dq_acc)
+      dq_acc = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), dq_acc)
+      q_smem[...] = (dq_acc * spec.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _producer():
+      pipeline.produce(streams, num_steps, stages)
+
+  transforms = compat.smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.Barrier(num_arrivals=4, num_barriers=NUM_COMPUTE_WGS),  # Q, dO, lse, delta rows
+      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),
+      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),
+  ]
+  kernel.__name__ = "flash_jax_mosaic_gpu_bwd_dq"
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+      grid=(spec.num_q_heads, num_q_tiles, spec.batch),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=compat.compiler_params(),
+  )(q, k, v, dout, lse2, delta)
+

@@ -1,0 +1,75 @@
+"""The few Pallas Mosaic GPU spellings that differ between the JAX versions we support.
+
+flash_jax runs on JAX 0.10.2 (CPU, where these kernels only trace) and 0.11.2 (the
+Hopper GPU). Everything version-sensitive the kernels touch goes through here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+SWIZZLE_BYTES = 128  # the widest TMA/wgmma swizzle: conflict-free rows of 128 bytes
+
+
+def wgmma_layout():
+  """Register layout of a wgmma accumulator [64k, n]."""
+  return plgpu.Layout.WGMMA
+
+
+def row_layout():
+  """Layout of one value per accumulator row (row max, row sum, lse) [64k]."""
+  layout = plgpu.Layout.WGMMA
+  if hasattr(layout, "reduce"):
+    return layout.reduce(1)
+  return plgpu.Layout.WGMMA_ROW  # older spelling
+
+
+def col_layout():
+  """Layout of one value per accumulator column [n]."""
+  layout = plgpu.Layout.WGMMA
+  if hasattr(layout, "reduce"):
+    return layout.reduce(0)
+  return plgpu.Layout.WGMMA_COL
+
+
+def layout_cast(x, layout):
+  return plgpu.layout_cast(x, layout)
+
+
+def iota(shape, dimension: int):
+  """int32 broadcasted iota in the wgmma accumulator layout."""
+  return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=wgmma_layout())
+
+
+def accumulate(matmul, acc):
+  """Runs `matmul(acc_ref)` (which issues wgmma into acc_ref) on an accumulator that
+  starts from the register array `acc`; returns the new accumulator."""
+  return pl.run_state(matmul)(plgpu.ACC.init(acc))
+
+
+def accumulate2(matmul, acc1, acc2):
+  """`accumulate` for two accumulators issued in one scope (one wgmma wait)."""
+  return pl.run_state(matmul)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+
+
+def smem_transforms(dtype):
+  """Tiling + 128-byte swizzle for a 2-byte operand in shared memory (TMA and wgmma)."""
+  elems = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
+
+
+def compiler_params():
+  # approx_math: exp2 / log2 / division through the fast MUFU approximations.
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def is_hopper() -> bool:
+  """True when the default device is an sm90 GPU (H100/H200)."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return False
+  return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"

@@ -1,0 +1,218 @@
+"""Forward kernel for Hopper (sm90), after FlashAttention-3 (Shah et al., 2024).
+
+One CTA owns 2 * block_q query rows of one (batch, query head) and runs three
+warpgroups (FlashAttention-3 section 3.1, warp specialization):
+  * warpgroup 2, the producer, keeps few registers (setmaxnreg 40) and streams the
+    key/value blocks the tile visits through a ring of `num_stages` shared-memory
+    slots with TMA copies, refilling a slot once both consumers released it;
+  * warpgroups 0 and 1, the consumers, each own block_q = 64 query rows, issue
+    wgmma for S = Q K^T and O += P V with float32 accumulators in registers and run
+    the online softmax (FlashAttention-2 section 3.1.1) in registers.
+A two-arrival "schedule" barrier staggers the consumers by half an iteration so that
+the softmax of one overlaps the matmuls of the other (FlashAttention-3 section 3.2,
+ping-pong scheduling); each consumer also waits for the next key block while its PV
+wgmma runs (section 3.2, intra-warpgroup overlap).
+
+Masking: the CTA visits only key blocks inside `masking.visible_kv_range`; blocks
+that all of a consumer's rows fully see run without mask arithmetic, the others
+(causal diagonal, window edges, the key tail) apply `masking.key_visibility`.
+Both consumers walk the same blocks, so their barrier counts always match.
+Softmax statistics are kept in base 2 (logits times log2(e)) so exp2 does the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from flash_jax import masking
+from flash_jax.spec import AttentionSpec
+from flash_jax.kernels.mosaic_gpu import compat, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
+  """q [B, T, Nq, H], k/v [B, S, Nkv, H] -> out [B, T, Nq, H], lse [B, Nq, T] float32."""
+  block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
+  rows_per_cta = NUM_COMPUTE_WGS * block_q
+  t_pad = _round_up(spec.q_len, rows_per_cta)
+  s_pad = _round_up(spec.kv_len, block_kv)
+  # Tails: padded query rows are computed and dropped; padded keys are masked
+  # (kv_bound) on the last block, which `ranges` never counts as unmasked.
+  q = _pad_axis(q, 1, t_pad)  # [B, T_pad, Nq, H]
+  k = _pad_axis(k, 1, s_pad)  # [B, S_pad, Nkv, H]
+  v = _pad_axis(v, 1, s_pad)
+  num_q_tiles = t_pad // rows_per_cta
+  head_dim, dtype = spec.head_dim, q.dtype
+  kv_bound = spec.kv_len if s_pad > spec.kv_len else None
+  visibility_rules = dict(causal=spec.causal, window=spec.window)
+
+  def logits_base2(qk):
+    """float32 q.k^T [block_q, block_kv] -> logits * log2(e) (scale folded in)."""
+    if spec.softcap is None:
+      return masking.transform_logits(qk, scale=spec.scale * LOG2E)
+    return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
+             q_ready, k_ready, v_ready, k_free, v_free, schedule):
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    # Longest causal tiles first, so the short ones fill the tail of the launch.
+    tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")
+    wg = lax.axis_index("wg")
+    cta_q_lo = tile * rows_per_cta
+    lo, hi = ranges.visited_kv_blocks(
+        cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
+        kv_len=spec.kv_len, **visibility_rules)
+    num_steps = hi - lo
+
+    def rendezvous():  # both consumers arrive; neither leaves before the other came
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
+      q_smem = qo_smem2.at[wg]  # [block_q, H]; reused for the output tile
+      q_lo = cta_q_lo + wg * block_q
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_lo, block_q), head], q_smem,
+                              q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      f_lo, f_hi = ranges.unmasked_kv_blocks(
+          q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=spec.kv_len,
+          **visibility_rules)
+
+      row_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
+                                   compat.row_layout())  # [block_q], base 2
+      row_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
+      acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                               compat.wgmma_layout())  # [block_q, H]
+
+      @pl.when(num_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[0])
+
+      pl.when(wg == 1)(rendezvous)  # consumer 1 starts half an iteration behind
+
+      def step(j, carry, *, masked: bool):
+        acc, row_max, row_sum = carry
+        slot = lax.rem(j - lo, jnp.int32(stages))
+
+        def qk_matmul(s_ref):
+          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          rendezvous()  # the other consumer may now use the tensor cores
+          return s_ref[...]
+
+        qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])  # reading the accumulator waited on wgmma
+        s = logits_base2(qk)  # [block_q, block_kv]
+        visible = None
+        if masked:
+          q_idx = compat.iota((block_q, block_kv), 0) + q_lo
+          k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
+          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound,
+                                           **visibility_rules)
+          s = masking.masked_logits(s, visible)
+        # Online softmax, FlashAttention-2 section 3.1.1, in base 2.
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        rescale = jnp.exp2(row_max - new_max)
+        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        if masked:
+          p = jnp.where(visible, p, 0.0)  # rows that saw nothing yet have p = 1 otherwise
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+        row_sum = row_sum * rescale + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        if head_dim <= 128:
+          # Finish the softmax before handing the tensor cores over (FA3 section 3.2).
+          acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
+        plgpu.barrier_arrive(schedule)  # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(schedule)  # the other consumer issued its matmul
+
+        def pv_matmul(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          # While it runs, wait for the next key block (intra-warpgroup overlap).
+          next_slot = lax.rem(j + 1 - lo, jnp.int32(stages))
+
+          @pl.when(j + 1 < hi)
+          def _():
+            plgpu.barrier_wait(k_ready.at[next_slot])
+
+        acc = compat.accumulate(pv_matmul, acc)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, new_max, row_sum
+
+      carry = (acc, row_max, row_sum)
+      carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+      acc, row_max, row_sum = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True),
+                                            carry)
+      pl.when(wg == 0)(rendezvous)  # matches consumer 1's extra arrival at the start
+
+      # A row that saw no key (row_sum == 0) gets output 0 and lse -inf.
+      seen = row_sum > 0
+      safe_sum = jnp.where(seen, row_sum, 1.0)
+      inv_sum = jnp.where(seen, 1.0 / safe_sum, 0.0)
+      q_smem[...] = (acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0])).astype(dtype)
+      lse_smem = lse_smem2.at[wg]
+      lse_smem[...] = jnp.where(seen, (row_max + jnp.log2(safe_sum)) * LN2, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_lo, block_q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _producer():
+      kv_head = lax.div(head, jnp.int32(spec.group_size))
+      block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
+      pipeline.produce(
+          (pipeline.Stream(lambda step: k_ref.at[block(step)], k_smem, k_ready, k_free),
+           pipeline.Stream(lambda step: v_ref.at[block(step)], v_smem, v_ready, v_free)),
+          num_steps, stages)
+
+  transforms = compat.smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+  ]
+  kernel.__name__ = "flash_jax_mosaic_gpu_fwd"
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad), jnp.float32)),
+      scratch_types=scratch,
+      grid=(spec.num_q_heads, num_q_tiles, spec.batch),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=NUM_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=compat.compiler_params(),
+  )(q, k, v)
+  return out[:, :spec.q_len], lse[:, :, :spec.q_len]

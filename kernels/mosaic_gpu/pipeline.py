@@ -1,0 +1,66 @@
+"""The producer side of a warp-specialized kernel: a TMA ring of shared-memory slots.
+
+FlashAttention-3 section 3.1: one producer warpgroup with few registers issues TMA
+copies of the blocks that the consumer warpgroups walk, `stages` slots deep. Every
+streamed operand has, per slot, a `ready` barrier (completed by the TMA transaction)
+and a `free` barrier (one arrival per consumer warpgroup once it has read the slot).
+Consumers read block `step` from slot `step % stages`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+PRODUCER_REGISTERS = 40
+CONSUMER_REGISTERS = 232  # 2 x 232 + 40 registers x 128 threads fits the 64K register file
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """One operand streamed block by block."""
+
+  source: Callable[[Any], Any]  # step (traced int32) -> the GMEM ref view of that block
+  ring: Any  # SMEM ref [stages, *block]
+  ready: Any  # Barrier ref [stages]
+  free: Any  # Barrier ref [stages], num_arrivals = consumer warpgroups
+
+
+def slot_of(step, stages: int):
+  return lax.rem(step, jnp.int32(stages))
+
+
+def produce(streams: tuple[Stream, ...], num_steps, stages: int) -> None:
+  """Producer warpgroup body: fills the ring, then refills each slot once it is free."""
+  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+  def issue(step, slot, wait_free: bool):
+    for stream in streams:
+      if wait_free:
+        plgpu.barrier_wait(stream.free.at[slot])
+      plgpu.copy_gmem_to_smem(stream.source(step), stream.ring.at[slot], stream.ready.at[slot])
+
+  for i in range(stages):
+    pl.when(i < num_steps)(functools.partial(issue, jnp.int32(i), i, False))
+
+  @pl.loop(stages, jnp.maximum(num_steps, stages))
+  def _refill(step):
+    issue(step, slot_of(step, stages), True)
+
+
+def release(streams: tuple[Stream, ...], slot) -> None:
+  """Consumer side: this warpgroup is done reading `slot` of every stream."""
+  for stream in streams:
+    plgpu.barrier_arrive(stream.free.at[slot])
+
+
+def ring_barriers(stages: int, num_consumers: int):
+  """(ready, free) barrier scratch types for one stream."""
+  return (plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages))
