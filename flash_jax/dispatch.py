@@ -33,6 +33,7 @@ class RegistryEntry:
 REGISTRY: tuple[RegistryEntry, ...] = (
     RegistryEntry("mosaic_gpu", ("gpu",), "flash_jax.kernels.mosaic_gpu:IMPLEMENTATION"),
     RegistryEntry("mosaic_tpu", ("tpu",), "flash_jax.kernels.mosaic_tpu:IMPLEMENTATION"),
+    RegistryEntry("triton", ("gpu",), "flash_jax.kernels.triton:IMPLEMENTATION"),
     RegistryEntry("chunked", ("cpu", "gpu", "tpu"), "flash_jax.chunked:IMPLEMENTATION"),
     RegistryEntry("xla", ("cpu", "gpu", "tpu"), "flash_jax.reference:IMPLEMENTATION"),
 )

@@ -32,6 +32,8 @@ TARGETS: tuple[Target, ...] = (
     Target("xla"),
     Target("chunked"),
     Target("mosaic_tpu", interpret=True, max_tokens=65536),
+    Target("triton", interpret=True, max_tokens=20000),
+    Target("triton", platform="gpu"),
     Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16", "float16")),
     # Many key/value chunks with a ragged tail: the online-softmax merge path.
     Target("chunked", block_sizes=BlockSizes(block_kv=48), label="bkv48"),

@@ -1,0 +1,74 @@
+"""The "triton" implementation: Pallas kernels lowered through Triton, NVIDIA GPUs from Ampere.
+
+Forward (forward.py), dK/dV (backward_dkv.py) and dQ (backward_dq.py) kernels, wired
+into one jax.custom_vjp by `BlockwiseImplementation`, whose residuals are q, k, v, the
+mask arrays, out and lse (nothing of size T x S) and which computes
+delta = rowsum(dO * O) - dlse in XLA before the backward kernels run.
+
+Self-contained: nothing outside kernels/triton/ imports this package except the one
+registry line in flash_jax/dispatch.py, so retiring the Triton lowering deletes a folder.
+"""
+
+from __future__ import annotations
+
+from flash_jax.config import BlockSizes
+from flash_jax.implementation import BlockwiseImplementation, unsupported
+from flash_jax.spec import AttentionSpec
+
+from flash_jax.kernels.triton import config as config_lib
+from flash_jax.kernels.triton.backward_dkv import backward_dkv
+from flash_jax.kernels.triton.backward_dq import backward_dq
+from flash_jax.kernels.triton.config import TritonConfig
+from flash_jax.kernels.triton.forward import forward
+
+MAX_GRID_DIM = 65535  # CUDA's limit on the grid's y and z (batch and heads here)
+MIN_COMPUTE_CAPABILITY = 8  # Ampere: bf16 tensor cores, cp.async
+
+
+def _reduce_to(x, shape):
+  """Sums the axes of `x` that `shape` broadcasts (size 1)."""
+  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
+  return x.sum(axis=axes, keepdims=True)
+
+
+class TritonImplementation(BlockwiseImplementation):
+  name = "triton"
+  platforms = ("gpu",)
+  interpretable = True
+  config_type = TritonConfig
+
+  def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
+    super().check(spec, platform=platform, interpret=interpret)
+    major = None if interpret else config_lib._gpu_major_version()
+    if major is not None and major < MIN_COMPUTE_CAPABILITY:
+      raise unsupported(self.name, f"GPUs before Ampere (compute capability {major}.x)")
+
+  def check_spec(self, spec: AttentionSpec) -> None:
+    for what, size in (("batch", spec.batch), ("query heads", spec.num_q_heads)):
+      if size > MAX_GRID_DIM:
+        raise unsupported(self.name, f"{what} > {MAX_GRID_DIM} (got {size}): a grid limit")
+
+  def check_config(self, config) -> None:
+    """Takes a TritonConfig or a plain BlockSizes (its blocks must suit Triton too)."""
+    if not isinstance(config, BlockSizes):
+      raise TypeError(f"block_sizes for {self.name!r} must be a TritonConfig or BlockSizes, "
+                      f"got {type(config).__name__}")
+    if not isinstance(config, TritonConfig):
+      TritonConfig(**config.block_fields())  # raises ValueError naming a bad block size
+
+  def default_config(self, spec: AttentionSpec) -> TritonConfig:
+    return config_lib.heuristic_config(spec)
+
+  def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    return forward(q, k, v, bias, arrays, spec, config_lib.resolve(config, spec), interpret)
+
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+    config = config_lib.resolve(config, spec)
+    dq, dbias = backward_dq(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
+    dk, dv = backward_dkv(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
+    if bias is not None:
+      dbias = _reduce_to(dbias, bias.shape).astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+IMPLEMENTATION = TritonImplementation()
