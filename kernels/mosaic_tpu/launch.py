@@ -153,9 +153,40 @@ def call(body, *, name: str, grid: tuple[int, int, int, int], scalars: Sequence[
       in_specs=[op.block_spec for op in inputs],
       out_specs=[op.block_spec for op in outputs],
       scratch_shapes=[shape for _, shape in scratch])
-  return pl.pallas_call(
+  params = interpret_params(interpret)
+  run = pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=[op.value for op in outputs], name=name,
       compiler_params=pltpu.CompilerParams(dimension_semantics=DIMENSION_SEMANTICS,
                                            vmem_limit_bytes=vmem_limit_bytes),
-      cost_estimate=cost, interpret=interpret_params(interpret),
-  )(*scalars, *[op.value for op in inputs])
+      cost_estimate=cost, interpret=params)
+  if params:
+    run = _map_when_vmapped(run)
+  return run(*scalars, *[op.value for op in inputs])
+
+
+def _map_when_vmapped(fn):
+  """Under vmap, runs an interpreted pallas_call once per element (lax.map).
+
+  TPU interpret mode (JAX 0.10 and 0.11) rejects a vmapped pallas_call whose grid has
+  dimension semantics: Pallas' batching rule prepends a grid axis that the interpreter's
+  semantics check does not count. Compiled TPU calls keep Pallas' own batching rule.
+  """
+  @jax.custom_batching.custom_vmap
+  def mapped(*args):
+    return fn(*args)
+
+  @mapped.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    del axis_size
+    batched = [i for i, is_batched in enumerate(in_batched) if is_batched]
+
+    def one(elements):
+      full = list(args)
+      for i, x in zip(batched, elements):
+        full[i] = x
+      return mapped(*full)
+
+    outs = jax.lax.map(one, [args[i] for i in batched])
+    return outs, jax.tree.map(lambda _: True, outs)
+
+  return mapped
