@@ -66,8 +66,10 @@ def compare(name, ours_fn, flax_fn, args, dtype):
   cotangent = normal(99, jax.eval_shape(flax_fn, *upcast(args)).shape)
 
   def value_and_grads(fn, args):
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(cotangent.astype(out.dtype))
+    def run(*args):
+      out, vjp = jax.vjp(fn, *args)
+      return out, vjp(cotangent.astype(out.dtype))
+    return jax.jit(run)(*args)  # one compilation, not one per eager op
 
   ours = value_and_grads(ours_fn, args)
   flax_same = value_and_grads(flax_fn, args)
@@ -251,19 +253,25 @@ def _nnx_mha(attention_fn=nnx.dot_product_attention, **kwargs):
                                 attention_fn=attention_fn, rngs=nnx.Rngs(0), **kwargs)
 
 
-def _nnx_compare(name, ours, theirs, call, dtype="float32", reference=None):
+def _nnx_compare(name, ours, theirs, call_ours, call_theirs=None, dtype="float32",
+                 reference=None):
   """Outputs and parameter gradients of two nnx modules with equal parameters;
   `reference` (default `theirs`) computes in float32 at HIGHEST precision."""
-  def loss_and_grads(module):
-    def loss(m):
-      out = call(m)
-      return jnp.sum(out.astype(jnp.float32) * normal(99, out.shape)), out
-    (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(module)
-    return out, nnx.state(grads, nnx.Param)
+  call_theirs = call_theirs or call_ours
 
-  mine, same = loss_and_grads(ours), loss_and_grads(theirs)
+  def loss_and_grads(module, call):
+    @nnx.jit
+    def run(module):
+      def loss(m):
+        out = call(m)
+        return jnp.sum(out.astype(jnp.float32) * normal(99, out.shape)), out
+      (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+      return out, nnx.state(grads, nnx.Param)
+    return run(module)
+
+  mine, same = loss_and_grads(ours, call_ours), loss_and_grads(theirs, call_theirs)
   with jax.default_matmul_precision("highest"):
-    ref = loss_and_grads(theirs if reference is None else reference)
+    ref = loss_and_grads(theirs if reference is None else reference, call_theirs)
   assert_accurate(f"{name} output", mine[0], same[0], ref[0], dtype, factor=2)
   assert_accurate(f"{name} grads", mine[1], same[1], ref[1], dtype, factor=3)
 
@@ -293,6 +301,7 @@ def test_linen_multi_head_attention_with_our_attention_fn():
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return out, grads
 
+  run = jax.jit(run, static_argnums=0)
   mine, same = run(ours, params), run(theirs, params)
   with jax.default_matmul_precision("highest"):
     reference = run(theirs, params)
@@ -360,8 +369,9 @@ def test_nnx_flash_attention_matches_multi_head_attention(case, dtype):
   _, reference = _nnx_pair(**kwargs)  # float32 compute, the same parameters
   x = normal(1, (2, 10, 32))
   inputs = (x,) if self_attention else (x, normal(2, (2, 12, 24)))
-  call = lambda m: m(*inputs, **(ours_call() if m is ours else theirs_call()))
-  _nnx_compare(case, ours, theirs, call, dtype, reference=reference)
+  ours_kwargs, theirs_kwargs = ours_call(), theirs_call()
+  _nnx_compare(case, ours, theirs, lambda m: m(*inputs, **ours_kwargs),
+               lambda m: m(*inputs, **theirs_kwargs), dtype, reference=reference)
 
 
 def test_nnx_flash_attention_dropout():
@@ -408,6 +418,7 @@ def test_linen_flash_attention_matches_multi_head_attention(case):
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return out, grads
 
+  run = jax.jit(run, static_argnums=0)
   mine, same = run(ours, ours_call, params), run(theirs, theirs_call, params)
   with jax.default_matmul_precision("highest"):
     reference = run(theirs.clone(dtype=None), theirs_call, params)
