@@ -57,9 +57,16 @@ def _logits_base2(qk, spec: AttentionSpec):
   return logits * LOG2E, masking.softcap_grad(logits, spec.softcap)
 
 
+def consumer_warpgroups(head_dim: int) -> int:
+  """Consumers per CTA: two, except at head dim 256, where the shared memory of two
+  consumers' resident tiles (K and V, or Q and dO) plus a 2-slot ring exceeds 227 KiB."""
+  return 1 if head_dim > 128 else NUM_COMPUTE_WGS
+
+
 def backward(q, k, v, lse, dout, delta, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
-  rows_dkv, rows_dq = NUM_COMPUTE_WGS * config.block_kv_dkv, NUM_COMPUTE_WGS * config.block_q_dq
+  wgs = consumer_warpgroups(spec.head_dim)
+  rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
   t_pad = _round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
   s_pad = _round_up(spec.kv_len, math.lcm(rows_dkv, config.block_kv_dq))
   # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
@@ -88,7 +95,8 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
          s_pad: int, outputs: tuple[str, ...]):
   """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
-  rows_per_cta = NUM_COMPUTE_WGS * block_kv
+  wgs = consumer_warpgroups(spec.head_dim)
+  rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
   rules = dict(causal=spec.causal, window=spec.window)
@@ -115,7 +123,7 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
     streams = tuple(pipeline.Stream(src, ring, barriers[2 * i], barriers[2 * i + 1])
                     for i, (src, ring) in enumerate(zip(sources, rings)))
 
-    @pl.when(wg < NUM_COMPUTE_WGS)
+    @pl.when(wg < wgs)
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       k_lo = cta_k_lo + wg * block_kv
@@ -148,7 +156,7 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
           q_idx = compat.iota((block_kv, block_q), 1) + i * block_q
           k_idx = compat.iota((block_kv, block_q), 0) + k_lo
           visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
-          pt = jnp.where(visible, pt, 0.0)
+          pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         carry = dict(carry)
         if need_dv:
           carry["dv"] = compat.accumulate(
@@ -181,22 +189,22 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
         plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == NUM_COMPUTE_WGS)
+    @pl.when(wg == wgs)
     def _producer():
       pipeline.produce(streams, num_steps, stages)
 
   transforms = compat.smem_transforms(dtype)
   ring_barriers = []
   for _ in range(4):
-    ring_barriers.extend(pipeline.ring_barriers(stages, NUM_COMPUTE_WGS))
+    ring_barriers.extend(pipeline.ring_barriers(stages, wgs))
   scratch = [
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q), jnp.float32),
       plgpu.SMEM((stages, block_q), jnp.float32),
-      plgpu.Barrier(num_arrivals=2, num_barriers=NUM_COMPUTE_WGS),  # K and V rows
+      plgpu.Barrier(num_arrivals=2, num_barriers=wgs),  # K and V rows
       *ring_barriers,
   ]
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
@@ -206,7 +214,7 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_kv_tiles, spec.batch),
       grid_names=("heads", "kv_tiles", "batch"),
-      num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+      num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, dout, lse2, delta)
 
@@ -215,7 +223,8 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
         t_pad: int):
   """dQ: [B, T_pad, Nq, H]."""
   block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
-  rows_per_cta = NUM_COMPUTE_WGS * block_q
+  wgs = consumer_warpgroups(spec.head_dim)
+  rows_per_cta = wgs * block_q
   num_q_tiles = t_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
   rules = dict(causal=spec.causal, window=spec.window)
@@ -238,7 +247,7 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
     streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_ring, k_ready, k_free),
                pipeline.Stream(lambda step: v_ref.at[block(step)], v_ring, v_ready, v_free))
 
-    @pl.when(wg < NUM_COMPUTE_WGS)
+    @pl.when(wg < wgs)
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       q_lo = cta_q_lo + wg * block_q
@@ -277,7 +286,7 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
           q_idx = compat.iota((block_q, block_kv), 0) + q_lo
           k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
           visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
-          p = jnp.where(visible, p, 0.0)
+          p = p if visible is None else jnp.where(visible, p, 0.0)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
           ds = ds * softcap_grad
@@ -296,28 +305,28 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == NUM_COMPUTE_WGS)
+    @pl.when(wg == wgs)
     def _producer():
       pipeline.produce(streams, num_steps, stages)
 
   transforms = compat.smem_transforms(dtype)
   scratch = [
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
-      plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
+      plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_q), jnp.float32),
+      plgpu.SMEM((wgs, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.Barrier(num_arrivals=4, num_barriers=NUM_COMPUTE_WGS),  # Q, dO, lse, delta rows
-      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),
-      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=4, num_barriers=wgs),  # Q, dO, lse, delta rows
+      *pipeline.ring_barriers(stages, wgs),
+      *pipeline.ring_barriers(stages, wgs),
   ]
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_dq"
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
       grid=(spec.num_q_heads, num_q_tiles, spec.batch),
       grid_names=("heads", "q_tiles", "batch"),
-      num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+      num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, dout, lse2, delta)
 

@@ -137,7 +137,7 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         new_max = jnp.maximum(row_max, s.max(axis=1))
         rescale = jnp.exp2(row_max - new_max)
         p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
-        if masked:
+        if visible is not None:  # (None: no rule hides anything; the loop never runs)
           p = jnp.where(visible, p, 0.0)  # rows that saw nothing yet have p = 1 otherwise
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
         row_sum = row_sum * rescale + p.sum(axis=1)
