@@ -139,6 +139,12 @@ def _config(impl, spec, plan: _RingPlan):
 
 # ---- the partial results of one visiting block --------------------------------------------
 
+def _filled(like, shape, value, dtype=jnp.float32):
+  """A constant array that varies over the same shard_map axes as `like`, so loop carries
+  and cond branches type-check under shard_map(check_vma=True)."""
+  return jnp.full_like(like, value, dtype=dtype, shape=shape)
+
+
 def _merge(out_a, lse_a, out_b, lse_b):
   """Softmax results over two disjoint key sets -> over their union, in float32.
 
@@ -167,8 +173,8 @@ def _attend_block(plan: _RingPlan, q, q_ids, kv, q_shard, kv_shard):
   outs, lses = [], []
   for q_piece in plan.pieces(q_shard):
     rows = (batch, q_piece.length, num_q_heads)
-    out = jnp.zeros(rows + (v.shape[-1],), jnp.float32)
-    lse = jnp.full((batch, num_q_heads, q_piece.length), -jnp.inf, jnp.float32)
+    out = _filled(q, rows + (v.shape[-1],), 0.0)
+    lse = _filled(q, (batch, num_q_heads, q_piece.length), -jnp.inf)
     for kv_piece in plan.pieces(kv_shard):
       pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
       impl = _select(pair.spec, plan)
@@ -176,7 +182,7 @@ def _attend_block(plan: _RingPlan, q, q_ids, kv, q_shard, kv_shard):
       args = (q_piece.take(q), kv_piece.take(k), kv_piece.take(v), None, pair.arrays)
       pair_out, pair_lse = pair.run(
           lambda: impl.forward(*args, pair.spec, config, plan.interpret),
-          lambda: (jnp.zeros(rows + (v.shape[-1],), q.dtype), jnp.full(lse.shape, -jnp.inf)))
+          lambda: (_filled(q, rows + (v.shape[-1],), 0.0, q.dtype), _filled(q, lse.shape, -jnp.inf)))
       out, lse = _merge(out, lse, pair_out, pair_lse)
     outs.append(out)
     lses.append(lse)
@@ -186,7 +192,7 @@ def _attend_block(plan: _RingPlan, q, q_ids, kv, q_shard, kv_shard):
 def _block_grads(plan: _RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, kv_shard):
   """Gradient contributions of one visiting K/V block -> float32 (dq, dk, dv)."""
   k, v, kv_ids = kv
-  zeros = lambda x, piece: jnp.zeros(x.shape[:1] + (piece.length,) + x.shape[2:], jnp.float32)
+  zeros = lambda x, piece: _filled(x, x.shape[:1] + (piece.length,) + x.shape[2:], 0.0)
   q_pieces, kv_pieces = plan.pieces(q_shard), plan.pieces(kv_shard)
   dq = [zeros(q, p) for p in q_pieces]
   dk = [zeros(k, p) for p in kv_pieces]
@@ -229,8 +235,8 @@ def _ring_forward(plan: _RingPlan, q, k, v, q_ids, kv_ids):
     out, lse = _merge(out, lse, block_out, block_lse)
     return (next_kv if send_on else kv, out, lse)
 
-  init = ((k, v, kv_ids), jnp.zeros((batch, length, num_q_heads, v.shape[-1]), jnp.float32),
-          jnp.full((batch, num_q_heads, length), -jnp.inf, jnp.float32))
+  init = ((k, v, kv_ids), _filled(q, (batch, length, num_q_heads, v.shape[-1]), 0.0),
+          _filled(q, (batch, num_q_heads, length), -jnp.inf))
   carry, _ = jax.lax.scan(lambda c, t: (step(c, t, True), None), init,
                           jnp.arange(plan.num_shards - 1))
   _, out, lse = step(carry, plan.num_shards - 1, False)
@@ -252,7 +258,7 @@ def _ring_backward(plan: _RingPlan, q, k, v, q_ids, kv_ids, out, lse, dout, delt
                                                 shard, (shard - t) % n)
     return next_kv, dq + block_dq, (dk + block_dk, dv + block_dv)
 
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  zeros = lambda x: _filled(x, x.shape, 0.0)
   carry = ((k, v, kv_ids), zeros(q), (zeros(k), zeros(v)))
   carry = step(carry, 0, receive=False, send_on=n > 1)
   if n > 2:

@@ -35,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
-from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flash_jax.implementation import BlockwiseImplementation, Implementation
@@ -304,13 +304,13 @@ def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand
       factors[name] = " ".join(f if size > 1 else f"{name}_{f}1"
                                for f, size in zip(_BIAS_FACTORS, shape))
   factors["dbias"] = factors.get("bias")
-  operands = ", ".join(factors[name] for name in names)
-  results = ", ".join(factors[name] for name in _result_names(spec, backward))
-  rule = f"{operands} -> {results}"
+  mapping = lambda name: ArrayMapping(*factors[name].split())
+  operands = tuple(mapping(name) for name in names)
+  results = tuple(mapping(name) for name in _result_names(spec, backward))
   # Shardy wants special factors in order of first appearance in the rule.
-  order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+  order = list(dict.fromkeys(f for m in operands + results for f in m))
   replicated = tuple(sorted({"s", "h", "d"} & set(order), key=order.index))
-  return rule, {"need_replication_factors": replicated}
+  return SdyShardingRule(operands, results, need_replication_factors=replicated)
 
 
 @functools.cache
