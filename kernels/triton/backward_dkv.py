@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from flash_jax import masking
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
-from flash_jax.kernels.triton import matmul
+from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, feature_operands
 from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, load, store,
@@ -36,7 +36,7 @@ def _transpose(x):
   return None if x is None else x.T
 
 
-def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
+def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool):
   block_q, block_kv = config.block_q_dkv, config.block_kv_dkv
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   kv_block, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -68,9 +68,9 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
         lse = load(refs.lse.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))  # [bq]
         delta = load(refs.delta.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))
         q_idx = (q_lo + iota(block_q))[None, :]  # [1, bq]
-        logits_t = masking.transform_logits(  # [bk, bq] float32
-            matmul.dot_t(k, q), scale=spec.scale, softcap=spec.softcap,
-            bias=_transpose(masks.bias(head, q_lo, block_q, k_lo, block_kv)))
+        logits2_t, logits_t = tile_math.base2_logits(  # [bk, bq] float32, base 2
+            tile_math.dot_t(k, q), spec,
+            _transpose(masks.bias(head, q_lo, block_q, k_lo, block_kv)))
         visible_t = None
         if masked:
           q_segments = masks.q_segments(q_lo, block_q)
@@ -78,17 +78,18 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
               q_idx, k_idx, kv_segments=kv_segments,
               q_segments=None if q_segments is None else q_segments[None, :],
               dense=_transpose(masks.dense_mask(head, q_lo, block_q, k_lo, block_kv)))
-        p_t = masking.masked_exp(logits_t, lse[None, :], visible_t)  # [bk, bq]
-        dp_t = matmul.dot_t(v, dout)  # [bk, bq]
+        lse2 = lse * tile_math.LOG2E  # base 2, like the logits
+        p_t = tile_math.masked_exp2(logits2_t, lse2[None, :], visible_t, interpret)  # [bk, bq]
+        dp_t = tile_math.dot_t(v, dout)  # [bk, bq]
         dropout = masks.dropout(head, q_idx, k_idx)
         p_kept_t = p_t
         if dropout is not None:
           p_kept_t, dp_t = p_t * dropout, dp_t * dropout
-        dv = dv + matmul.dot(p_kept_t.astype(dout.dtype), dout)
+        dv = dv + tile_math.dot(p_kept_t.astype(dout.dtype), dout)
         ds_t = p_t * (dp_t - delta[None, :])  # d loss / d logits
         if spec.softcap is not None:
           ds_t = ds_t * masking.softcap_grad(logits_t, spec.softcap)
-        dk = dk + matmul.dot(ds_t.astype(q.dtype), q)
+        dk = dk + tile_math.dot(ds_t.astype(q.dtype), q)
         return dk, dv
       return step
 
@@ -127,7 +128,7 @@ def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, spec:
       Output("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows(head_dim)),
       Output("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows(head_dim_v)),
   ]
-  return call(functools.partial(_dkv_kernel, spec=spec, config=config),
+  return call(functools.partial(_dkv_kernel, spec=spec, config=config, interpret=interpret),
               inputs=inputs, outputs=outputs,
               grid=(cdiv(s, config.block_kv_dkv), spec.batch, spec.num_kv_heads),
               name="flash_jax_triton_bwd_dkv", num_warps=config.num_warps_dkv,

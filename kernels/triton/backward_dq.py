@@ -23,14 +23,14 @@ from jax.experimental import pallas as pl
 from flash_jax import masking
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
-from flash_jax.kernels.triton import matmul
+from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, feature_operands
 from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, grid_mask, iota, load,
                                                     store, tile_mask, visit_tiles)
 
 
-def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
+def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool):
   block_q, block_kv = config.block_q_dq, config.block_kv_dq
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -44,6 +44,7 @@ def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
   q = load(refs.q.at[pl.ds(q_lo, block_q), :], row_mask(spec.head_dim, head_dim))  # [bq, H]
   dout = load(refs.dout.at[pl.ds(q_lo, block_q), :], row_mask(spec.head_dim_v, head_dim_v))
   lse = load(refs.lse.at[pl.ds(q_lo, block_q)], row_mask(None, None))[:, None]  # [bq, 1]
+  lse2 = lse * tile_math.LOG2E  # base 2, like the logits
   delta = load(refs.delta.at[pl.ds(q_lo, block_q)], row_mask(None, None))[:, None]
   q_idx = (q_lo + iota(block_q))[:, None]  # [bq, 1]
   q_segments = masks.q_segments(q_lo, block_q)
@@ -57,9 +58,8 @@ def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
       v = load(refs.v.at[pl.ds(k_lo, block_kv), :], tile_mask(
           k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v, check_rows=masked))
       k_idx = (k_lo + iota(block_kv))[None, :]  # [1, bk]
-      logits = masking.transform_logits(  # [bq, bk] float32
-          matmul.dot_t(q, k), scale=spec.scale, softcap=spec.softcap,
-          bias=masks.bias(head, q_lo, block_q, k_lo, block_kv))
+      logits2, logits = tile_math.base2_logits(  # [bq, bk] float32, base 2
+          tile_math.dot_t(q, k), spec, masks.bias(head, q_lo, block_q, k_lo, block_kv))
       visible = None
       if masked:
         kv_segments = masks.kv_segments(k_lo, block_kv)
@@ -67,8 +67,8 @@ def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
             q_idx, k_idx, q_segments=q_segments,
             kv_segments=None if kv_segments is None else kv_segments[None, :],
             dense=masks.dense_mask(head, q_lo, block_q, k_lo, block_kv))
-      p = masking.masked_exp(logits, lse, visible)  # [bq, bk]
-      dp = matmul.dot_t(dout, v)  # [bq, bk]
+      p = tile_math.masked_exp2(logits2, lse2, visible, interpret)  # [bq, bk]
+      dp = tile_math.dot_t(dout, v)  # [bq, bk]
       dropout = masks.dropout(head, q_idx, k_idx)
       if dropout is not None:
         dp = dp * dropout
@@ -78,7 +78,7 @@ def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
       if spec.has_bias:
         store(refs.dbias.at[pl.ds(q_lo, block_q), pl.ds(k_lo, block_kv)], ds,
               grid_mask(q_lo, block_q, spec.q_len, k_lo, block_kv, spec.kv_len))
-      return dq + matmul.dot(ds.astype(k.dtype), k)
+      return dq + tile_math.dot(ds.astype(k.dtype), k)
     return step
 
   dq = visit_tiles(masks.kv_tiles(q_lo, block_q, block_kv), make_step,
@@ -114,7 +114,7 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, spec: 
     inputs.append(Operand("dbias_init", jnp.zeros(full, jnp.float32), dbias_spec))
     outputs.append(Output("dbias", jax.ShapeDtypeStruct(full, jnp.float32), dbias_spec,
                           aliases="dbias_init"))
-  results = call(functools.partial(_dq_kernel, spec=spec, config=config),
+  results = call(functools.partial(_dq_kernel, spec=spec, config=config, interpret=interpret),
                  inputs=inputs, outputs=outputs,
                  grid=(cdiv(t, config.block_q_dq), spec.batch, spec.num_q_heads),
                  name="flash_jax_triton_bwd_dq", num_warps=config.num_warps_dq,

@@ -5,7 +5,7 @@ tiles that `TileMasking.kv_tiles` says its rows can see (causal, window and leng
 bound the loop; tiles outside it are never loaded). Per key tile it updates the online
 softmax (FlashAttention-2 section 3.1.1): running row max m and row sum l in float32,
 the float32 accumulator rescaled by exp(m_old - m_new), and divides by l only once at
-the end. Only boundary tiles build a visibility mask. It writes O and the natural-log
+the end. Logits are kept in base 2 (`tile_math`), so each exponent is one ex2. Only boundary tiles build a visibility mask. It writes O and the natural-log
 lse = m + log(l) (-inf for rows that saw nothing, whose O is 0).
 
 GQA: query head h reads key/value head h // G through the BlockSpec index map, so K/V
@@ -23,14 +23,14 @@ from jax.experimental import pallas as pl
 from flash_jax import masking, tiles
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
-from flash_jax.kernels.triton import matmul
+from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, feature_operands
 from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, load, store,
                                                     tile_mask, visit_tiles)
 
 
-def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
+def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool):
   block_q, block_kv = config.block_q, config.block_kv
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -55,9 +55,8 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
       v = load(refs.v.at[pl.ds(k_lo, block_kv), :], tile_mask(
           k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v, check_rows=masked))
       k_idx = (k_lo + iota(block_kv))[None, :]  # [1, bk]
-      logits = masking.transform_logits(  # [bq, bk] float32
-          matmul.dot_t(q, k), scale=spec.scale, softcap=spec.softcap,
-          bias=masks.bias(head, q_lo, block_q, k_lo, block_kv))
+      logits, _ = tile_math.base2_logits(  # [bq, bk] float32, base 2
+          tile_math.dot_t(q, k), spec, masks.bias(head, q_lo, block_q, k_lo, block_kv))
       visible = None
       if masked:
         kv_segments = masks.kv_segments(k_lo, block_kv)
@@ -67,13 +66,13 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
             dense=masks.dense_mask(head, q_lo, block_q, k_lo, block_kv))
         logits = masking.masked_logits(logits, visible)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-      rescale = jnp.exp(row_max - new_max)
-      p = masking.masked_exp(logits, new_max[:, None], visible)  # [bq, bk]
+      rescale = tile_math.exp2(row_max - new_max, interpret)
+      p = tile_math.masked_exp2(logits, new_max[:, None], visible, interpret)  # [bq, bk]
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       dropout = masks.dropout(head, q_idx, k_idx)
       if dropout is not None:  # the normalizer l counts every key; dropout scales P only
         p = p * dropout
-      acc = acc * rescale[:, None] + matmul.dot(p.astype(v.dtype), v)
+      acc = acc * rescale[:, None] + tile_math.dot(p.astype(v.dtype), v)
       return new_max, row_sum, acc
     return step
 
@@ -85,7 +84,8 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig):
   out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]  # rows that saw nothing: 0
   store(refs.out.at[pl.ds(q_lo, block_q), :], out,
         tile_mask(q_lo, block_q, spec.q_len, spec.head_dim_v, head_dim_v))
-  store(refs.lse.at[pl.ds(q_lo, block_q)], tiles.lse_from_stats(row_max, row_sum),
+  lse = tiles.lse_from_stats(row_max * tile_math.LN2, row_sum)  # natural log, from base 2
+  store(refs.lse.at[pl.ds(q_lo, block_q)], lse,
         tile_mask(q_lo, block_q, spec.q_len))
 
 
@@ -110,7 +110,7 @@ def forward(q, k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config:
       Output("lse", jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t), jnp.float32),
              pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0))),
   ]
-  return call(functools.partial(_forward_kernel, spec=spec, config=config),
+  return call(functools.partial(_forward_kernel, spec=spec, config=config, interpret=interpret),
               inputs=inputs, outputs=outputs,
               grid=(cdiv(t, config.block_q), spec.batch, spec.num_q_heads),
               name="flash_jax_triton_fwd", num_warps=config.num_warps,
