@@ -59,9 +59,11 @@ def _run(impl, q, k, v, kw, dout, dlse):
   return (out, lse) + tuple(vjp((dout.astype(out.dtype), lse_ct)))
 
 
-def check(log) -> bool:
+def check(log, cases=None) -> bool:
   ok_all = True
   for i, (b, t, s, nq, nkv, h, dtype, kw) in enumerate(CASES):
+    if cases is not None and i not in cases:
+      continue
     name = f"b{b} t{t} s{s} h{nq}x{nkv} d{h} {dtype} {kw}"
     try:
       keys = jax.random.split(jax.random.PRNGKey(100 + i), 5)
@@ -151,11 +153,12 @@ def main():
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
   parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
   parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
+  parser.add_argument("--cases", type=int, nargs="+", default=None, help="check: case indices")
   parser.add_argument("--sweep", action="store_true", help="time several configs per head dim")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   if args.what == "check":
-    sys.exit(0 if check(sys.stdout) else 1)
+    sys.exit(0 if check(sys.stdout, args.cases) else 1)
   configs = {}
   if args.sweep:
     m = lambda bkv, st, bkv_dq=None: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,

@@ -144,11 +144,14 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
           plgpu.barrier_wait(stream.ready.at[slot])
         q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H]
 
-        def st_matmul(acc_ref):  # S^T = K Q^T  [block_kv, block_q]
-          plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
-          return acc_ref[...]
+        def scores(refs):  # S^T = K Q^T and dP^T = V dO^T [block_kv, block_q]: one wait
+          plgpu.wgmma(refs[0], k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+          if need_dk:
+            plgpu.wgmma(refs[1], v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
+          return tuple(ref[...] for ref in refs)
 
-        st = pl.run_scoped(st_matmul, plgpu.ACC((block_kv, block_q), jnp.float32))
+        tile = plgpu.ACC((block_kv, block_q), jnp.float32)
+        st, *dpt = pl.run_scoped(scores, (tile, tile) if need_dk else (tile,))
         st, softcap_grad = _logits_base2(st, spec)
         lse_cols = plgpu.load(lse_ring.at[slot], (), layout=compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
@@ -157,22 +160,21 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
           k_idx = compat.iota((block_kv, block_q), 0) + k_lo
           visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
-        carry = dict(carry)
+        operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
-          carry["dv"] = compat.accumulate(
-              lambda acc_ref: plgpu.wgmma(acc_ref, pt.astype(dtype), do_smem), carry["dv"])
+          operands["dv"] = (pt.astype(dtype), do_smem)  # dV += P^T dO
         if need_dk:
-          def dpt_matmul(acc_ref):  # dP^T = V dO^T  [block_kv, block_q]
-            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
-            return acc_ref[...]
-
-          dpt = pl.run_scoped(dpt_matmul, plgpu.ACC((block_kv, block_q), jnp.float32))
           delta_cols = plgpu.load(delta_ring.at[slot], (), layout=compat.col_layout())
-          dst = pt * (dpt - lax.broadcast_in_dim(delta_cols, dpt.shape, [1]))
+          dst = pt * (dpt[0] - lax.broadcast_in_dim(delta_cols, pt.shape, [1]))
           if softcap_grad is not None:
             dst = dst * softcap_grad
-          carry["dk"] = compat.accumulate(
-              lambda acc_ref: plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem), carry["dk"])
+          operands["dk"] = (dst.astype(dtype), q_smem)  # dK += dS^T Q (scaled at the end)
+
+        def update(refs):  # both accumulations in one scope: one wgmma wait
+          for ref, name in zip(refs, outputs):
+            plgpu.wgmma(ref, *operands[name])
+
+        carry = dict(zip(outputs, compat.accumulate_all(update, [carry[n] for n in outputs])))
         pipeline.release(streams, slot)
         return carry
 

@@ -50,9 +50,10 @@ def accumulate(matmul, acc):
   return pl.run_state(matmul)(plgpu.ACC.init(acc))
 
 
-def accumulate2(matmul, acc1, acc2):
-  """`accumulate` for two accumulators issued in one scope (one wgmma wait)."""
-  return pl.run_state(matmul)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+def accumulate_all(matmul, accs):
+  """`accumulate` for several accumulators issued in one scope (one wgmma wait):
+  `matmul` takes a tuple of refs; returns the tuple of new accumulators."""
+  return tuple(pl.run_state(matmul)(tuple(plgpu.ACC.init(acc) for acc in accs)))
 
 
 def smem_transforms(dtype):

@@ -39,7 +39,7 @@ class MosaicGPUBlockSizes(BlockSizes):
 # docs/performance_mosaic_gpu.md for the measurements behind them.
 _DEFAULTS = {
     # head_dim: (block_q, block_kv, num_stages, block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq)
-    64: (64, 128, 2, 64, 64, 64, 64),
+    64: (64, 256, 2, 64, 64, 64, 64),
     128: (64, 128, 2, 64, 64, 64, 64),
     256: (64, 64, 2, 64, 64, 64, 64),
 }
