@@ -148,6 +148,8 @@ def make_attention_fn(*, causal: bool = False, window=None, softcap: float | Non
     attn = nnx.MultiHeadAttention(num_heads=8, in_features=512, decode=False, rngs=rngs,
                                   attention_fn=make_attention_fn(causal=True))
   """
+  if isinstance(window, list):
+    window = tuple(window)  # hashable: the function is a static module attribute
   return AttentionFn(causal=causal, window=window, softcap=softcap, scale=scale,
                      implementation=implementation, block_sizes=block_sizes, interpret=interpret)
 
