@@ -70,41 +70,65 @@ class _RingPlan:
 # ---- one (query piece, key/value piece) pair: a single-device kernel call ---------------
 
 @dataclasses.dataclass(frozen=True)
+class _Call:
+  """One normalized single-device call: its spec, mask arrays and implementation."""
+
+  spec: spec_lib.AttentionSpec
+  arrays: spec_lib.AttentionArrays
+  impl: BlockwiseImplementation
+  config: Any
+
+  @classmethod
+  def make(cls, plan: _RingPlan, q, k, v, segment_ids, *, positional, q_offset=None):
+    spec, *_, arrays = spec_lib.normalize(
+        q, k, v, causal=plan.causal and positional, scale=plan.scale,
+        window=plan.window if positional else None, softcap=plan.softcap,
+        segment_ids=segment_ids, q_offset=q_offset)
+    impl = _select(spec, plan)
+    return cls(spec, arrays, impl, _config(impl, spec, plan))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Pair:
-  """A query piece against a key/value piece, normalized for the single-device call."""
+  """A query piece against a visiting key/value piece.
+
+  With positional rules (causal, window) a pair is, depending on the traced positions,
+  invisible (skipped), partly visible (`masked`: a call with causal/window and q_offset)
+  or fully visible (`unmasked`: the same call without positional rules, which the
+  fastest kernels serve). Without positional rules every pair is one unmasked call.
+  """
 
   q_piece: Piece
   kv_piece: Piece
-  spec: spec_lib.AttentionSpec
-  arrays: spec_lib.AttentionArrays
-  active: jax.Array | None  # traced bool: does any query see any key? None: always
+  masked: _Call | None
+  unmasked: _Call
+  branch: jax.Array | None  # traced int32: 0 invisible, 1 masked, 2 unmasked
 
   @classmethod
   def make(cls, plan: _RingPlan, q_piece, kv_piece, q, k, v, q_ids, kv_ids):
-    q_offset = None
-    if plan.positional:
-      # Positions g_q + s*i and g_k + s*j: j <= i + (g_q - g_k) / s, exact for s = 1 and
-      # for causal (floor) with any stride; windows need s = 1 (checked up front).
-      q_offset = jnp.floor_divide(q_piece.global_start - kv_piece.global_start,
-                                  q_piece.stride).astype(jnp.int32)
+    q_p, k_p, v_p = q_piece.take(q), kv_piece.take(k), kv_piece.take(v)
     segment_ids = None if q_ids is None else (q_piece.take(q_ids), kv_piece.take(kv_ids))
-    spec, *_, arrays = spec_lib.normalize(
-        q_piece.take(q), kv_piece.take(k), kv_piece.take(v), causal=plan.causal,
-        scale=plan.scale, window=plan.window, softcap=plan.softcap, segment_ids=segment_ids,
-        q_offset=q_offset)
-    active = None
-    if plan.positional:
-      k_lo, k_hi = masking.visible_kv_range(0, spec.q_len, kv_len=spec.kv_len,
-                                            causal=spec.causal, window=spec.window,
-                                            q_offset=q_offset)
-      active = k_hi > k_lo
-    return cls(q_piece, kv_piece, spec, arrays, active)
+    unmasked = _Call.make(plan, q_p, k_p, v_p, segment_ids, positional=False)
+    if not plan.positional:
+      return cls(q_piece, kv_piece, None, unmasked, None)
+    # Positions g_q + s*i and g_k + s*j: j <= i + (g_q - g_k) / s, exact for s = 1 and
+    # for causal (floor) with any stride; windows need s = 1 (checked up front).
+    q_offset = jnp.floor_divide(q_piece.global_start - kv_piece.global_start,
+                                q_piece.stride).astype(jnp.int32)
+    masked = _Call.make(plan, q_p, k_p, v_p, segment_ids, positional=True, q_offset=q_offset)
+    rules = dict(causal=masked.spec.causal, window=masked.spec.window, q_offset=q_offset)
+    q_len, kv_len = q_piece.length, kv_piece.length
+    k_lo, k_hi = masking.visible_kv_range(0, q_len, kv_len=kv_len, **rules)
+    full = masking.tile_fully_visible(0, q_len, 0, kv_len, kv_len=kv_len, **rules)
+    branch = jnp.where(full, 2, jnp.where(k_hi > k_lo, 1, 0)).astype(jnp.int32)
+    return cls(q_piece, kv_piece, masked, unmasked, branch)
 
   def run(self, compute, skipped):
-    """compute() when some query sees some key of the pair, else skipped()."""
-    if self.active is None:
-      return compute()
-    return jax.lax.cond(self.active, compute, skipped)
+    """compute(call) with the call this pair needs, or skipped() when it is invisible."""
+    if self.branch is None:
+      return compute(self.unmasked)
+    return jax.lax.switch(self.branch, [skipped, lambda: compute(self.masked),
+                                        lambda: compute(self.unmasked)])
 
 
 def _select(spec, plan: _RingPlan) -> BlockwiseImplementation:
@@ -177,12 +201,12 @@ def _attend_block(plan: _RingPlan, q, q_ids, kv, q_shard, kv_shard):
     lse = _filled(q, (batch, num_q_heads, q_piece.length), -jnp.inf)
     for kv_piece in plan.pieces(kv_shard):
       pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
-      impl = _select(pair.spec, plan)
-      config = _config(impl, pair.spec, plan)
-      args = (q_piece.take(q), kv_piece.take(k), kv_piece.take(v), None, pair.arrays)
+      args = (q_piece.take(q), kv_piece.take(k), kv_piece.take(v), None)
       pair_out, pair_lse = pair.run(
-          lambda: impl.forward(*args, pair.spec, config, plan.interpret),
-          lambda: (_filled(q, rows + (v.shape[-1],), 0.0, q.dtype), _filled(q, lse.shape, -jnp.inf)))
+          lambda call: call.impl.forward(*args, call.arrays, call.spec, call.config,
+                                         plan.interpret),
+          lambda: (_filled(q, rows + (v.shape[-1],), 0.0, q.dtype),
+                   _filled(q, lse.shape, -jnp.inf)))
       out, lse = _merge(out, lse, pair_out, pair_lse)
     outs.append(out)
     lses.append(lse)
@@ -200,15 +224,13 @@ def _block_grads(plan: _RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, 
   for i, q_piece in enumerate(q_pieces):
     for j, kv_piece in enumerate(kv_pieces):
       pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
-      impl = _select(pair.spec, plan)
-      config = _config(impl, pair.spec, plan)
 
-      def compute(pair=pair, impl=impl, config=config, q_piece=q_piece, kv_piece=kv_piece):
+      def compute(call, q_piece=q_piece, kv_piece=kv_piece):
         rows = lambda x: q_piece.take(x, axis=1)
         stats = lambda x: q_piece.take(x, axis=2)
-        grads = impl.backward(rows(q), kv_piece.take(k), kv_piece.take(v), None, pair.arrays,
-                              rows(out), stats(lse), rows(dout), stats(delta), pair.spec,
-                              config, plan.interpret)
+        grads = call.impl.backward(rows(q), kv_piece.take(k), kv_piece.take(v), None,
+                                   call.arrays, rows(out), stats(lse), rows(dout), stats(delta),
+                                   call.spec, call.config, plan.interpret)
         return tuple(g.astype(jnp.float32) for g in grads[:3])
 
       pair_dq, pair_dk, pair_dv = pair.run(
