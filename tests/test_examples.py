@@ -16,7 +16,8 @@ pytest.importorskip("optax")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 TINY = ["--steps", "4", "--warmup-steps", "1", "--seq-len", "32", "--batch", "2", "--layers", "1",
-        "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--data-mb", "0.25", "--log-every", "2"]
+        "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--data-mb", "0.25",
+        "--log-every", "2"]
 
 
 def load_example(name):

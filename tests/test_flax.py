@@ -150,7 +150,8 @@ def test_make_attention_fn_structured_masks_match_dense_masks(implementation):
 def test_make_attention_fn_softcap_matches_flash_attention():
   q, k, v = (normal(i, (1, 16, 2, 16)) for i in range(3))
   fn = fjf.make_attention_fn(softcap=5.0, scale=0.3)
-  np.testing.assert_array_equal(fn(q, k, v), flash_jax.flash_attention(q, k, v, softcap=5.0, scale=0.3))
+  np.testing.assert_array_equal(fn(q, k, v),
+                                flash_jax.flash_attention(q, k, v, softcap=5.0, scale=0.3))
 
 
 def test_segment_ids_extension_matches_dense_mask():
@@ -190,7 +191,8 @@ def test_dropout_off_when_deterministic_or_rate_zero():
   plain = fjf.dot_product_attention(q, k, v)
   rng = jax.random.key(0)
   np.testing.assert_array_equal(
-      fjf.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=rng, deterministic=True), plain)
+      fjf.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=rng, deterministic=True),
+      plain)
   np.testing.assert_array_equal(fjf.dot_product_attention(q, k, v, dropout_rng=rng), plain)
 
 

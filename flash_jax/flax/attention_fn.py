@@ -59,12 +59,14 @@ class AttentionFn:
     if not isinstance(self.causal, bool):
       raise TypeError(f"causal must be a bool, got {self.causal!r}")
     normalize_window(self.window, self.causal)  # raises on a malformed window
-    if self.softcap is not None and (not isinstance(self.softcap, (int, float)) or self.softcap <= 0):
+    if self.softcap is not None and (not isinstance(self.softcap, (int, float))
+                                     or self.softcap <= 0):
       raise ValueError(f"softcap must be a positive float or None, got {self.softcap!r}")
     if self.scale is not None and not isinstance(self.scale, (int, float)):
       raise TypeError(f"scale must be a Python float or None, got {type(self.scale).__name__}")
-    if self.implementation is not None and self.implementation not in dispatch.implementation_names():
-      raise ValueError(f"implementation must be None or one of {dispatch.implementation_names()}, "
+    names = dispatch.implementation_names()
+    if self.implementation is not None and self.implementation not in names:
+      raise ValueError(f"implementation must be None or one of {names}, "
                        f"got {self.implementation!r}")
     if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a BlockSizes, got {type(self.block_sizes).__name__}")
@@ -133,7 +135,8 @@ class AttentionFn:
 
 def make_attention_fn(*, causal: bool = False, window=None, softcap: float | None = None,
                       scale: float | None = None, implementation: str | None = None,
-                      block_sizes: BlockSizes | None = None, interpret: bool = False) -> AttentionFn:
+                      block_sizes: BlockSizes | None = None,
+                      interpret: bool = False) -> AttentionFn:
   """A Flax-compatible attention function with structured masking (the fast path).
 
   Unlike a dense `mask`, `causal` and `window` let kernels skip whole tiles that no

@@ -55,7 +55,8 @@ class FlashAttention(nnx.Module):
     self.out_features = in_features if out_features is None else out_features
     self.in_kv_features = in_features if in_kv_features is None else in_kv_features
     if self.num_kv_heads <= 0 or num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
     if self.qkv_features % num_heads:
       raise ValueError(f"qkv_features={self.qkv_features} must be a multiple of {num_heads=}")
     if not 0.0 <= dropout_rate < 1.0:
@@ -129,7 +130,8 @@ class FlashAttention(nnx.Module):
         raise ValueError("FlashAttention with dropout_rate > 0 needs `deterministic`, as a "
                          "call or constructor argument")
       if not deterministic:
-        stream = self.rngs if rngs is None else (rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs)
+        stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+        stream = self.rngs if stream is None else stream
         if stream is None:
           raise ValueError("FlashAttention built with keep_rngs=False needs `rngs` in the call "
                            "for dropout")
