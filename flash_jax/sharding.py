@@ -179,6 +179,10 @@ def _linear_index(axes):
   return index
 
 
+def _shard_count(axes) -> int:
+  return math.prod(jax.lax.axis_size(axis) for axis in axes)
+
+
 def _localize(q, k, v, arrays: AttentionArrays, split: _Split, local: AttentionSpec):
   """Shard-local inputs: q_offset/q_lengths shifted by the rows before this query shard;
   when K/V heads are not split, the one K/V head this head shard reads."""
@@ -198,15 +202,9 @@ def _localize(q, k, v, arrays: AttentionArrays, split: _Split, local: AttentionS
 
 
 def _kv_head_of_shard(split: _Split, local: AttentionSpec, num_kv_heads: int):
-  group = (local.num_q_heads * _shard_count(split.heads)) // num_kv_heads
+  """The K/V head read by this head shard's query heads (all in one group)."""
+  group = (local.num_q_heads * _shard_count(split.heads)) // num_kv_heads  # G = Nq / Nkv
   return (_linear_index(split.heads) * local.num_q_heads) // group
-
-
-def _shard_count(axes):
-  count = 1
-  for axis in axes:
-    count *= jax.lax.axis_size(axis)
-  return count
 
 
 def _sum_kv_grad(grad, split: _Split, num_kv_heads: int, kv_head):
@@ -244,6 +242,11 @@ def _result_names(spec: AttentionSpec, backward: bool):
 def _partition(impl, spec, config, interpret, names, backward, mesh, arg_shapes, result_shape):
   """custom_partitioning's callback: the split, the per-shard function and its shardings."""
   split = _choose_split(spec, mesh, arg_shapes[0].sharding)
+  k_sharding = arg_shapes[1].sharding
+  if isinstance(k_sharding, NamedSharding) and len(k_sharding.spec) > 1 and k_sharding.spec[1]:
+    logger.info("flash_jax: keys/values sharded along their length (%s) are gathered; "
+                "flash_jax.ring_attention attends over a split sequence without gathering",
+                k_sharding.spec)
   local = split.local_spec(spec, mesh)
   shardings = lambda names, shapes: tuple(
       NamedSharding(mesh, split.partition_spec(name, shape.shape))
@@ -288,7 +291,7 @@ def _infer_result_shardings(impl, spec, config, interpret, names, backward, mesh
 
 def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand_types,
                    result_types):
-  """Shardy's rule in einsum notation: dims that share a factor share their sharding.
+  """Shardy's propagation rule: dimensions that share a factor share their sharding.
 
   B, T, Nq and Nkv may be split (`_partition` decides how); S and the head dims must be
   replicated. Broadcast (size 1) bias/mask dims get factors of their own.

@@ -1,0 +1,244 @@
+"""Checks and times attention over several GPUs of one host; one mode per process.
+
+  python benchmarks/ring_gpu.py check      # ring fwd + grads vs one-device attention
+  python benchmarks/ring_gpu.py time       # ms: one GPU vs the ring over all GPUs, per layout
+  python benchmarks/ring_gpu.py overlap    # ring time vs its compute alone and transfers alone
+  python benchmarks/ring_gpu.py memory     # compiled bytes per device vs device count
+  python benchmarks/ring_gpu.py partition  # batch/head-sharded flash_attention under jit
+
+check: the accuracy rule of the suite: error against the float32 reference (HIGHEST
+precision on upcast inputs) at most 2x (forward) / 3x (gradients) the error of the
+same-precision jnp reference, plus a floor. Random inputs; NaN fails.
+time: median of repeats after warm-up, causal bf16, B=1, N=16 heads of 128, the
+sequence split over all local GPUs; "speedup" is one-GPU time / ring time.
+overlap: the ring's forward time against (a) the same per-device compute with no
+transfer (the single-device kernel on the blocks one device computes) and (b) the
+transfers alone (n-1 ppermutes of a K/V block). Perfect overlap: ring ~ max(a, b).
+partition: flash_attention jitted on inputs sharded over batch and heads vs one GPU;
+the compiled HLO must have no all-gather.
+
+Smoke test on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2 python
+benchmarks/ring_gpu.py <mode> --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import flash_jax
+
+FLOOR = {"bfloat16": 4e-3, "float16": 1e-3, "float32": 2e-5}
+
+
+def _mesh(n=None):
+  devices = jax.local_devices()[:n or len(jax.local_devices())]
+  return Mesh(np.array(devices), ("seq",))
+
+
+def _inputs(seq, heads, head_dim, dtype, seed=0, batch=1):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  shape = (batch, seq, heads, head_dim)
+  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys[:3])
+  dout = jax.random.normal(keys[3], shape, jnp.float32)
+  return q, k, v, dout
+
+
+def _ring(mesh, layout, **kw):
+  """Global natural-order arrays in, natural-order out (permutes into `layout`)."""
+  n = mesh.shape["seq"]
+  to = lambda x: flash_jax.to_ring_layout(x, n, layout)
+
+  def attend(q, k, v):
+    out = flash_jax.sharded_ring_attention(to(q), to(k), to(v), mesh=mesh, seq_axis="seq",
+                                           layout=layout, **kw)
+    return flash_jax.from_ring_layout(out, n, layout)
+  return attend
+
+
+def _on_ring(mesh, layout, **kw):
+  """Arrays already in layout order and sharded: what a training step sees."""
+  return lambda q, k, v: flash_jax.sharded_ring_attention(q, k, v, mesh=mesh, seq_axis="seq",
+                                                          layout=layout, **kw)
+
+
+def _fwd_bwd(fn):
+  def loss(q, k, v, dout):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _time(fn, *args, warmup=3, repeats=10):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def _err(x, ref):
+  return float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref.astype(jnp.float32))))
+
+
+def check(log, small) -> bool:
+  mesh, ok = _mesh(), True
+  seq = 256 if small else 8192
+  for dtype in ("bfloat16", "float16"):
+    for layout in flash_jax.ring_layout.LAYOUTS:
+      for kw in ({"causal": True}, {}, {"causal": True, "segment_ids": True}):
+        kw = dict(kw)
+        q, k, v, dout = _inputs(seq, 4, 128, jnp.dtype(dtype))
+        if kw.pop("segment_ids", False):
+          kw["segment_ids"] = jnp.cumsum(jax.random.bernoulli(jax.random.PRNGKey(9), 0.002,
+                                                              (1, seq)), axis=1)
+          ring_kw = dict(kw, segment_ids=flash_jax.to_ring_layout(
+              kw["segment_ids"], mesh.shape["seq"], layout))
+        else:
+          ring_kw = kw
+        ring = _ring(mesh, layout, **ring_kw)
+        same = functools.partial(flash_jax.flash_attention, implementation="xla", **kw)
+        ref = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="xla", **kw)
+        up = [x.astype(jnp.float32) for x in (q, k, v)]
+        with jax.default_matmul_precision("highest"):
+          exact = [ref(*up)] + list(_fwd_bwd(ref)(*up, dout))
+        got = [jax.jit(ring)(q, k, v)] + list(_fwd_bwd(ring)(q, k, v, dout))
+        base = [same(q, k, v)] + list(_fwd_bwd(same)(q, k, v, dout))
+        line = f"{dtype} {layout:10s} {sorted(kw)!s:28s}"
+        for name, g, b, r, factor in zip(("out", "dq", "dk", "dv"), got, base, exact,
+                                         (2, 3, 3, 3)):
+          scale = max(1.0, float(jnp.max(jnp.abs(r))))
+          err, bound = _err(g, r), factor * _err(b, r) + FLOOR[dtype] * scale
+          good = err <= bound and not bool(jnp.isnan(g).any())
+          ok &= good
+          line += f" {name} {err:.2e}/{bound:.2e}{'' if good else ' FAIL'}"
+        log(line)
+  return ok
+
+
+def time_ring(log, small):
+  n = len(jax.local_devices())
+  seqs = (512, 1024) if small else (16384, 32768, 65536, 131072)
+  heads, head_dim = (2, 64) if small else (16, 128)
+  log(f"| T | one GPU fwd / fwd+bwd ms | " + " | ".join(
+      f"{layout} ring x{n} fwd / fwd+bwd ms (speedup)" for layout in
+      flash_jax.ring_layout.LAYOUTS) + " |")
+  log("|---|---|" + "---|" * len(flash_jax.ring_layout.LAYOUTS))
+  for seq in seqs:
+    q, k, v, dout = _inputs(seq, heads, head_dim, jnp.bfloat16)
+    single = functools.partial(flash_jax.flash_attention, causal=True)
+    try:
+      one = (_time(jax.jit(single), q, k, v), _time(_fwd_bwd(single), q, k, v, dout))
+      row = f"| {seq} | {one[0]:.2f} / {one[1]:.2f} |"
+    except Exception as e:  # out of memory on one GPU is a result too
+      one, row = None, f"| {seq} | {type(e).__name__} |"
+    sharding = NamedSharding(_mesh(), P(None, "seq"))
+    args = [jax.device_put(x, sharding) for x in (q, k, v)]
+    for layout in flash_jax.ring_layout.LAYOUTS:
+      ring = _on_ring(_mesh(), layout, causal=True)
+      fwd = _time(jax.jit(ring), *args)
+      fb = _time(_fwd_bwd(ring), *args, jax.device_put(dout, sharding))
+      speed = "" if one is None else f" ({one[0] / fwd:.2f}x / {one[1] / fb:.2f}x)"
+      row += f" {fwd:.2f} / {fb:.2f}{speed} |"
+    log(row)
+
+
+def overlap(log, small):
+  """Forward ring vs its parts, zigzag causal (every step: one unmasked half block)."""
+  n = len(jax.local_devices())
+  seq = 2048 if small else 65536
+  heads, head_dim = (2, 64) if small else (16, 128)
+  mesh, local = _mesh(), seq // n
+  q, k, v, _ = _inputs(seq, heads, head_dim, jnp.bfloat16)
+  sharding = NamedSharding(mesh, P(None, "seq"))
+  args = [jax.device_put(x, sharding) for x in (q, k, v)]
+  ring_ms = _time(jax.jit(_on_ring(mesh, "zigzag", causal=True)), *args)
+  # (a) compute alone: the diagonal block (causal, L x L) and n-1 off-diagonal steps of
+  # L queries against half a block, unmasked, on one device.
+  lq = q[:, :local]
+  diag = _time(jax.jit(functools.partial(flash_jax.flash_attention, causal=True)), lq,
+               k[:, :local], v[:, :local])
+  half = _time(jax.jit(flash_jax.flash_attention), lq, k[:, :local // 2], v[:, :local // 2])
+  compute_ms = diag + (n - 1) * half
+  # (b) transfers alone: n-1 ring hops of a K/V block.
+  rows = P(None, "seq")
+
+  def hops(k, v):
+    def body(_, kv):
+      return jax.lax.ppermute(kv, "seq", [(i, (i + 1) % n) for i in range(n)])
+    return jax.lax.fori_loop(0, n - 1, body, (k, v))
+  transfer = jax.jit(jax.shard_map(hops, mesh=mesh, in_specs=(rows, rows),
+                                   out_specs=(rows, rows)))
+  transfer_ms = _time(transfer, *args[1:])
+  log(f"zigzag causal forward, T={seq} over {n} devices: ring {ring_ms:.2f} ms; compute "
+      f"alone {compute_ms:.2f} ms; transfers alone {transfer_ms:.2f} ms; serial sum "
+      f"{compute_ms + transfer_ms:.2f} ms; hidden {max(0.0, compute_ms + transfer_ms - ring_ms):.2f} ms")
+
+
+def memory(log, small):
+  seq = 4096 if small else 131072
+  heads, head_dim = (2, 64) if small else (16, 128)
+  log(f"| devices | bytes per device, causal zigzag fwd+bwd, T={seq} |")
+  log("|---|---|")
+  for n in [m for m in (1, 2, 4, 8) if m <= len(jax.local_devices())]:
+    mesh = _mesh(n)
+    shape = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, P(None, "seq")))
+    dout = jax.ShapeDtypeStruct(shape.shape, jnp.float32, sharding=shape.sharding)
+    stats = _fwd_bwd(_on_ring(mesh, "zigzag", causal=True)).lower(
+        shape, shape, shape, dout).compile().memory_analysis()
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    log(f"| {n} | {total / 2**20:.1f} MiB |")
+
+
+def partition(log, small):
+  n = len(jax.local_devices())
+  batch, seq, heads = (n, 256, 2 * n) if small else (4 * n, 4096, 16)
+  mesh = Mesh(np.array(jax.local_devices()), ("data",))
+  q, k, v, dout = _inputs(seq, heads, 128, jnp.bfloat16, batch=batch)
+  single = functools.partial(flash_jax.flash_attention, causal=True)
+  for spec, label in ((P("data"), "batch"), (P(None, None, "data"), "heads")):
+    sharding = NamedSharding(mesh, spec)
+    args = [jax.device_put(x, sharding) for x in (q, k, v)]
+    fb = _fwd_bwd(single)
+    hlo = fb.lower(*args, jax.device_put(dout, sharding)).compile().as_text()
+    gathers = len(re.findall(r"all-gather(?:-start)?\(", hlo))
+    sharded_ms = _time(fb, *args, jax.device_put(dout, sharding))
+    one_ms = _time(fb, q, k, v, dout)
+    log(f"{label} over {n}: fwd+bwd {sharded_ms:.2f} ms vs one device {one_ms:.2f} ms "
+        f"({one_ms / sharded_ms:.2f}x); all-gathers in HLO: {gathers}")
+    if gathers:
+      return False
+  return True
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("mode", choices=("check", "time", "overlap", "memory", "partition"))
+  parser.add_argument("--small", action="store_true", help="CPU-sized smoke test")
+  args = parser.parse_args()
+  log = functools.partial(print, flush=True)
+  log(f"jax {jax.__version__}; {len(jax.local_devices())} x {jax.local_devices()[0].device_kind}")
+  if len(jax.local_devices()) < 2:
+    log("needs at least 2 devices")
+    return 1
+  mode = {"check": check, "time": time_ring, "overlap": overlap, "memory": memory,
+          "partition": partition}[args.mode]
+  result = mode(log, args.small)
+  return 0 if result is None or result else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
