@@ -11,7 +11,7 @@ inputs, never zeros; NaN fails.
 variants: FlashAttention-paper protocol (batch x seq = 16384, model dim 2048), bf16,
 median of repeats after warm-up, inputs rotating between two sets; FLOPs 4 B N T S H
 (half when causal), x3.5 for fwd+bwd. A CONFIG is "bq,bk,warps,stages/bq,bk,warps,
-stages/bq,bk,warps,stages" for forward / dK,dV / dQ; "-" keeps the heuristic.
+stages/bq,bk,warps,stages" for forward / dK,dV / dQ; "def" keeps the heuristic.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from flash_jax.kernels.triton import TritonConfig
 
 # On CPU (a smoke test of this script) the kernels run in interpret mode.
 INTERPRET = jax.default_backend() == "cpu"
+TOKENS, MODEL_DIM = 16384, 2048  # the FlashAttention paper's protocol
 FLOOR = {"bfloat16": 4e-3, "float16": 1e-3, "float32": 1e-5}
 
 # (B, T, S, Nq, Nkv, H, dtype, kwargs); "bias"/"mask" kwargs name a shape to draw.
@@ -136,14 +137,14 @@ def check(log, only=None) -> bool:
 
 
 def parse_config(text: str) -> TritonConfig | None:
-  if text in ("-", "default"):
+  if text == "def":
     return None
   fields = {}
   names = (("block_q", "block_kv", "num_warps", "num_stages"),
            ("block_q_dkv", "block_kv_dkv", "num_warps_dkv", "num_stages_dkv"),
            ("block_q_dq", "block_kv_dq", "num_warps_dq", "num_stages_dq"))
   for part, keys in zip(text.split("/"), names):
-    if part != "-":
+    if part != "def":
       fields.update(zip(keys, (int(x) for x in part.split(","))))
   return TritonConfig(**fields)
 
@@ -163,7 +164,7 @@ def variants(log, head_dims, seqs, configs, modes, causals):
   rows = []
   for h in head_dims:
     for seq in seqs:
-      b, n = max(1, 16384 // seq), 2048 // h
+      b, n = max(1, TOKENS // seq), MODEL_DIM // h
       args = [tuple(jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
                     for key in jax.random.split(jax.random.PRNGKey(seed), 4)) for seed in (0, 1)]
       for causal in causals:
@@ -199,6 +200,62 @@ def variants(log, head_dims, seqs, configs, modes, causals):
   return rows
 
 
+KERNEL_FIELDS = {
+    "fwd": ("block_q", "block_kv", "num_warps", "num_stages"),
+    "dkv": ("block_q_dkv", "block_kv_dkv", "num_warps_dkv", "num_stages_dkv"),
+    "dq": ("block_q_dq", "block_kv_dq", "num_warps_dq", "num_stages_dq"),
+}
+# Tile products per kernel, in units of the forward's two (QK^T, PV): dK/dV recomputes
+# QK^T and does dP, dV, dK (4); dQ recomputes QK^T and does dP, dQ (3).
+KERNEL_PRODUCTS = {"fwd": 1.0, "dkv": 2.0, "dq": 1.5}
+
+
+def parts(log, head_dims, seqs, kernel_configs, causals):
+  """Times each kernel alone; a config is "fwd=bq,bk,warps,stages" (or dkv=, dq=), or
+  "fwd" for the heuristic. TFLOP/s count the products the kernel really does."""
+  from flash_jax import spec as spec_lib
+  from flash_jax.kernels.triton import config as config_lib
+  from flash_jax.kernels.triton.backward_dkv import backward_dkv
+  from flash_jax.kernels.triton.backward_dq import backward_dq
+  from flash_jax.kernels.triton.forward import forward
+  for h in head_dims:
+    for seq in seqs:
+      b, n = max(1, TOKENS // seq), MODEL_DIM // h
+      sets = [tuple(jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
+                    for key in jax.random.split(jax.random.PRNGKey(seed), 4)) for seed in (0, 1)]
+      for causal in causals:
+        spec, *_, arrays = spec_lib.normalize(*sets[0][:3], causal=causal)
+        default = config_lib.resolve(TritonConfig(), spec)
+        args = []
+        for q, k, v, dout in sets:
+          out, lse = forward(q, k, v, None, arrays, spec, default, INTERPRET)
+          delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+          args.append((q, k, v, dout, lse, delta))
+        fwd_flops = 4.0 * b * n * seq * seq * h / (2 if causal else 1)
+        for text in kernel_configs:
+          kernel, _, values = text.partition("=")
+          fields = dict(zip(KERNEL_FIELDS[kernel], (int(x) for x in values.split(",")))) \
+              if values else {}
+          cfg = config_lib.resolve(TritonConfig(**fields), spec)
+          run = {
+              "fwd": lambda q, k, v, do, lse, d: forward(q, k, v, None, arrays, spec, cfg, INTERPRET),
+              "dkv": lambda q, k, v, do, lse, d: backward_dkv(q, k, v, None, arrays, lse, do, d,
+                                                              spec, cfg, INTERPRET),
+              "dq": lambda q, k, v, do, lse, d: backward_dq(q, k, v, None, arrays, lse, do, d,
+                                                            spec, cfg, INTERPRET),
+          }[kernel]
+          shown = ",".join(str(getattr(cfg, f)) for f in KERNEL_FIELDS[kernel])
+          try:
+            sec = _time(jax.jit(run), args, warmup=5, repeats=30)
+            tf = KERNEL_PRODUCTS[kernel] * fwd_flops / sec / 1e12
+            line = (f"part d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} {kernel:>3} "
+                    f"{shown:>14}: {tf:7.1f} TFLOP/s (real) {sec * 1e3:8.3f} ms")
+          except Exception as e:
+            line = (f"part d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} {kernel:>3} "
+                    f"{shown:>14}: ERR {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+          print(line, file=log, flush=True)
+
+
 def memory(log, seq=65536, heads=16, head_dim=128):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, dout = (jax.random.normal(key, (1, seq, heads, head_dim), jnp.bfloat16)
@@ -222,8 +279,8 @@ def memory(log, seq=65536, heads=16, head_dim=128):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("what", choices=["check", "variants", "memory"])
-  parser.add_argument("configs", nargs="*", default=["-"])
+  parser.add_argument("what", choices=["check", "variants", "parts", "memory"])
+  parser.add_argument("configs", nargs="*", default=["def"])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
   parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
   parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
@@ -236,6 +293,9 @@ def main():
     print("CHECK", "PASSED" if ok else "FAILED", flush=True)
   elif args.what == "memory":
     memory(sys.stdout)
+  elif args.what == "parts":
+    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    parts(sys.stdout, args.head_dims, args.seqs, args.configs, causals)
   else:
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     variants(sys.stdout, args.head_dims, args.seqs, args.configs, args.modes, causals)

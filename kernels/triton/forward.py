@@ -55,19 +55,27 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, in
       v = load(refs.v.at[pl.ds(k_lo, block_kv), :], tile_mask(
           k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v, check_rows=masked))
       k_idx = (k_lo + iota(block_kv))[None, :]  # [1, bk]
-      logits, _ = tile_math.base2_logits(  # [bq, bk] float32, base 2
-          tile_math.dot_t(q, k), spec, masks.bias(head, q_lo, block_q, k_lo, block_kv))
-      visible = None
-      if masked:
-        kv_segments = masks.kv_segments(k_lo, block_kv)
-        visible = masks.visible(
-            q_idx, k_idx, q_segments=q_segments,
-            kv_segments=None if kv_segments is None else kv_segments[None, :],
-            dense=masks.dense_mask(head, q_lo, block_q, k_lo, block_kv))
-        logits = masking.masked_logits(logits, visible)
-      new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+      scores = tile_math.dot_t(q, k)  # [bq, bk] float32
+      bias = masks.bias(head, q_lo, block_q, k_lo, block_kv)
+      if not masked and bias is None and spec.softcap is None and spec.scale > 0:
+        # Plain logits c * scores (c = scale * log2 e > 0): max(c s) = c max(s), so the
+        # scale is applied once, fused with the max subtraction into one FMA.
+        c = spec.scale * tile_math.LOG2E
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1) * c)
+        p = tile_math.exp2(scores * c - new_max[:, None], interpret)
+      else:
+        logits, _ = tile_math.base2_logits(scores, spec, bias)  # [bq, bk] base 2
+        visible = None
+        if masked:
+          kv_segments = masks.kv_segments(k_lo, block_kv)
+          visible = masks.visible(
+              q_idx, k_idx, q_segments=q_segments,
+              kv_segments=None if kv_segments is None else kv_segments[None, :],
+              dense=masks.dense_mask(head, q_lo, block_q, k_lo, block_kv))
+          logits = masking.masked_logits(logits, visible)
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+        p = tile_math.masked_exp2(logits, new_max[:, None], visible, interpret)  # [bq, bk]
       rescale = tile_math.exp2(row_max - new_max, interpret)
-      p = tile_math.masked_exp2(logits, new_max[:, None], visible, interpret)  # [bq, bk]
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       dropout = masks.dropout(head, q_idx, k_idx)
       if dropout is not None:  # the normalizer l counts every key; dropout scales P only

@@ -1,0 +1,164 @@
+"""Tests of the "triton" implementation's own parts: config, tile ranges, tile skipping.
+
+Feature coverage (every mask, GQA, dtypes, gradients) comes from the shared suite
+(tests/test_attention.py, targets "triton-interpret" on CPU and "triton-gpu").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from flash_jax import BlockSizes, reference
+from flash_jax import spec as spec_lib
+from flash_jax.kernels.triton import IMPLEMENTATION, TritonConfig
+from flash_jax.kernels.triton import config as config_lib
+from flash_jax.kernels.triton.tile_masking import TileMasking
+
+SMALL_BLOCKS = TritonConfig(block_q=16, block_kv=16, block_q_dkv=16, block_kv_dkv=16,
+                            block_q_dq=16, block_kv_dq=16)
+
+
+def _spec(t=64, s=64, h=32, dtype=jnp.bfloat16, **kwargs):
+  q = jnp.zeros((1, t, 2, h), dtype)
+  k = jnp.zeros((1, s, 2, h), dtype)
+  return spec_lib.normalize(q, k, k, **kwargs)[0]
+
+
+# ---- config ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_q", 48, "block_q=48 must be a power of two"),
+    ("block_kv_dq", 8, "block_kv_dq=8 must be a power of two >= 16"),
+    ("num_warps", 3, "num_warps=3 must be one of"),
+    ("num_stages_dkv", 9, "num_stages_dkv=9 must be at most"),
+    ("num_stages", 0, "must be a positive int"),
+])
+def test_config_rejects_bad_values(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    TritonConfig(**{field: value})
+
+
+def test_config_is_frozen_and_hashable():
+  config = TritonConfig(block_q=64)
+  assert hash(config) == hash(TritonConfig(block_q=64))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.block_q = 128
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 72, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_heuristic_fills_every_field(head_dim, dtype):
+  spec = _spec(t=4096, s=4096, h=head_dim, dtype=dtype)
+  config = config_lib.resolve(IMPLEMENTATION.default_config(spec), spec)
+  assert all(getattr(config, f.name) is not None for f in dataclasses.fields(config))
+
+
+def test_resolve_keeps_user_fields_and_fits_blocks_to_short_sequences():
+  spec = _spec(t=20, s=4096)
+  config = config_lib.resolve(TritonConfig(block_kv=32, num_warps=2), spec)
+  assert (config.block_kv, config.num_warps) == (32, 2)
+  assert config.block_q == 32  # 20 rows fit in one tile of 32
+  plain = config_lib.resolve(BlockSizes(block_q=16), spec)  # a plain BlockSizes works too
+  assert isinstance(plain, TritonConfig) and plain.block_q == 16
+
+
+def test_flash_attention_validates_block_sizes():
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 2, 16))
+  call = lambda sizes: flash_jax.flash_attention(q, q, q, implementation="triton",
+                                                 interpret=True, block_sizes=sizes)
+  with pytest.raises(ValueError, match="block_q=24 must be a power of two"):
+    call(BlockSizes(block_q=24))
+  with pytest.raises(TypeError, match="TritonConfig or BlockSizes"):
+    call({"block_q": 16})
+
+
+def test_needs_a_gpu_or_interpret_mode():
+  q = jnp.ones((1, 8, 1, 16))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+      flash_jax.flash_attention(q, q, q, implementation="triton")
+
+
+# ---- tile ranges -------------------------------------------------------------------------
+
+def _ranges(spec, kind, start, *, q_offset=None, q_length=None, kv_length=None,
+            block_q=16, block_kv=16):
+  masks = TileMasking(spec, refs=None, batch=0, q_offset=q_offset, q_length=q_length,
+                      kv_length=kv_length,
+                      kv_bound=spec.kv_len if spec.kv_len % block_kv else None)
+  tiles = (masks.kv_tiles(start, block_q, block_kv) if kind == "kv"
+           else masks.q_tiles(start, block_kv, block_q))
+  return tuple(int(x) for x in (tiles.lo, tiles.full_lo, tiles.full_hi, tiles.hi))
+
+
+def test_causal_tiles_stop_at_the_diagonal():
+  spec = _spec(causal=True)
+  # Query rows 32..47: key tiles 0, 1 are wholly visible, tile 2 holds the diagonal.
+  assert _ranges(spec, "kv", 32) == (0, 0, 2, 3)
+  # Key columns 32..47 (dK/dV): query tile 2 holds the diagonal, tile 3 is below it.
+  assert _ranges(spec, "q", 32) == (2, 3, 4, 4)
+
+
+def test_window_tiles_are_masked_on_both_edges():
+  spec = _spec(window=(20, 20))
+  # Rows 32..47 see keys 12..67: only tile 2 (keys 32..47) is seen whole by every row;
+  # tiles 0, 1 (left edge) and 3 (right edge) are masked.
+  assert _ranges(spec, "kv", 32) == (0, 2, 3, 4)
+  spec = _spec(window=(4, 4))
+  # Rows 32..47 see keys 28..51: no tile is whole, tiles 1..3 are all masked.
+  lo, full_lo, full_hi, hi = _ranges(spec, "kv", 32)
+  assert (lo, hi) == (1, 4) and full_lo == full_hi
+
+
+def test_lengths_and_tails_bound_the_tiles():
+  spec = _spec(t=64, s=70)  # key tail: tile 4 holds keys 64..69 and is masked
+  assert _ranges(spec, "kv", 0) == (0, 0, 4, 5)
+  spec = _spec(t=64, s=64, kv_lengths=jnp.array([40]))
+  assert _ranges(spec, "kv", 0, kv_length=40) == (0, 0, 2, 3)
+  spec = _spec(t=64, s=64, q_lengths=jnp.array([10]))
+  assert _ranges(spec, "kv", 16, q_length=10)[0] == _ranges(spec, "kv", 16, q_length=10)[3]
+
+
+def test_dense_features_mask_every_tile():
+  spec = _spec(segment_ids=jnp.zeros((1, 64), jnp.int32))
+  lo, full_lo, full_hi, hi = _ranges(spec, "kv", 0)
+  assert (lo, hi) == (0, 4) and full_lo == full_hi
+
+
+# ---- tile skipping, observed: skipped key tiles are poisoned with NaN ---------------------
+
+@pytest.mark.parametrize("kwargs, poisoned", [
+    # Causal, T=32 < S=64, q_offset 0: no query reaches keys 32..63.
+    (dict(causal=True), slice(32, 64)),
+    # Window (8, 0) for queries at positions 32..63: keys 0..23 are out of every window.
+    (dict(window=(8, 0), q_offset=32), slice(0, 16)),
+    # Key length 24 (one masked tile 16..31): keys 32..63 never load.
+    (dict(kv_lengths=jnp.array([24])), slice(32, 64)),
+])
+def test_skipped_tiles_are_never_loaded(kwargs, poisoned):
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(keys[0], (1, 32, 2, 16), jnp.float32)
+  k = jax.random.normal(keys[1], (1, 64, 1, 16), jnp.float32)
+  v = jax.random.normal(keys[2], (1, 64, 1, 16), jnp.float32)
+  spec, q, k, v, bias, arrays = spec_lib.normalize(q, k, v, **kwargs)
+  k_bad, v_bad = k.at[:, poisoned].set(jnp.nan), v.at[:, poisoned].set(jnp.nan)
+
+  def loss(impl, k, v):
+    out, lse = impl(q, k, v, None, arrays, spec)
+    return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+  ours = lambda *a: IMPLEMENTATION(*a, SMALL_BLOCKS, True)
+  value, (dk, dv) = jax.value_and_grad(lambda k, v: loss(ours, k, v), argnums=(0, 1))(k_bad, v_bad)
+  ref_value, (ref_dk, ref_dv) = jax.value_and_grad(
+      lambda k, v: loss(reference.reference_attention, k, v), argnums=(0, 1))(k, v)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(dk[:, poisoned], 0.0)  # skipped key blocks write zero grads
+  keep = np.ones(64, bool)
+  keep[poisoned] = False
+  np.testing.assert_allclose(dk[:, keep], ref_dk[:, keep], atol=1e-5)
+  np.testing.assert_allclose(dv[:, keep], ref_dv[:, keep], atol=1e-5)
