@@ -163,8 +163,8 @@ def main():
   if args.sweep:
     m = lambda bkv, st, bkv_dq=None: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
                                                          block_kv_dq=bkv_dq)
-    configs = {64: [None, m(256, 2), m(128, 3)],
-               128: [None, m(64, 3), m(128, 3, 128)],
+    configs = {64: [None, m(256, 2, 128)],
+               128: [None, m(128, 2, 128)],
                256: [None]}  # d256: Q + a 2-slot ring of 64-row K/V blocks fill shared memory
   variants(sys.stdout, args.head_dims, args.seqs, configs, args.modes)
 
