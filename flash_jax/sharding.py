@@ -381,12 +381,19 @@ class PartitionedImplementation(BlockwiseImplementation):
     return self.inner.default_config(spec)
 
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    if interpret:
+      # Interpreted kernels are CPU tests and may use callbacks (effects), which
+      # custom_partitioning cannot carry: they run unpartitioned.
+      return self.inner.forward(q, k, v, bias, arrays, spec, config, interpret)
     names, operands = _flatten(q, k, v, bias, arrays)
     op = _partitioned_op(self.inner, spec, config, interpret, names, False)
     out, lse = op(*operands)
     return out, lse
 
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+    if interpret:
+      return self.inner.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
+                                 interpret)
     names, operands = _flatten(q, k, v, bias, arrays, out, lse, dout, delta)
     op = _partitioned_op(self.inner, spec, config, interpret, names, True)
     grads = op(*operands)
