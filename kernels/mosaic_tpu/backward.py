@@ -26,6 +26,7 @@ from flash_jax import masking
 from flash_jax.spec import AttentionArrays
 
 from flash_jax.kernels.mosaic_tpu import block_info, launch, layout, operands, tile
+from flash_jax.kernels.mosaic_tpu.config import LANES
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 
@@ -33,19 +34,20 @@ def _tile_grads(refs, scalars: launch.Scalars, geo: Geometry, pos: tile.TilePosi
                 masked: bool):
   """Recomputes one tile -> (P with dropout applied [bq, bk], dS [bq, bk]) in float32."""
   shape = (geo.block_q, geo.block_kv)
-  extra = operands.load_mask_tiles(refs)
+  extra = operands.load_mask_tiles(refs, geo)
   s = tile.logits(refs["q"][...], refs["k"][...], extra.bias, geo)  # [bq, bk]
   visible = None
   if masked:
     visible = tile.visibility(geo, pos, shape, scalars.batch, extra.q_segment_ids,
                               extra.kv_segment_ids, extra.mask)
-  p = masking.masked_exp(s, refs["lse"][...], visible)  # lse [bq, 1]: P, 0 where hidden
+  lse = tile.widen(refs["lse"][...], geo.block_kv)  # [bq, 128] -> [bq, bk]
+  p = masking.masked_exp(s, lse, visible)  # P, exactly 0 where hidden
   dp = tile.matmul_nt(refs["dout"][...], refs["v"][...])  # [bq, bk]
   dropout = tile.dropout_multiplier(geo, pos, shape, scalars.seed)
   p_kept = p
   if dropout is not None:
     p_kept, dp = p * dropout, dp * dropout
-  ds = p * (dp - refs["delta"][...])  # d loss / d logits
+  ds = p * (dp - tile.widen(refs["delta"][...], geo.block_kv))  # d loss / d logits
   if geo.spec.softcap is not None:
     ds = ds * masking.softcap_grad(s, geo.spec.softcap)
   return p_kept, ds
@@ -118,8 +120,8 @@ def _row_inputs(q, dout, lse, delta, geo: Geometry, coords) -> list[launch.Opera
                      launch.q_rows(geo, coords, hp)),
       launch.Operand("dout", layout.to_heads_major(dout, geo.q_len_padded, hvp),
                      launch.q_rows(geo, coords, hvp)),
-      launch.Operand("lse", layout.row_stats(lse, geo), launch.q_rows(geo, coords, 1)),
-      launch.Operand("delta", layout.row_stats(delta, geo), launch.q_rows(geo, coords, 1)),
+      launch.Operand("lse", layout.row_stats(lse, geo), launch.q_rows(geo, coords, LANES)),
+      launch.Operand("delta", layout.row_stats(delta, geo), launch.q_rows(geo, coords, LANES)),
   ]
 
 

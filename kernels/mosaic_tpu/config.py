@@ -16,6 +16,7 @@ from flash_jax.config import BlockSizes
 from flash_jax.spec import AttentionSpec
 
 LANES = 128  # lanes of a TPU vector register: block sizes and head dims are padded to it
+SUBLANES = 8  # sublanes of a TPU vector register
 
 
 @dataclasses.dataclass(frozen=True)

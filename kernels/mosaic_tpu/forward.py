@@ -29,7 +29,7 @@ from flash_jax.kernels.mosaic_tpu.layout import Geometry
 def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
   batch, head, q_block, kv_block = (pl.program_id(axis) for axis in range(4))
   state = scalars.states[block_info.table_offset(table_shape, batch, head, q_block, kv_block)]
-  stats_shape = (geo.block_q, LANES)  # m and l, replicated across lanes
+  stats_shape = (geo.block_q, LANES)  # m and l, replicated across lanes (`tile.widen`)
 
   @pl.when(kv_block == 0)
   def _init():
@@ -40,7 +40,7 @@ def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape
   def accumulate(masked: bool):
     pos = tile.TilePosition(batch, head, q_block * geo.block_q, kv_block * geo.block_kv)
     shape = (geo.block_q, geo.block_kv)
-    extra = operands.load_mask_tiles(refs)
+    extra = operands.load_mask_tiles(refs, geo)
     v = refs["v"][...]  # [bk, Hv_pad]
     s = tile.logits(refs["q"][...], refs["k"][...], extra.bias, geo)  # [bq, bk] float32
     visible = None
@@ -48,28 +48,26 @@ def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape
       visible = tile.visibility(geo, pos, shape, scalars.batch, extra.q_segment_ids,
                                 extra.kv_segment_ids, extra.mask)
       s = masking.masked_logits(s, visible)
-    row_max = refs["row_max"][...][:, :1]  # [bq, 1]
+    row_max = refs["row_max"][...]  # [bq, 128]
     new_max = jnp.maximum(row_max, jnp.max(s, axis=-1, keepdims=True))
     rescale = jnp.exp(row_max - new_max)
-    p = masking.masked_exp(s, new_max, visible)  # [bq, bk], exactly 0 where hidden
-    row_sum = rescale * refs["row_sum"][...][:, :1] + jnp.sum(p, axis=-1, keepdims=True)
+    p = masking.masked_exp(s, tile.widen(new_max, geo.block_kv), visible)  # 0 where hidden
+    refs["row_sum"][...] = rescale * refs["row_sum"][...] + jnp.sum(p, axis=-1, keepdims=True)
+    refs["row_max"][...] = new_max
     dropout = tile.dropout_multiplier(geo, pos, shape, scalars.seed)
     if dropout is not None:  # the sum l stays undropped: dropout acts on normalized P
       p = p * dropout
     pv = tile.matmul_nn(p.astype(v.dtype), v)  # [bq, Hv_pad]
-    refs["acc"][...] = rescale * refs["acc"][...] + pv
-    refs["row_max"][...] = jnp.broadcast_to(new_max, stats_shape)
-    refs["row_sum"][...] = jnp.broadcast_to(row_sum, stats_shape)
+    refs["acc"][...] = tile.widen(rescale, geo.head_dim_v_padded) * refs["acc"][...] + pv
 
   pl.when(state == block_info.FULL)(lambda: accumulate(masked=False))
   pl.when(state == block_info.PARTIAL)(lambda: accumulate(masked=True))
 
   @pl.when(kv_block == geo.num_kv_blocks - 1)
   def _finish():
-    row_max = refs["row_max"][...][:, :1]
-    row_sum = refs["row_sum"][...][:, :1]
-    out = refs["acc"][...] / jnp.where(row_sum > 0, row_sum, 1.0)  # rows that saw nothing: 0
-    refs["out"][...] = out.astype(refs["out"].dtype)
+    row_max, row_sum = refs["row_max"][...], refs["row_sum"][...]  # [bq, 128]
+    norm = tile.widen(jnp.where(row_sum > 0, row_sum, 1.0), geo.head_dim_v_padded)
+    refs["out"][...] = (refs["acc"][...] / norm).astype(refs["out"].dtype)  # unseen rows: 0
     refs["lse"][...] = tiles.lse_from_stats(row_max, row_sum)  # -inf where nothing was seen
 
 
@@ -100,8 +98,8 @@ def forward(q, k, v, bias, arrays: AttentionArrays, geo: Geometry, *, interpret,
   outputs = [
       launch.Operand("out", jax.ShapeDtypeStruct(rows + (hvp,), q.dtype),
                      launch.q_rows(geo, coords, hvp)),
-      launch.Operand("lse", jax.ShapeDtypeStruct(rows + (1,), jnp.float32),
-                     launch.q_rows(geo, coords, 1)),
+      launch.Operand("lse", jax.ShapeDtypeStruct(rows + (LANES,), jnp.float32),
+                     launch.q_rows(geo, coords, LANES)),
   ]
   scratch = [
       ("row_max", pltpu.VMEM((geo.block_q, LANES), jnp.float32)),
@@ -119,4 +117,4 @@ def forward(q, k, v, bias, arrays: AttentionArrays, geo: Geometry, *, interpret,
                                 operands=inputs + outputs),
       interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
   return (layout.from_heads_major(out, spec.q_len, spec.head_dim_v),
-          lse[:, :, :spec.q_len, 0])
+          layout.row_stats_from_kernel(lse, geo))

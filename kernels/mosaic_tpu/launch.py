@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from flash_jax.kernels.mosaic_tpu.config import LANES, SUBLANES
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 DIMENSION_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -68,7 +69,8 @@ def grid_spec_for(coords: CoordsFn, block_shape, place) -> pl.BlockSpec:
 
 
 def q_rows(geo: Geometry, coords: CoordsFn, width: int) -> pl.BlockSpec:
-  """[B, Nq, T_pad, width] (q, dO, out, lse, delta, dq): one query block of one head."""
+  """[B, Nq, T_pad, width] (q, dO, out, dq; lse and delta with width 128): one query
+  block of one head."""
   return grid_spec_for(coords, (None, None, geo.block_q, width),
                        lambda c: (c.batch, c.q_head, c.q_block, 0))
 
@@ -82,22 +84,23 @@ def kv_rows(geo: Geometry, coords: CoordsFn, width: int) -> pl.BlockSpec:
 
 
 def pairwise(geo: Geometry, coords: CoordsFn, shape) -> pl.BlockSpec:
-  """A padded [B?, Nq?, T_pad|1, S_pad|1] bias or mask; broadcast dims always read block 0."""
-  b, n, t, s = shape
+  """A padded [B?, Nq?, T_pad | 1, S_pad] bias or mask; broadcast dims read block 0."""
+  b, n, t, _ = shape
   pick = lambda index, size: index if size > 1 else 0
-  block = (None, None, geo.block_q if t > 1 else 1, geo.block_kv if s > 1 else 1)
+  block = (None, None, geo.block_q if t > 1 else 1, geo.block_kv)
   return grid_spec_for(coords, block, lambda c: (
-      pick(c.batch, b), pick(c.q_head, n), pick(c.q_block, t), pick(c.kv_block, s)))
+      pick(c.batch, b), pick(c.q_head, n), pick(c.q_block, t), c.kv_block))
 
 
 def q_segment_rows(geo: Geometry, coords: CoordsFn) -> pl.BlockSpec:
-  """[B, T_pad, 1] query segment ids -> a [block_q, 1] column."""
-  return grid_spec_for(coords, (None, geo.block_q, 1), lambda c: (c.batch, c.q_block, 0))
+  """[B, T_pad, 128] lane-replicated query segment ids -> a [block_q, 128] block."""
+  return grid_spec_for(coords, (None, geo.block_q, LANES), lambda c: (c.batch, c.q_block, 0))
 
 
 def kv_segment_cols(geo: Geometry, coords: CoordsFn) -> pl.BlockSpec:
-  """[B, 1, S_pad] key segment ids -> a [1, block_kv] row."""
-  return grid_spec_for(coords, (None, 1, geo.block_kv), lambda c: (c.batch, 0, c.kv_block))
+  """[B, 8, S_pad] sublane-replicated key segment ids -> an [8, block_kv] block."""
+  return grid_spec_for(coords, (None, SUBLANES, geo.block_kv),
+                       lambda c: (c.batch, 0, c.kv_block))
 
 
 def interpret_params(interpret) -> Any:

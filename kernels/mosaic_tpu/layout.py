@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
-from flash_jax.kernels.mosaic_tpu.config import LANES, round_up
+from flash_jax.kernels.mosaic_tpu.config import LANES, SUBLANES, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,32 +75,47 @@ def from_heads_major(x, length: int, dim: int):
 
 
 def pad_pairwise(x, geo: Geometry, value=0):
-  """A [B?, Nq?, T?, S?] bias or mask -> T padded to T_pad and S to S_pad (broadcast dims stay 1)."""
+  """A [B?, Nq?, T?, S?] bias or mask -> [B?, Nq?, T_pad | 1, S_pad].
+
+  The key axis is always materialized (a broadcast S is expanded): tiles then read
+  [block_q | 1, block_kv] blocks, lane-dense, never a [block_q, 1] column. A broadcast T
+  stays 1 (a [1, block_kv] row broadcasts over the tile's query rows).
+  """
   b, n, t, s = x.shape
-  return _pad_to(x, (b, n, geo.q_len_padded if t > 1 else 1, geo.kv_len_padded if s > 1 else 1),
-                 value)
+  x = jnp.broadcast_to(x, (b, n, t, geo.spec.kv_len))
+  return _pad_to(x, (b, n, geo.q_len_padded if t > 1 else 1, geo.kv_len_padded), value)
 
 
 def dense_mask(mask, geo: Geometry):
-  """bool mask -> int8 (Mosaic has no bool memory), padding hidden (0)."""
-  return pad_pairwise(mask.astype(jnp.int8), geo)
+  """bool mask -> int8 (Mosaic has no bool memory), padding hidden (0). A mask broadcast
+  over T becomes int32 instead: a single-row int8 block would not fill a packed tile."""
+  dtype = jnp.int8 if mask.shape[2] > 1 else jnp.int32
+  return pad_pairwise(mask.astype(dtype), geo)
 
 
 def segment_ids(arrays: AttentionArrays, geo: Geometry):
-  """(q ids [B, T_pad, 1] as a column, kv ids [B, 1, S_pad] as a row), int32.
+  """(q ids [B, T_pad, 128] lane-replicated, kv ids [B, 8, S_pad] sublane-replicated), int32.
 
-  The two shapes put the ids where a [block_q, block_kv] tile broadcasts them. Padding
-  ids differ (-1 and -2) so that padded keys never match, even before `kv_bound`.
+  The layouts put each id where a [block_q, block_kv] tile broadcasts it without a
+  transpose (as splash attention does). Padding ids differ (-1 and -2) so that padded
+  keys never match, even before `kv_bound`.
   """
   q_ids = _pad_to(arrays.q_segment_ids, (geo.spec.batch, geo.q_len_padded), -1)
   kv_ids = _pad_to(arrays.kv_segment_ids, (geo.spec.batch, geo.kv_len_padded), -2)
-  return q_ids[:, :, None], kv_ids[:, None, :]
+  return (jnp.broadcast_to(q_ids[:, :, None], q_ids.shape + (LANES,)),
+          jnp.broadcast_to(kv_ids[:, None, :], (kv_ids.shape[0], SUBLANES, kv_ids.shape[1])))
 
 
-def row_stats(x, geo: Geometry, value=0.0):
-  """[B, Nq, T] per-row float32 statistic (lse, delta) -> [B, Nq, T_pad, 1]."""
-  x = x.astype(jnp.float32)[..., None]
-  return _pad_to(x, x.shape[:2] + (geo.q_len_padded, 1), value)
+def row_stats(x, geo: Geometry):
+  """[B, Nq, T] per-row float32 statistic (lse, delta) -> [B, Nq, T_pad, 128], replicated
+  across lanes like the kernels' running statistics (padded rows hold 0)."""
+  x = _pad_to(x.astype(jnp.float32), x.shape[:2] + (geo.q_len_padded,))
+  return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+
+
+def row_stats_from_kernel(x, geo: Geometry):
+  """[B, Nq, T_pad, 128] -> [B, Nq, T]."""
+  return x[:, :, :geo.spec.q_len, 0]
 
 
 # Per-batch scalars live in SMEM (scalar prefetch) as one flat int32 array, three a batch.

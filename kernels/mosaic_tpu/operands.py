@@ -9,7 +9,7 @@ import jax
 
 from flash_jax.spec import AttentionArrays
 
-from flash_jax.kernels.mosaic_tpu import launch, layout
+from flash_jax.kernels.mosaic_tpu import launch, layout, tile
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 
@@ -17,9 +17,9 @@ from flash_jax.kernels.mosaic_tpu.layout import Geometry
 class MaskTiles:
   """Values of one tile's optional inputs (None when the feature is off)."""
 
-  bias: jax.Array | None = None  # [bq|1, bk|1], bias dtype
-  mask: jax.Array | None = None  # [bq|1, bk|1] int8
-  q_segment_ids: jax.Array | None = None  # [bq, 1] int32
+  bias: jax.Array | None = None  # [bq|1, bk], bias dtype
+  mask: jax.Array | None = None  # [bq|1, bk] int8 (int32 when broadcast over T)
+  q_segment_ids: jax.Array | None = None  # [bq, bk] int32
   kv_segment_ids: jax.Array | None = None  # [1, bk] int32
 
 
@@ -41,7 +41,11 @@ def mask_operands(bias, arrays: AttentionArrays, geo: Geometry,
   return operands
 
 
-def load_mask_tiles(refs) -> MaskTiles:
+def load_mask_tiles(refs, geo: Geometry) -> MaskTiles:
   load = lambda name: refs[name][...] if name in refs else None
-  return MaskTiles(bias=load("bias"), mask=load("mask"), q_segment_ids=load("q_segment_ids"),
-                   kv_segment_ids=load("kv_segment_ids"))
+  q_ids = kv_ids = None
+  if "q_segment_ids" in refs:
+    q_ids = tile.widen(refs["q_segment_ids"][...], geo.block_kv)  # [bq, 128] -> [bq, bk]
+    kv_ids = refs["kv_segment_ids"][:1, :]  # one of the 8 replicated rows: [1, bk]
+  return MaskTiles(bias=load("bias"), mask=load("mask"), q_segment_ids=q_ids,
+                   kv_segment_ids=kv_ids)

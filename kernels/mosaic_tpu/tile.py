@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flash_jax import masking
 
 from flash_jax.kernels.mosaic_tpu import layout
+from flash_jax.kernels.mosaic_tpu.config import LANES
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 
@@ -32,6 +33,15 @@ class TilePosition:
     q_idx = self.q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     k_idx = self.k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     return q_idx, k_idx
+
+
+def widen(x, width: int):
+  """A lane-replicated [rows, 128] value -> [rows, width] (width a multiple of 128).
+
+  Per-row statistics live replicated across the 128 lanes (as in splash attention), so
+  they broadcast against a tile by whole-vreg copies, never through a [rows, 1] column.
+  """
+  return jnp.tile(x, (1, width // LANES))
 
 
 def matmul_nt(a, b):
@@ -63,7 +73,7 @@ def visibility(geo: Geometry, pos: TilePosition, shape, batch_ref, q_segment_ids
                kv_segment_ids=None, mask=None):
   """Bool [bq, bk] (or None: all visible): the positional rules, segment ids, dense mask.
 
-  q_segment_ids [bq, 1], kv_segment_ids [1, bk], mask int8 [bq|1, bk|1] are tile values.
+  q_segment_ids [bq, bk], kv_segment_ids [1, bk], mask [bq|1, bk] are tile values.
   """
   spec = geo.spec
   scalar = lambda used, field: batch_scalar(batch_ref, pos.batch, field) if used else None
