@@ -306,3 +306,17 @@ def test_reference_implementation_is_not_wrapped():
   wrapped = sharding.partitioned(inner)
   assert wrapped.name == "chunked" and sharding.partitioned(wrapped) is wrapped
   assert wrapped == sharding.partitioned(inner) and hash(wrapped) == hash(sharding.partitioned(inner))
+
+
+def test_inside_shard_map_over_some_axes():
+  """shard_map manual over "data", "model" left to the partitioner (heads split)."""
+  mesh = auto_mesh((2, 4), ("data", "model"))
+  q = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 8, 16))
+  attend = lambda q: flash_jax.flash_attention(q, q, q, causal=True)
+  per_data = jax.shard_map(attend, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                           axis_names={"data"})
+  sq = jax.device_put(q, NamedSharding(mesh, P("data", None, "model")))
+  assert_close("out", jax.jit(per_data)(sq), attend(q), "float32")
+  loss = lambda f: lambda q: jnp.sum(f(q) ** 2)
+  assert_close("dq", jax.jit(jax.grad(loss(per_data)))(sq), jax.grad(loss(attend))(q),
+               "float32")
