@@ -185,11 +185,14 @@ def _grads(fn, q, k, v, bias, seed=1):
 
 
 KERNEL_CASES = {
-    # GQA, 3 x 3 blocks, every positional rule, segment ids, softcap and dropout at once.
+    # GQA, 3 x 3 blocks, every positional rule, segment ids, softcap and dropout at once,
+    # a key mask broadcast over queries and a bias broadcast over keys.
     "gqa_features_f32": (dict(b=2, t=300, s=260, nq=4, nkv=2, h=64), dict(
         causal=True, q_offset=np.array([0, 40]), kv_lengths=np.array([260, 200]),
         segment_ids=(np.array([[0] * 100 + [1] * 200] * 2), np.array([[0] * 90 + [1] * 170] * 2)),
-        softcap=3.0, dropout_rate=0.2, dropout_rng=jax.random.PRNGKey(3))),
+        softcap=3.0, dropout_rate=0.2, dropout_rng=jax.random.PRNGKey(3),
+        mask=np.arange(260)[None, None, None, :] % 5 != 3,
+        bias=np.linspace(-1, 1, 4 * 300, dtype=np.float32).reshape(1, 4, 300, 1))),
     # MQA, per-head dense mask with empty rows, full bias with dbias, head dims 16 / 256.
     "mqa_mask_bias_bf16": (dict(b=1, t=200, s=300, nq=2, nkv=1, h=16, hv=256,
                                 dtype="bfloat16"), "mask_bias"),
@@ -206,6 +209,9 @@ def test_matches_reference_on_multi_block_grids(name):
   q, k, v = _qkv(shape["b"], shape["t"], shape["s"], shape["nq"], shape["nkv"], shape["h"],
                  dtype, shape.get("hv"))
   bias = None
+  if isinstance(kwargs, dict) and "bias" in kwargs:
+    kwargs = dict(kwargs)
+    bias = jnp.asarray(kwargs.pop("bias"))
   if kwargs == "mask_bias":
     keys = jax.random.split(jax.random.PRNGKey(5))
     mask = jax.random.bernoulli(keys[0], 0.6, (1, 2, 200, 300)).at[:, 1, :20].set(False)
