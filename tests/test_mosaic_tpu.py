@@ -374,3 +374,24 @@ def test_lowers_to_mosaic_for_tpu(kind):
   with jax.sharding.use_abstract_mesh(mesh):
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
   assert exported.mlir_module().count("tpu_custom_call") == 3
+
+
+def test_compiled_calls_lower_under_vmap_and_checkpoint():
+  """vmap (Pallas' batching rule, batched scalar prefetch) and jax.checkpoint: the compiled
+  path has neither of interpret mode's limits (see docs/mosaic_tpu.md)."""
+  q, k, v = _qkv(3, 100, 120, 4, 2, 64, "bfloat16")
+  offsets = jnp.array([0, 10, 20])
+
+  def loss(q, k, v, offset):  # the API would refuse: this machine's platform is not tpu
+    spec, q, k, v, bias, arrays = spec_lib.normalize(q[None], k[None], v[None], causal=True,
+                                                     q_offset=offset[None])
+    out, _ = IMPLEMENTATION(q, k, v, bias, arrays, spec, IMPLEMENTATION.default_config(spec),
+                            False)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  fn = jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))
+  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, v, offsets)
+  assert exported.mlir_module().count("tpu_custom_call") >= 3
