@@ -6,8 +6,10 @@ lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
     dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
 Both kernels use the forward's layout: a producer warpgroup streams blocks through a
-TMA ring (`pipeline`), two consumer warpgroups each own 64 rows of the output and
-issue wgmma with float32 accumulators in registers.
+TMA ring (`pipeline`), two consumer warpgroups (one at head dim 256, for shared
+memory) each own 64 rows of the output and issue wgmma with float32 accumulators in
+registers; each step issues its independent wgmmas in one scope (S with dP, then dV
+with dK) so it waits on the tensor cores twice, not four times.
   * dK/dV: a CTA owns 2 x 64 key rows of one (batch, query head) and streams the
     query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
     its own dK/dV, summed over the group afterwards in float32.
@@ -145,15 +147,15 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
         q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H]
 
         def scores(refs):  # S^T = K Q^T and dP^T = V dO^T [block_kv, block_q]: one wait
-          plgpu.wgmma(refs[0], k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+          plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
           if need_dk:
-            plgpu.wgmma(refs[1], v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
+            plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
           return tuple(ref[...] for ref in refs)
 
         tile = plgpu.ACC((block_kv, block_q), jnp.float32)
         st, *dpt = pl.run_scoped(scores, (tile, tile) if need_dk else (tile,))
         st, softcap_grad = _logits_base2(st, spec)
-        lse_cols = plgpu.load(lse_ring.at[slot], (), layout=compat.col_layout())  # [block_q]
+        lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
         if masked:
           q_idx = compat.iota((block_kv, block_q), 1) + i * block_q
@@ -164,7 +166,7 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
         if need_dv:
           operands["dv"] = (pt.astype(dtype), do_smem)  # dV += P^T dO
         if need_dk:
-          delta_cols = plgpu.load(delta_ring.at[slot], (), layout=compat.col_layout())
+          delta_cols = compat.load(delta_ring.at[slot], compat.col_layout())
           dst = pt * (dpt[0] - lax.broadcast_in_dim(delta_cols, pt.shape, [1]))
           if softcap_grad is not None:
             dst = dst * softcap_grad
@@ -262,8 +264,8 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q_lo, block_q)],
                               delta_smem2.at[wg], rows_ready.at[wg])
       plgpu.barrier_wait(rows_ready.at[wg])
-      lse_rows = plgpu.load(lse_smem2.at[wg], (), layout=compat.row_layout())  # [block_q]
-      delta_rows = plgpu.load(delta_smem2.at[wg], (), layout=compat.row_layout())
+      lse_rows = compat.load(lse_smem2.at[wg], compat.row_layout())  # [block_q]
+      delta_rows = compat.load(delta_smem2.at[wg], compat.row_layout())
       f_lo, f_hi = ranges.unmasked_kv_blocks(q_lo, q_lo + block_q, lo, hi, block_kv=block_kv,
                                              kv_len=spec.kv_len, **rules)
 
@@ -275,8 +277,8 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
 
         def s_and_dp(refs):  # S = Q K^T and dP = dO V^T in one scope: one wgmma wait
           s_ref, dp_ref = refs
-          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
-          plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem, (1, 0)))
+          plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(s_and_dp, (plgpu.ACC((block_q, block_kv), jnp.float32),

@@ -6,6 +6,8 @@ Hopper GPU). Everything version-sensitive the kernels touch goes through here.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import jax.experimental.pallas as pl
@@ -37,6 +39,14 @@ def col_layout():
 
 def layout_cast(x, layout):
   return plgpu.layout_cast(x, layout)
+
+
+def load(ref, layout):
+  """Loads a whole SMEM ref into registers with `layout` (0.11.2 deprecates passing the
+  index separately; 0.10.2 requires it)."""
+  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def iota(shape, dimension: int):

@@ -119,7 +119,7 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         slot = lax.rem(j - lo, jnp.int32(stages))
 
         def qk_matmul(s_ref):
-          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           rendezvous()  # the other consumer may now use the tensor cores
           return s_ref[...]
 
