@@ -54,6 +54,7 @@ def _tile_grads(refs, scalars: launch.Scalars, geo: Geometry, pos: tile.TilePosi
 
 
 def _dkv_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
+  """One (batch, K/V head, key block, group step) grid step: dK, dV of a [block_kv] block."""
   batch, kv_head, kv_block, step = (pl.program_id(axis) for axis in range(4))
   group, num_q_blocks = geo.spec.group_size, geo.num_q_blocks
   head = kv_head * group + step // num_q_blocks
@@ -82,6 +83,7 @@ def _dkv_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
 
 
 def _dq_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
+  """One (batch, head, query block, key block) grid step: dQ of a [block_q] block, dS tile."""
   batch, head, q_block, kv_block = (pl.program_id(axis) for axis in range(4))
   state = scalars.states[block_info.table_offset(table_shape, batch, head, q_block, kv_block)]
   has_bias = "dbias" in refs

@@ -27,6 +27,7 @@ from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 
 def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
+  """One (batch, head, query block, key block) grid step: O, lse of a [block_q] row block."""
   batch, head, q_block, kv_block = (pl.program_id(axis) for axis in range(4))
   state = scalars.states[block_info.table_offset(table_shape, batch, head, q_block, kv_block)]
   stats_shape = (geo.block_q, LANES)  # m and l, replicated across lanes (`tile.widen`)

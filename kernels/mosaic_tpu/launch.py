@@ -63,7 +63,7 @@ def _index_map(coords: CoordsFn, place: Callable[[TileCoords], tuple]):
   return index_map
 
 
-def grid_spec_for(coords: CoordsFn, block_shape, place) -> pl.BlockSpec:
+def block_spec(coords: CoordsFn, block_shape, place) -> pl.BlockSpec:
   """A BlockSpec whose block index is `place(tile coordinates)`."""
   return pl.BlockSpec(block_shape, _index_map(coords, place))
 
@@ -71,16 +71,16 @@ def grid_spec_for(coords: CoordsFn, block_shape, place) -> pl.BlockSpec:
 def q_rows(geo: Geometry, coords: CoordsFn, width: int) -> pl.BlockSpec:
   """[B, Nq, T_pad, width] (q, dO, out, dq; lse and delta with width 128): one query
   block of one head."""
-  return grid_spec_for(coords, (None, None, geo.block_q, width),
-                       lambda c: (c.batch, c.q_head, c.q_block, 0))
+  return block_spec(coords, (None, None, geo.block_q, width),
+                    lambda c: (c.batch, c.q_head, c.q_block, 0))
 
 
 def kv_rows(geo: Geometry, coords: CoordsFn, width: int) -> pl.BlockSpec:
   """[B, Nkv, S_pad, width] (k, v): the key block of the query head's K/V head (GQA:
   query head h reads K/V head h // G, so repeated K/V are never materialized)."""
   group = geo.spec.group_size
-  return grid_spec_for(coords, (None, None, geo.block_kv, width),
-                       lambda c: (c.batch, c.q_head // group, c.kv_block, 0))
+  return block_spec(coords, (None, None, geo.block_kv, width),
+                    lambda c: (c.batch, c.q_head // group, c.kv_block, 0))
 
 
 def pairwise(geo: Geometry, coords: CoordsFn, shape) -> pl.BlockSpec:
@@ -88,19 +88,19 @@ def pairwise(geo: Geometry, coords: CoordsFn, shape) -> pl.BlockSpec:
   b, n, t, _ = shape
   pick = lambda index, size: index if size > 1 else 0
   block = (None, None, geo.block_q if t > 1 else 1, geo.block_kv)
-  return grid_spec_for(coords, block, lambda c: (
+  return block_spec(coords, block, lambda c: (
       pick(c.batch, b), pick(c.q_head, n), pick(c.q_block, t), c.kv_block))
 
 
 def q_segment_rows(geo: Geometry, coords: CoordsFn) -> pl.BlockSpec:
   """[B, T_pad, 128] lane-replicated query segment ids -> a [block_q, 128] block."""
-  return grid_spec_for(coords, (None, geo.block_q, LANES), lambda c: (c.batch, c.q_block, 0))
+  return block_spec(coords, (None, geo.block_q, LANES), lambda c: (c.batch, c.q_block, 0))
 
 
 def kv_segment_cols(geo: Geometry, coords: CoordsFn) -> pl.BlockSpec:
   """[B, 8, S_pad] sublane-replicated key segment ids -> an [8, block_kv] block."""
-  return grid_spec_for(coords, (None, SUBLANES, geo.block_kv),
-                       lambda c: (c.batch, 0, c.kv_block))
+  return block_spec(coords, (None, SUBLANES, geo.block_kv),
+                    lambda c: (c.batch, 0, c.kv_block))
 
 
 def interpret_params(interpret) -> Any:
@@ -118,8 +118,9 @@ def interpret_params(interpret) -> Any:
 
 def cost_estimate(geo: Geometry, *, matmuls_qk: int, matmuls_v: int, exps: int,
                   operands: Sequence[Operand]) -> pl.CostEstimate:
-  """FLOPs of the visible fraction of the T x S plane (about half under causal), one exp
-  per visible entry per `exps`, and the bytes of every operand read or written once."""
+  """For XLA's scheduler: 2 FLOPs per multiply-add of `matmuls_qk` [T, S, H] and
+  `matmuls_v` [T, S, Hv] products over the visible plane (half of it when causal),
+  `exps` exponentials per visible entry, and every operand's bytes moved once."""
   spec = geo.spec
   pairs = spec.batch * spec.num_q_heads * spec.q_len * spec.kv_len
   if spec.causal:
