@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from flash_jax.spec import AttentionArrays
 
@@ -28,6 +29,8 @@ def mask_operands(bias, arrays: AttentionArrays, geo: Geometry,
   """Named operands for the bias, dense mask and segment ids that are present."""
   operands = []
   if bias is not None:
+    if bias.shape[2] == 1:  # a single-row block of a packed dtype would not fill a tile
+      bias = bias.astype(jnp.float32)
     padded = layout.pad_pairwise(bias, geo)
     operands.append(launch.Operand("bias", padded, launch.pairwise(geo, coords, padded.shape)))
   if arrays.mask is not None:
