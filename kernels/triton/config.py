@@ -84,9 +84,9 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
     dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=2)
     dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=2)
   elif head_dim <= 128:
-    fwd = dict(block_q=128, block_kv=64, num_warps=8, num_stages=3)
-    dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=2)
-    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=2)
+    fwd = dict(block_q=128, block_kv=128, num_warps=8, num_stages=3)
+    dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=3)
+    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=3)
   else:
     fwd = dict(block_q=128, block_kv=32, num_warps=8, num_stages=2)
     dkv = dict(block_q_dkv=32, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=1)
