@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import dispatch, spec as spec_lib
+from flash_jax import dispatch, sharding, spec as spec_lib
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
@@ -55,7 +55,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths)
-  impl = dispatch.select(spec, implementation, interpret=interpret)
+  # Under jit with sharded inputs, each device runs the implementation on its shard.
+  impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
   if block_sizes is None:
     config = impl.default_config(spec)
   else:

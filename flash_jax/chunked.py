@@ -103,9 +103,11 @@ class ChunkedImplementation(BlockwiseImplementation):
                       preferred_element_type=jnp.float32)
       return (new_max, row_sum, rescale * acc + pv), None
 
-    init = (jnp.full(stat_shape, masking.MASK_VALUE, jnp.float32),
-            jnp.zeros(stat_shape, jnp.float32),
-            jnp.zeros(stat_shape[:-1] + (spec.head_dim_v,), jnp.float32))
+    # Carries are built from q5 so that, inside shard_map, they vary over the same mesh
+    # axes as the inputs (check_vma).
+    init = (jnp.full_like(q5, masking.MASK_VALUE, jnp.float32, shape=stat_shape),
+            jnp.zeros_like(q5, jnp.float32, shape=stat_shape),
+            jnp.zeros_like(q5, jnp.float32, shape=stat_shape[:-1] + (spec.head_dim_v,)))
     (row_max, row_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(chunks.count))
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)  # [B, Nkv, G, T, Hv]
     out = tiles.ungroup_queries(jnp.moveaxis(out, 3, 1), spec).astype(q.dtype)
@@ -145,8 +147,8 @@ class ChunkedImplementation(BlockwiseImplementation):
         dbias_acc, dbias_c = dbias_acc + dbias_c, None
       return (dq, dbias_acc), (dk_c, dv_c, dbias_c)
 
-    dbias_init = (jnp.zeros(chunks.bias5.shape, jnp.float32) if bias_cols_broadcast else None)
-    init = (jnp.zeros(q5.shape, jnp.float32), dbias_init)
+    dbias_init = (jnp.zeros_like(chunks.bias5, jnp.float32) if bias_cols_broadcast else None)
+    init = (jnp.zeros_like(q5, jnp.float32), dbias_init)
     (dq, dbias_acc), (dk, dv, dbias_cols) = jax.lax.scan(step, init, jnp.arange(chunks.count))
 
     def join_columns(x, axis):  # [n, ..., w at axis, ...] -> [..., S at axis, ...]

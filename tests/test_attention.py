@@ -104,8 +104,9 @@ def test_implementation_really_ran(target):
   jaxpr = str(jax.make_jaxpr(jax.grad(
       lambda q: jnp.sum(attend(target, q, k, v, **kwargs))))(q))
   assert f"flash_jax_{target.name}" in jaxpr
-  if target.name not in ("xla", "chunked", "cudnn"):
-    assert "pallas_call" in jaxpr
+  if target.name not in ("xla", "chunked"):
+    # Pallas kernels appear as pallas_call; Mosaic GPU's plgpu.kernel as mpmd_map.
+    assert "pallas_call" in jaxpr or "mpmd_map" in jaxpr
 
 
 def test_jax_transformations(target):
@@ -124,9 +125,10 @@ def test_jax_transformations(target):
 
   loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  remat_grads = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
-  for g, r in zip(grads, remat_grads):
-    np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-5)
+  if target.checkpointable:
+    remat_grads = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, remat_grads):
+      np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-5)
 
   def layers(x):
     def layer(h, _):

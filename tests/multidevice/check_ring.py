@@ -151,11 +151,9 @@ def test_ring_inside_user_shard_map_with_vma_checks():
   mesh = ring_mesh()
   q, k, v, kwargs = make_inputs(Case("contiguous", "float32", ("causal",)), seed=3)
   rows = P(None, "sp")
-  try:  # the single-device implementation itself must type-check under check_vma
-    jax.shard_map(lambda q: flash_jax.flash_attention(q, q, q), mesh=mesh, in_specs=rows,
-                  out_specs=rows)(q)
-  except TypeError as e:
-    pytest.xfail(f"the single-device implementation fails under shard_map(check_vma=True): {e}")
+  # The single-device implementation itself must type-check under check_vma.
+  jax.shard_map(lambda q: flash_jax.flash_attention(q, q, q), mesh=mesh, in_specs=rows,
+                out_specs=rows)(q)
   attend = jax.shard_map(functools.partial(ring_attention, axis_name="sp", causal=True),
                          mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
