@@ -256,6 +256,21 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
           print(line, file=log, flush=True)
 
 
+def table(log, head_dims, seqs):
+  """The recorded table, through flash_jax.bench's protocol: triton beside cuDNN."""
+  from flash_jax import bench
+  contenders = {
+      "triton": lambda q, k, v, causal: flash_jax.flash_attention(
+          q, k, v, causal=causal, implementation="triton"),
+      "jax.nn[cudnn]": lambda q, k, v, causal: jax.nn.dot_product_attention(
+          q, k, v, is_causal=causal, implementation="cudnn"),
+  }
+  problems = [bench.Problem(s, d, c, m, TOKENS, MODEL_DIM, "bfloat16")
+              for m in ("fwd", "fwd_bwd") for d in head_dims for s in seqs for c in (False, True)]
+  rows = bench.run(problems, contenders, warmup=3, repeats=20, log=sys.stderr)
+  print(bench.table(rows), file=log, flush=True)
+
+
 def memory(log, seq=65536, heads=16, head_dim=128):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, dout = (jax.random.normal(key, (1, seq, heads, head_dim), jnp.bfloat16)
@@ -279,7 +294,7 @@ def memory(log, seq=65536, heads=16, head_dim=128):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("what", choices=["check", "variants", "parts", "memory"])
+  parser.add_argument("what", choices=["check", "variants", "parts", "table", "memory"])
   parser.add_argument("configs", nargs="*", default=["def"])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
   parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
@@ -293,6 +308,8 @@ def main():
     print("CHECK", "PASSED" if ok else "FAILED", flush=True)
   elif args.what == "memory":
     memory(sys.stdout)
+  elif args.what == "table":
+    table(sys.stdout, args.head_dims, args.seqs)
   elif args.what == "parts":
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     parts(sys.stdout, args.head_dims, args.seqs, args.configs, causals)

@@ -80,17 +80,17 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
   wide = spec.jnp_dtype.itemsize == 4
   hopper = (_gpu_major_version() or 9) >= 9
   if head_dim <= 64:
-    fwd = dict(block_q=128, block_kv=64, num_warps=4, num_stages=3)
-    dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=2)
-    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=2)
+    fwd = dict(block_q=64, block_kv=64, num_warps=4, num_stages=3)
+    dkv = dict(block_q_dkv=32, block_kv_dkv=128, num_warps_dkv=4, num_stages_dkv=3)
+    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=4, num_stages_dq=3)
   elif head_dim <= 128:
     fwd = dict(block_q=128, block_kv=128, num_warps=8, num_stages=3)
     dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=3)
     dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=3)
   else:
-    fwd = dict(block_q=128, block_kv=32, num_warps=8, num_stages=2)
-    dkv = dict(block_q_dkv=32, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=1)
-    dq = dict(block_q_dq=64, block_kv_dq=32, num_warps_dq=8, num_stages_dq=1)
+    fwd = dict(block_q=128, block_kv=64, num_warps=8, num_stages=2)
+    dkv = dict(block_q_dkv=64, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=2)
+    dq = dict(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=2)
   config = {**fwd, **dkv, **dq}
   if wide:  # float32 tiles take twice the shared memory
     for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
