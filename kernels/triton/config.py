@@ -57,8 +57,8 @@ def padded_head_dim(head_dim: int) -> int:
   return max(MIN_BLOCK, next_power_of_two(head_dim))
 
 
-def _gpu_major_version() -> int | None:
-  """Compute capability major of the default device (9 on Hopper), None off GPU."""
+def _compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the default device ((9, 0) on Hopper), None off GPU."""
   try:
     device = jax.devices()[0]
   except RuntimeError:
@@ -66,19 +66,89 @@ def _gpu_major_version() -> int | None:
   capability = getattr(device, "compute_capability", None)
   if device.platform != "gpu" or capability is None:
     return None
-  return int(str(capability).split(".")[0])
+  major, _, minor = str(capability).partition(".")
+  return int(major), int(minor or 0)
+
+
+def gpu_major_version() -> int | None:
+  capability = _compute_capability()
+  return None if capability is None else capability[0]
+
+
+# Shared memory one program may take (bytes), by compute capability.
+_SHARED_MEMORY = {(9, 0): 232448, (8, 0): 166912, (8, 7): 166912}
+_SHARED_MEMORY_DEFAULT = 101376  # sm_86 / sm_89
+
+
+def shared_memory_budget() -> int:
+  capability = _compute_capability() or (9, 0)  # interpret mode: plan as for Hopper
+  if capability[0] >= 9:
+    return _SHARED_MEMORY[(9, 0)]
+  return _SHARED_MEMORY.get(capability, _SHARED_MEMORY_DEFAULT)
+
+
+def _feature_tile_bytes(spec: AttentionSpec, rows: int, cols: int) -> int:
+  """Shared memory of one stage's bias / dense-mask / segment-id tiles of [rows, cols]."""
+  total = 0
+  for shape, itemsize in ((spec.bias_shape, spec.jnp_dtype.itemsize), (spec.mask_shape, 1)):
+    if shape is not None:
+      total += (rows if shape[2] > 1 else 1) * (cols if shape[3] > 1 else 1) * itemsize
+  if spec.has_segment_ids:
+    total += 4 * cols
+  return total
+
+
+def shared_memory_estimate(config: TritonConfig, spec: AttentionSpec, kernel: str) -> int:
+  """Bytes of shared memory a kernel asks for: its streamed tiles once per pipeline stage,
+  its resident tiles once, and the feature tiles three times more (layout conversions,
+  transposes; kept on the safe side). It matches the H100's reports: the forward at 128x128, H=128, bf16
+  takes 64 KiB a stage plus 32 KiB; with a bias, segment ids and H=72 about 353 KiB."""
+  width = (padded_head_dim(spec.head_dim) + padded_head_dim(spec.head_dim_v))
+  item = spec.jnp_dtype.itemsize
+  if kernel == "fwd":
+    bq, bk, stages = config.block_q, config.block_kv, config.num_stages
+    streamed, resident = bk * width * item, bq * padded_head_dim(spec.head_dim) * item
+  elif kernel == "dq":
+    bq, bk, stages = config.block_q_dq, config.block_kv_dq, config.num_stages_dq
+    streamed, resident = bk * width * item, bq * width * item
+  else:
+    bq, bk, stages = config.block_q_dkv, config.block_kv_dkv, config.num_stages_dkv
+    streamed, resident = bq * width * item + 8 * bq, bk * width * item
+  features = _feature_tile_bytes(spec, bq, bk)
+  return stages * (streamed + features) + resident + 3 * features
+
+
+_STREAMED_BLOCK = {"fwd": ("block_kv", "num_stages"), "dq": ("block_kv_dq", "num_stages_dq"),
+                   "dkv": ("block_q_dkv", "num_stages_dkv")}
+
+
+def fit_shared_memory(config: TritonConfig, spec: AttentionSpec) -> TritonConfig:
+  """Fewer stages (down to 2), then smaller streamed blocks (down to 32), then one stage,
+  until every kernel's estimate fits the device's shared memory."""
+  budget = shared_memory_budget()
+  for kernel, (block, stages) in _STREAMED_BLOCK.items():
+    while shared_memory_estimate(config, spec, kernel) > budget:
+      if getattr(config, stages) > 2:
+        config = dataclasses.replace(config, **{stages: getattr(config, stages) - 1})
+      elif getattr(config, block) > 32:
+        config = dataclasses.replace(config, **{block: getattr(config, block) // 2})
+      elif getattr(config, stages) > 1:
+        config = dataclasses.replace(config, **{stages: 1})
+      elif getattr(config, block) > MIN_BLOCK:
+        config = dataclasses.replace(config, **{block: getattr(config, block) // 2})
+      else:
+        break  # nothing left to shrink; the compiler will report what it needs
+  return config
 
 
 def heuristic_config(spec: AttentionSpec) -> TritonConfig:
-  """Defaults per head dim, dtype and GPU generation (measured: docs/performance_triton.md).
+  """Defaults per head dim, dtype and GPU (measured: docs/performance_triton.md).
 
-  Shared memory bounds the tiles: a [block, head_dim] tile per operand and pipeline
-  stage. Wide heads and float32 get smaller key blocks; Ampere (cc 8.x, up to 164 KiB
-  of shared memory) gets one stage fewer than Hopper (228 KiB).
+  The table holds the H100's best bf16 configs of a per-kernel sweep. float32 halves
+  the blocks (registers), and `fit_shared_memory` shrinks stages and streamed blocks
+  where features add tiles or the GPU has less shared memory (Ampere: 163 KiB).
   """
   head_dim = padded_head_dim(max(spec.head_dim, spec.head_dim_v))
-  wide = spec.jnp_dtype.itemsize == 4
-  hopper = (_gpu_major_version() or 9) >= 9
   if head_dim <= 64:
     fwd = dict(block_q=64, block_kv=64, num_warps=4, num_stages=3)
     dkv = dict(block_q_dkv=32, block_kv_dkv=128, num_warps_dkv=4, num_stages_dkv=3)
@@ -92,13 +162,10 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
     dkv = dict(block_q_dkv=64, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=2)
     dq = dict(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=2)
   config = {**fwd, **dkv, **dq}
-  if wide:  # float32 tiles take twice the shared memory
+  if spec.jnp_dtype.itemsize == 4:  # float32 tiles take twice the registers
     for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
       config[name] = max(MIN_BLOCK, config[name] // 2)
-  if not hopper:
-    for name in ("num_stages", "num_stages_dkv", "num_stages_dq"):
-      config[name] = max(1, config[name] - 1)
-  return TritonConfig(**config)
+  return fit_shared_memory(TritonConfig(**config), spec)
 
 
 def _fit(block: int, length: int) -> int:

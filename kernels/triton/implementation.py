@@ -39,7 +39,7 @@ class TritonImplementation(BlockwiseImplementation):
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     super().check(spec, platform=platform, interpret=interpret)
-    major = None if interpret else config_lib._gpu_major_version()
+    major = None if interpret else config_lib.gpu_major_version()
     if major is not None and major < MIN_COMPUTE_CAPABILITY:
       raise unsupported(self.name, f"GPUs before Ampere (compute capability {major}.x)")
 
