@@ -238,7 +238,8 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
               if values else {}
           cfg = config_lib.resolve(TritonConfig(**fields), spec)
           run = {
-              "fwd": lambda q, k, v, do, lse, d: forward(q, k, v, None, arrays, spec, cfg, INTERPRET),
+              "fwd": lambda q, k, v, do, lse, d: forward(q, k, v, None, arrays, spec, cfg,
+                                                         INTERPRET),
               "dkv": lambda q, k, v, do, lse, d: backward_dkv(q, k, v, None, arrays, lse, do, d,
                                                               spec, cfg, INTERPRET),
               "dq": lambda q, k, v, do, lse, d: backward_dq(q, k, v, None, arrays, lse, do, d,

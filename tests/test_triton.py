@@ -68,6 +68,22 @@ def test_resolve_keeps_user_fields_and_fits_blocks_to_short_sequences():
   assert isinstance(plain, TritonConfig) and plain.block_q == 16
 
 
+def test_defaults_fit_shared_memory():
+  """Plain d128 keeps its tuned tiles; a bias, mask and segment ids shrink the stages."""
+  budget = config_lib.shared_memory_budget()
+  plain = _spec(t=4096, s=4096, h=128)
+  config = config_lib.heuristic_config(plain)
+  assert (config.block_q, config.block_kv, config.num_stages) == (128, 128, 3)
+  t = 130
+  featured = _spec(t=t, s=t, h=72, bias=jnp.zeros((1, 2, t, t), jnp.bfloat16),
+                   mask=jnp.ones((1, 1, t, t), bool),
+                   segment_ids=jnp.zeros((1, t), jnp.int32))
+  config = config_lib.heuristic_config(featured)
+  for kernel in ("fwd", "dkv", "dq"):
+    assert config_lib.shared_memory_estimate(config, featured, kernel) <= budget
+  assert config.num_stages < 3
+
+
 def test_flash_attention_validates_block_sizes():
   q = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 2, 16))
   call = lambda sizes: flash_jax.flash_attention(q, q, q, implementation="triton",

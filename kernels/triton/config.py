@@ -101,8 +101,9 @@ def _feature_tile_bytes(spec: AttentionSpec, rows: int, cols: int) -> int:
 def shared_memory_estimate(config: TritonConfig, spec: AttentionSpec, kernel: str) -> int:
   """Bytes of shared memory a kernel asks for: its streamed tiles once per pipeline stage,
   its resident tiles once, and the feature tiles three times more (layout conversions,
-  transposes; kept on the safe side). It matches the H100's reports: the forward at 128x128, H=128, bf16
-  takes 64 KiB a stage plus 32 KiB; with a bias, segment ids and H=72 about 353 KiB."""
+  transposes; kept on the safe side). It matches the H100's reports: the forward at
+  128x128, H=128, bf16 takes 64 KiB a stage plus 32 KiB; with a bias, segment ids and
+  H=72 about 353 KiB."""
   width = (padded_head_dim(spec.head_dim) + padded_head_dim(spec.head_dim_v))
   item = spec.jnp_dtype.itemsize
   if kernel == "fwd":

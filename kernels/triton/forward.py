@@ -5,7 +5,8 @@ tiles that `TileMasking.kv_tiles` says its rows can see (causal, window and leng
 bound the loop; tiles outside it are never loaded). Per key tile it updates the online
 softmax (FlashAttention-2 section 3.1.1): running row max m and row sum l in float32,
 the float32 accumulator rescaled by exp(m_old - m_new), and divides by l only once at
-the end. Logits are kept in base 2 (`tile_math`), so each exponent is one ex2. Only boundary tiles build a visibility mask. It writes O and the natural-log
+the end. Logits are kept in base 2 (`tile_math`), so each exponent is one ex2. Only
+boundary tiles build a visibility mask. It writes O and the natural-log
 lse = m + log(l) (-inf for rows that saw nothing, whose O is 0).
 
 GQA: query head h reads key/value head h // G through the BlockSpec index map, so K/V
