@@ -5,6 +5,8 @@
   python benchmarks/ring_gpu.py overlap    # ring time vs its compute alone and transfers alone
   python benchmarks/ring_gpu.py memory     # compiled bytes per device vs device count
   python benchmarks/ring_gpu.py partition  # batch/head-sharded flash_attention under jit
+  python benchmarks/ring_gpu.py scaling    # 32k-128k: ring vs one GPU, checked and timed
+  python benchmarks/ring_gpu.py fit        # longest sequence whose fwd+bwd fits, 1 vs all GPUs
 
 check: the accuracy rule of the suite: error against the float32 reference (HIGHEST
 precision on upcast inputs) at most 2x (forward) / 3x (gradients) the error of the
@@ -14,8 +16,14 @@ sequence split over all local GPUs; "speedup" is one-GPU time / ring time.
 overlap: the ring's forward time against (a) the same per-device compute with no
 transfer (the single-device kernel on the blocks one device computes) and (b) the
 transfers alone (n-1 ppermutes of a K/V block). Perfect overlap: ring ~ max(a, b).
-partition: flash_attention jitted on inputs sharded over batch and heads vs one GPU;
-the compiled HLO must have no all-gather.
+partition: flash_attention jitted on inputs sharded over batch and heads vs one GPU,
+checked by the accuracy rule; the compiled HLO must have no all-gather.
+scaling: bf16, B=1, N=16 heads of 128, causal (zigzag and contiguous layouts) and full;
+ring output and gradients vs the float32 chunked reference on one GPU, with the
+one-GPU kernel's own error as the same-precision baseline; efficiency = t1 / (n * tn).
+fit: XLA's compiled memory analysis of causal fwd+bwd (bf16 cotangent) against the
+device's allocator limit, doubling T then solving the linear bytes(T) for the largest
+multiple of 16384 that fits; compile only (running T ~ 10^6 would take minutes).
 
 Smoke test on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2 python
 benchmarks/ring_gpu.py <mode> --small
@@ -92,6 +100,29 @@ def _err(x, ref):
   return float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref.astype(jnp.float32))))
 
 
+def _judge(got, base, exact, dtype, names=("out", "dq", "dk", "dv")):
+  """The suite's rule per result: err(got) <= factor * err(base) + floor; NaN fails.
+
+  got, base, exact: sequences of (out, dq, dk, dv); base is the same-precision baseline.
+  Returns (ok, text).
+  """
+  ok, text = True, ""
+  for name, g, b, r, factor in zip(names, got, base, exact, (2, 3, 3, 3)):
+    scale = max(1.0, float(jnp.max(jnp.abs(r))))
+    err, bound = _err(g, r), factor * _err(b, r) + FLOOR[str(jnp.dtype(dtype))] * scale
+    good = err <= bound and not bool(jnp.isnan(g).any())
+    ok &= good
+    text += f" {name} {err:.2e}/{bound:.2e}{'' if good else ' FAIL'}"
+  return ok, text
+
+
+def _exact(fn, q, k, v, dout):
+  """fn's output and input gradients on float32 copies at HIGHEST matmul precision."""
+  up = [x.astype(jnp.float32) for x in (q, k, v)]
+  with jax.default_matmul_precision("highest"):
+    return [jax.jit(fn)(*up)] + list(_fwd_bwd(fn)(*up, dout))
+
+
 def check(log, small) -> bool:
   mesh, ok = _mesh(), True
   seq = 256 if small else 8192
@@ -109,21 +140,12 @@ def check(log, small) -> bool:
           ring_kw = kw
         ring = _ring(mesh, layout, **ring_kw)
         same = functools.partial(flash_jax.flash_attention, implementation="xla", **kw)
-        ref = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="xla", **kw)
-        up = [x.astype(jnp.float32) for x in (q, k, v)]
-        with jax.default_matmul_precision("highest"):
-          exact = [ref(*up)] + list(_fwd_bwd(ref)(*up, dout))
+        exact = _exact(same, q, k, v, dout)
         got = [jax.jit(ring)(q, k, v)] + list(_fwd_bwd(ring)(q, k, v, dout))
         base = [same(q, k, v)] + list(_fwd_bwd(same)(q, k, v, dout))
-        line = f"{dtype} {layout:10s} {sorted(kw)!s:28s}"
-        for name, g, b, r, factor in zip(("out", "dq", "dk", "dv"), got, base, exact,
-                                         (2, 3, 3, 3)):
-          scale = max(1.0, float(jnp.max(jnp.abs(r))))
-          err, bound = _err(g, r), factor * _err(b, r) + FLOOR[dtype] * scale
-          good = err <= bound and not bool(jnp.isnan(g).any())
-          ok &= good
-          line += f" {name} {err:.2e}/{bound:.2e}{'' if good else ' FAIL'}"
-        log(line)
+        good, text = _judge(got, base, exact, dtype)
+        ok &= good
+        log(f"{dtype} {layout:10s} {sorted(kw)!s:28s}{text}")
   return ok
 
 
@@ -209,24 +231,122 @@ def partition(log, small):
   mesh = Mesh(np.array(jax.local_devices()), ("data",))
   q, k, v, dout = _inputs(seq, heads, 128, jnp.bfloat16, batch=batch)
   single = functools.partial(flash_jax.flash_attention, causal=True)
+  reference = functools.partial(flash_jax.flash_attention, causal=True,
+                                implementation="chunked")
+  exact = _exact(reference, q, k, v, dout)
+  fb = _fwd_bwd(single)
+  base = [jax.jit(single)(q, k, v)] + list(fb(q, k, v, dout))
+  ok = True
   for spec, label in ((P("data"), "batch"), (P(None, None, "data"), "heads")):
     sharding = NamedSharding(mesh, spec)
     args = [jax.device_put(x, sharding) for x in (q, k, v)]
-    fb = _fwd_bwd(single)
-    hlo = fb.lower(*args, jax.device_put(dout, sharding)).compile().as_text()
+    sharded_dout = jax.device_put(dout, sharding)
+    hlo = fb.lower(*args, sharded_dout).compile().as_text()
     gathers = len(re.findall(r"all-gather(?:-start)?\(", hlo))
-    sharded_ms = _time(fb, *args, jax.device_put(dout, sharding))
+    got = [jax.jit(single)(*args)] + list(fb(*args, sharded_dout))
+    good, text = _judge(got, base, exact, jnp.bfloat16)
+    same = all(bool(jnp.array_equal(g, b)) for g, b in zip(got, base))
+    sharded_ms = _time(fb, *args, sharded_dout)
     one_ms = _time(fb, q, k, v, dout)
     log(f"{label} over {n}: fwd+bwd {sharded_ms:.2f} ms vs one device {one_ms:.2f} ms "
-        f"({one_ms / sharded_ms:.2f}x); all-gathers in HLO: {gathers}")
-    if gathers:
-      return False
-  return True
+        f"({one_ms / sharded_ms:.2f}x); all-gathers in HLO: {gathers}; bitwise equal to one "
+        f"device: {same};{text}")
+    ok &= good and not gathers
+  return ok
+
+
+def _flops(seq, heads, head_dim, causal, backward):
+  """Matmul FLOPs of attention (4·T·S·N·H forward, 2.5x that backward; half if causal)."""
+  forward = 4 * seq * seq * heads * head_dim / (2 if causal else 1)
+  return forward * (3.5 if backward else 1.0)
+
+
+def scaling(log, small):
+  """Issue protocol: ring over all GPUs vs one GPU at 32k/64k/128k tokens, checked."""
+  n = len(jax.local_devices())
+  seqs = (1024, 2048) if small else (32768, 65536, 131072)
+  heads, head_dim = (2, 64) if small else (16, 128)
+  timing = dict(warmup=1, repeats=2 if small else 5)  # the checked call compiled and warmed
+  sharding = NamedSharding(_mesh(), P(None, "seq"))
+  ok = True
+  log(f"| T | mask | layout | 1 GPU fwd ms | ring x{n} fwd ms | fwd eff | 1 GPU fwd+bwd ms "
+      f"| ring x{n} fwd+bwd ms | fwd+bwd eff | ring TF/s per GPU (fwd / fwd+bwd) |")
+  log("|---|---|---|---|---|---|---|---|---|---|")
+  for seq in seqs:
+    q, k, v, dout = _inputs(seq, heads, head_dim, jnp.bfloat16, seed=seq)
+    for causal in (False, True):
+      single = functools.partial(flash_jax.flash_attention, causal=causal)
+      reference = functools.partial(flash_jax.flash_attention, causal=causal,
+                                    implementation="chunked")
+      exact = _exact(reference, q, k, v, dout)
+      fwd_1, fwd_bwd_1 = jax.jit(single), _fwd_bwd(single)
+      base = [fwd_1(q, k, v)] + list(fwd_bwd_1(q, k, v, dout))
+      one = (_time(fwd_1, q, k, v, **timing), _time(fwd_bwd_1, q, k, v, dout, **timing))
+      for layout in (("zigzag", "contiguous") if causal else ("contiguous",)):
+        on_ring = _on_ring(_mesh(), layout, causal=causal)
+        fwd_n, fwd_bwd_n = jax.jit(on_ring), _fwd_bwd(on_ring)
+        to = lambda x: jax.device_put(flash_jax.to_ring_layout(x, n, layout), sharding)
+        args, ring_dout = [to(x) for x in (q, k, v)], to(dout)
+        got = [flash_jax.from_ring_layout(y, n, layout)
+               for y in [fwd_n(*args)] + list(fwd_bwd_n(*args, ring_dout))]
+        good, text = _judge(got, base, exact, jnp.bfloat16)
+        ok &= good
+        log(f"check T={seq} causal={causal} {layout}: max |ring - one GPU| out "
+            f"{_err(got[0], base[0]):.2e}; error/bound vs float32:{text}")
+        del got
+        times = (_time(fwd_n, *args, **timing), _time(fwd_bwd_n, *args, ring_dout, **timing))
+        tflops = [_flops(seq, heads, head_dim, causal, backward) / (t * 1e-3) / n / 1e12
+                  for backward, t in ((False, times[0]), (True, times[1]))]
+        log(f"| {seq} | {'causal' if causal else 'full'} | {layout} | {one[0]:.1f} | "
+            f"{times[0]:.1f} | {one[0] / (n * times[0]):.2f} | {one[1]:.1f} | {times[1]:.1f} | "
+            f"{one[1] / (n * times[1]):.2f} | {tflops[0]:.0f} / {tflops[1]:.0f} |")
+  return ok
+
+
+def _compiled_bytes(fn, shapes):
+  stats = fn.lower(*shapes).compile().memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def fit(log, small):
+  """Longest causal fwd+bwd sequence on one device vs on all, from compiled memory."""
+  heads, head_dim, step = (2, 64, 1024) if small else (16, 128, 16384)
+  limit = jax.local_devices()[0].memory_stats() or {}
+  limit = limit.get("bytes_limit", 2**34)
+  log(f"allocator limit per device: {limit / 2**30:.1f} GiB; B=1, N={heads}, H={head_dim}, "
+      f"bf16, causal fwd+bwd")
+  for n in sorted({1, len(jax.local_devices())}):
+    mesh = _mesh(n)
+    if n == 1:
+      fn, sharding = _fwd_bwd(functools.partial(flash_jax.flash_attention, causal=True)), None
+    else:
+      fn = _fwd_bwd(_on_ring(mesh, "zigzag", causal=True))
+      sharding = NamedSharding(mesh, P(None, "seq"))
+
+    def bytes_at(seq):
+      shape = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.bfloat16, sharding=sharding)
+      return _compiled_bytes(fn, (shape,) * 4)
+
+    points, seq = [], step * (2 if small else 8)
+    while True:  # doubling until over the limit: bytes(T) is affine in T
+      points.append((seq, bytes_at(seq)))
+      if points[-1][1] > limit or seq >= 2**26:
+        break
+      seq *= 2
+    (t0, b0), (t1, b1) = points[-2], points[-1]
+    per_token = (b1 - b0) / (t1 - t0)
+    longest = int((limit - (b0 - per_token * t0)) / per_token) // step * step
+    while longest > step and bytes_at(longest) > limit:
+      longest -= step
+    log(f"{n} device(s): {per_token / 1024:.1f} KiB per token per device; longest T that "
+        f"fits: {longest} ({bytes_at(longest) / 2**30:.1f} GiB per device)")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("mode", choices=("check", "time", "overlap", "memory", "partition"))
+  parser.add_argument("mode", choices=("check", "time", "overlap", "memory", "partition",
+                                       "scaling", "fit"))
   parser.add_argument("--small", action="store_true", help="CPU-sized smoke test")
   args = parser.parse_args()
   log = functools.partial(print, flush=True)
@@ -235,7 +355,7 @@ def main():
     log("needs at least 2 devices")
     return 1
   mode = {"check": check, "time": time_ring, "overlap": overlap, "memory": memory,
-          "partition": partition}[args.mode]
+          "partition": partition, "scaling": scaling, "fit": fit}[args.mode]
   result = mode(log, args.small)
   return 0 if result is None or result else 1
 
