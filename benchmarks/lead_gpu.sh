@@ -5,7 +5,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
+python -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
 python -c "import jax, flax, flash_jax; print(jax.__version__, flax.__version__, jax.devices())"
 for attention in flash flax; do
   timeout 170 python examples/train_lm.py --attention "$attention" --seq-len 4096 --batch 8 \

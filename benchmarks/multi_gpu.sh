@@ -6,7 +6,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
+python -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi topo -m 2>&1 | head -4
 for mode in "$@"; do
