@@ -309,14 +309,18 @@ def _compiled_bytes(fn, shapes):
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def fit(log, small):
-  """Longest causal fwd+bwd sequence on one device vs on all, from compiled memory."""
+def fit(log, small, devices=None, verify=False):
+  """Longest causal fwd+bwd sequence on each device count, from compiled memory.
+
+  bytes(T) is affine in T: two compiles at moderate T give the slope, and the longest
+  T (a multiple of `step`) under the allocator limit follows. With `verify`, one more
+  compile at that T confirms it (slow: XLA tries rematerialization near the limit).
+  """
   heads, head_dim, step = (2, 64, 1024) if small else (16, 128, 16384)
-  limit = jax.local_devices()[0].memory_stats() or {}
-  limit = limit.get("bytes_limit", 2**34)
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit", 2**34)
   log(f"allocator limit per device: {limit / 2**30:.1f} GiB; B=1, N={heads}, H={head_dim}, "
       f"bf16, causal fwd+bwd")
-  for n in sorted({1, len(jax.local_devices())}):
+  for n in devices or sorted({1, len(jax.local_devices())}):
     mesh = _mesh(n)
     if n == 1:
       fn, sharding = _fwd_bwd(functools.partial(flash_jax.flash_attention, causal=True)), None
@@ -328,19 +332,15 @@ def fit(log, small):
       shape = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.bfloat16, sharding=sharding)
       return _compiled_bytes(fn, (shape,) * 4)
 
-    points, seq = [], step * (2 if small else 8)
-    while True:  # doubling until over the limit: bytes(T) is affine in T
-      points.append((seq, bytes_at(seq)))
-      if points[-1][1] > limit or seq >= 2**26:
-        break
-      seq *= 2
-    (t0, b0), (t1, b1) = points[-2], points[-1]
+    (t0, b0), (t1, b1) = [(t, bytes_at(t)) for t in (step * 8, step * 16)]
     per_token = (b1 - b0) / (t1 - t0)
     longest = int((limit - (b0 - per_token * t0)) / per_token) // step * step
-    while longest > step and bytes_at(longest) > limit:
-      longest -= step
-    log(f"{n} device(s): {per_token / 1024:.1f} KiB per token per device; longest T that "
-        f"fits: {longest} ({bytes_at(longest) / 2**30:.1f} GiB per device)")
+    line = (f"{n} device(s): {per_token / 1024:.1f} KiB per token per device "
+            f"({b0 / 2**30:.2f} GiB at T={t0}, {b1 / 2**30:.2f} GiB at T={t1}); longest T "
+            f"that fits: {longest}")
+    if verify:
+      line += f" (compiled: {bytes_at(longest) / 2**30:.1f} GiB per device)"
+    log(line)
 
 
 def main():
@@ -348,6 +348,8 @@ def main():
   parser.add_argument("mode", choices=("check", "time", "overlap", "memory", "partition",
                                        "scaling", "fit"))
   parser.add_argument("--small", action="store_true", help="CPU-sized smoke test")
+  parser.add_argument("--devices", type=int, nargs="+", help="fit: device counts to size")
+  parser.add_argument("--verify", action="store_true", help="fit: compile at the answer too")
   args = parser.parse_args()
   log = functools.partial(print, flush=True)
   log(f"jax {jax.__version__}; {len(jax.local_devices())} x {jax.local_devices()[0].device_kind}")
@@ -356,7 +358,8 @@ def main():
     return 1
   mode = {"check": check, "time": time_ring, "overlap": overlap, "memory": memory,
           "partition": partition, "scaling": scaling, "fit": fit}[args.mode]
-  result = mode(log, args.small)
+  extra = dict(devices=args.devices, verify=args.verify) if args.mode == "fit" else {}
+  result = mode(log, args.small, **extra)
   return 0 if result is None or result else 1
 
 
