@@ -64,12 +64,6 @@ def _chunk_inputs(k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, conf
       arrays=arrays, kv_bound=spec.kv_len if padded > spec.kv_len else None)
 
 
-def _reduce_to(x, shape):
-  """Sums the axes of `x` that `shape` broadcasts (size 1)."""
-  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
-  return jnp.sum(x, axis=axes, keepdims=True)
-
-
 class ChunkedImplementation(BlockwiseImplementation):
   name = "chunked"
   platforms = ("cpu", "gpu", "tpu")
@@ -139,7 +133,7 @@ class ChunkedImplementation(BlockwiseImplementation):
       ds = p * (dp - delta5)  # d loss / d logits
       if spec.softcap is not None:
         ds = ds * masking.softcap_grad(logits, spec.softcap)
-      dbias_c = None if bias_c is None else _reduce_to(ds, bias_c.shape)
+      dbias_c = None if bias_c is None else tiles.sum_to_shape(ds, bias_c.shape)
       ds = (ds * spec.scale).astype(q.dtype)
       dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_c, preferred_element_type=jnp.float32)
       dk_c = jnp.einsum("bkgts,btkgh->bskh", ds, q5, preferred_element_type=jnp.float32)

@@ -32,13 +32,16 @@ def to_grouped_frame(x, spec: AttentionSpec):
   return x.reshape(b, spec.num_kv_heads, spec.group_size, t, s)
 
 
+def sum_to_shape(x, shape):
+  """Sums the axes of `x` that `shape` broadcasts (size 1): the gradient of a broadcast."""
+  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
 def from_grouped_frame(x, shape4):
   """Inverse of `to_grouped_frame`, summing any axis that was broadcast."""
-  b, n, t, s = shape4
   x = x.reshape(x.shape[0], -1, x.shape[3], x.shape[4])
-  target = (b, n, t, s)
-  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, target)) if want == 1 and got != 1)
-  return jnp.sum(x, axis=axes, keepdims=True).reshape(target)
+  return sum_to_shape(x, tuple(shape4)).reshape(shape4)
 
 
 def columns(x, k_start, width):

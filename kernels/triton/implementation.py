@@ -11,6 +11,7 @@ registry line in flash_jax/dispatch.py, so retiring the Triton lowering deletes 
 
 from __future__ import annotations
 
+from flash_jax import tiles
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
@@ -23,12 +24,6 @@ from flash_jax.kernels.triton.forward import forward
 
 MAX_GRID_DIM = 65535  # CUDA's limit on the grid's y and z (batch and heads here)
 MIN_COMPUTE_CAPABILITY = 8  # Ampere: bf16 tensor cores, cp.async
-
-
-def _reduce_to(x, shape):
-  """Sums the axes of `x` that `shape` broadcasts (size 1)."""
-  axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
-  return x.sum(axis=axes, keepdims=True)
 
 
 class TritonImplementation(BlockwiseImplementation):
@@ -67,7 +62,7 @@ class TritonImplementation(BlockwiseImplementation):
     dq, dbias = backward_dq(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
     dk, dv = backward_dkv(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
     if bias is not None:
-      dbias = _reduce_to(dbias, bias.shape).astype(bias.dtype)
+      dbias = tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias
 
 
