@@ -161,9 +161,12 @@ def masked_logits(logits, visible):
   return logits if visible is None else jnp.where(visible, logits, MASK_VALUE)
 
 
-def masked_exp(logits, row_max, visible):
-  """exp(logits - row_max), exactly 0 where hidden, also on rows that see nothing."""
-  p = jnp.exp(logits - row_max)
+def masked_exp(logits, row_max, visible, exp=jnp.exp):
+  """exp(logits - row_max), exactly 0 where hidden, also on rows that see nothing.
+
+  `exp` lets kernels that keep logits in base 2 pass their 2**x (same zeroing rule).
+  """
+  p = exp(logits - row_max)
   return p if visible is None else jnp.where(visible, p, 0.0)
 
 

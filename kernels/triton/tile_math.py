@@ -69,5 +69,4 @@ def base2_logits(scores, spec: AttentionSpec, bias):
 
 def masked_exp2(logits2, row_max2, visible, interpret: bool):
   """2**(logits2 - row_max2), exactly 0 where hidden (masking.masked_exp in base 2)."""
-  p = exp2(logits2 - row_max2, interpret)
-  return p if visible is None else jnp.where(visible, p, 0.0)
+  return masking.masked_exp(logits2, row_max2, visible, exp=lambda x: exp2(x, interpret))
