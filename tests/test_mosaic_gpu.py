@@ -25,6 +25,23 @@ RULES = [
 ]
 
 
+# Per-batch parameters of one batch row: offsets (also negative) and lengths.
+BATCH_ROWS = [
+    dict(),
+    dict(q_offset=37),
+    dict(q_offset=-21),
+    dict(q_length=150, kv_length=170),
+    dict(q_offset=100, q_length=90, kv_length=250),
+    dict(kv_length=0),
+    dict(q_length=0),
+]
+
+
+def _traced(row):
+  """The batch row as the kernels see it: int32 scalars, not Python ints."""
+  return {name: jnp.int32(value) for name, value in row.items()}
+
+
 def _visible(q_len, kv_len, rules):
   q = np.arange(q_len)[:, None]
   k = np.arange(kv_len)[None, :]
@@ -32,11 +49,13 @@ def _visible(q_len, kv_len, rules):
   return np.ones((q_len, kv_len), bool) if vis is None else np.broadcast_to(vis, (q_len, kv_len))
 
 
+@pytest.mark.parametrize("row", BATCH_ROWS, ids=str)
 @pytest.mark.parametrize("rules", RULES, ids=str)
 @pytest.mark.parametrize("q_len,kv_len", [(200, 333), (300, 200), (256, 256)])
-def test_kv_block_ranges_match_masking(rules, q_len, kv_len):
+def test_kv_block_ranges_match_masking(rules, row, q_len, kv_len):
   """Every visible block is visited; every block called unmasked is fully visible."""
   block_q, block_kv = 64, 128
+  rules = dict(rules, **row)
   vis = _visible(q_len, kv_len, rules)
   for q_lo in range(0, q_len, block_q):
     q_hi = min(q_lo + block_q, q_len)
@@ -45,6 +64,12 @@ def test_kv_block_ranges_match_masking(rules, q_len, kv_len):
     f_lo, f_hi = (int(x) for x in ranges.unmasked_kv_blocks(
         q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=kv_len, **rules))
     assert lo <= f_lo <= f_hi <= hi
+    traced = dict(rules, **_traced(row))
+    t_lo, t_hi = ranges.visited_kv_blocks(q_lo, q_hi, block_kv=block_kv, kv_len=kv_len, **traced)
+    assert (int(t_lo), int(t_hi)) == (lo, hi)
+    assert tuple(int(x) for x in ranges.unmasked_kv_blocks(
+        q_lo, q_lo + block_q, t_lo, t_hi, block_kv=block_kv, kv_len=kv_len, **traced)) == (
+            f_lo, f_hi)
     for j in range(-(-kv_len // block_kv)):
       cols = slice(j * block_kv, (j + 1) * block_kv)
       if vis[q_lo:q_hi, cols].any():
@@ -53,10 +78,12 @@ def test_kv_block_ranges_match_masking(rules, q_len, kv_len):
         assert (j + 1) * block_kv <= kv_len and vis[q_lo:q_hi, cols].all(), (q_lo, j)
 
 
+@pytest.mark.parametrize("row", BATCH_ROWS, ids=str)
 @pytest.mark.parametrize("rules", RULES, ids=str)
 @pytest.mark.parametrize("q_len,kv_len", [(200, 333), (300, 200), (256, 256)])
-def test_q_block_ranges_match_masking(rules, q_len, kv_len):
+def test_q_block_ranges_match_masking(rules, row, q_len, kv_len):
   block_q, block_kv = 64, 64
+  rules = dict(rules, **row)
   vis = _visible(q_len, kv_len, rules)
   s_pad = -(-kv_len // block_kv) * block_kv
   for k_lo in range(0, s_pad, block_kv):
@@ -66,6 +93,12 @@ def test_q_block_ranges_match_masking(rules, q_len, kv_len):
     f_lo, f_hi = (int(x) for x in ranges.unmasked_q_blocks(
         k_lo, k_hi, lo, hi, block_q=block_q, kv_len=kv_len, **rules))
     assert lo <= f_lo <= f_hi <= hi
+    traced = dict(rules, **_traced(row))
+    t_lo, t_hi = ranges.visited_q_blocks(k_lo, k_hi, block_q=block_q, q_len=q_len,
+                                         kv_len=kv_len, **traced)
+    assert (int(t_lo), int(t_hi)) == (lo, hi)
+    assert tuple(int(x) for x in ranges.unmasked_q_blocks(
+        k_lo, k_hi, t_lo, t_hi, block_q=block_q, kv_len=kv_len, **traced)) == (f_lo, f_hi)
     for i in range(-(-q_len // block_q)):
       rows = slice(i * block_q, (i + 1) * block_q)
       if vis[rows, k_lo:k_hi].any():
@@ -93,6 +126,16 @@ def test_config_defaults_and_validation():
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
 
 
+def test_per_batch_features_gated_by_head_dim(monkeypatch):
+  impl = flash_jax.dispatch.get_implementation("mosaic_gpu")
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  impl.check_spec(_spec(128, q_offset=3, kv_lengths=jnp.array([5])))
+  with pytest.raises(NotImplementedError, match="head_dim=256"):
+    impl.check_spec(_spec(256, kv_lengths=jnp.array([5])))
+  with pytest.raises(NotImplementedError, match="dropout"):
+    impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
+
+
 def test_not_picked_off_hopper():
   """Off sm90 the implementation raises, so implementation=None picks another."""
   impl = flash_jax.dispatch.get_implementation("mosaic_gpu")
@@ -102,6 +145,51 @@ def test_not_picked_off_hopper():
     impl.check_spec(_spec())
   q = jnp.ones((1, 16, 1, 64), jnp.float32)
   assert flash_jax.which_implementation(q, q, q) != "mosaic_gpu"
+
+
+# ---- lowering without a GPU: jax.export for the cuda platform ------------------------------
+
+FEATURE_CALLS = [
+    (64, dict(causal=True, window=(40, 0), q_offset=133)),
+    (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
+               segment_ids=True)),
+    (64, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
+]
+
+
+def _feature_kwargs(options, b, t, s):
+  """Concrete flash_attention arguments for FEATURE_CALLS / the GPU feature tests."""
+  kwargs = dict(options)
+  if kwargs.get("q_offset") == "array":
+    kwargs["q_offset"] = jnp.array([s - t, 11][:b], jnp.int32)
+  if kwargs.pop("q_lengths", False):
+    kwargs["q_lengths"] = jnp.array([t - 37, 70][:b], jnp.int32)
+  if kwargs.pop("kv_lengths", False):
+    kwargs["kv_lengths"] = jnp.array([s - 50, 130][:b], jnp.int32)
+  if kwargs.pop("segment_ids", False):
+    q_ids = (jnp.arange(t)[None, :] >= jnp.array([[60], [t // 2]])[:b]).astype(jnp.int32)
+    kv_ids = (jnp.arange(s)[None, :] >= jnp.array([[90], [s // 2]])[:b]).astype(jnp.int32)
+    kwargs["segment_ids"] = (q_ids, kv_ids)
+  return kwargs
+
+
+@pytest.mark.parametrize("head_dim,options", FEATURE_CALLS, ids=str)
+def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options):
+  """Forward and backward kernels with offsets, lengths and segment ids lower to Mosaic
+  GPU on any host (no GPU needed: jax.export for the cuda platform)."""
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  b, t, s = 2, 200, 333
+  kwargs = _feature_kwargs(options, b, t, s)
+  q = jax.ShapeDtypeStruct((b, t, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, s, 2, head_dim), jnp.bfloat16)
+  attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
+                                                   **kwargs)
+  grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  for fn in (attn, grads):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, k).mlir_module()
+    assert "mosaic_gpu" in text
 
 
 # ---- on the GPU ---------------------------------------------------------------------------
@@ -115,7 +203,11 @@ def test_default_on_hopper_and_unsupported_features():
   q = jnp.ones((1, 256, 2, 128), jnp.bfloat16)
   assert flash_jax.which_implementation(q, q, q, causal=True) == "mosaic_gpu"
   for kwargs in (dict(q_offset=3), dict(kv_lengths=jnp.array([5]))):
+    assert flash_jax.which_implementation(q, q, q, **kwargs) == "mosaic_gpu"
+  for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))), dict(mask=jnp.ones((1, 1, 256, 256), bool))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) != "mosaic_gpu"
+  q256 = jnp.ones((1, 256, 2, 256), jnp.bfloat16)
+  assert flash_jax.which_implementation(q256, q256, q256, kv_lengths=jnp.array([5])) != "mosaic_gpu"
   with pytest.raises(NotImplementedError, match="head_dim"):
     q96 = jnp.ones((1, 256, 2, 96), jnp.bfloat16)
     flash_jax.flash_attention(q96, q96, q96, implementation="mosaic_gpu")
@@ -147,3 +239,67 @@ def test_matches_reference_on_gpu(head_dim, causal, t, s, groups):
     assert not np.isnan(g).any(), name
     err, base = np.abs(g - r).max(), np.abs(sp - r).max()
     assert err <= factor * base + 4e-3 * max(1.0, np.abs(r).max()), (name, err, base)
+
+
+def _poisoned(x, lengths, round_to: int, poison: float):
+  """x [B, L, N, H] with rows [length, round_up(length)) set to `poison` (finite: those
+  rows share blocks with visible ones and meet P = 0 in a product) and rows past that
+  set to NaN (whole blocks past the length: any read of one would show)."""
+  rows = jnp.arange(x.shape[1])[None, :]
+  edge = -(-lengths // round_to) * round_to
+  x = jnp.where((rows >= lengths[:, None])[:, :, None, None], jnp.asarray(poison, x.dtype), x)
+  return jnp.where((rows >= edge[:, None])[:, :, None, None], jnp.asarray(jnp.nan, x.dtype), x)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim,options", [
+    (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True)),
+    (64, dict(kv_lengths=True, q_lengths=True, segment_ids=True)),
+], ids=str)
+def test_lengths_offsets_segments_with_poison(head_dim, options):
+  """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
+  block, NaN beyond it); outputs, lse and gradients match the float32 reference on clean
+  inputs by the accuracy rule, and hidden rows get zero output and gradients."""
+  from conftest import assert_accurate
+  b, t, s = 2, 300, 460
+  kwargs = _feature_kwargs(options, b, t, s)
+  keys = jax.random.split(jax.random.PRNGKey(head_dim + len(options)), 5)
+  q = jax.random.normal(keys[0], (b, t, 4, head_dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (b, s, 2, head_dim), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (b, s, 2, head_dim), jnp.bfloat16)
+  dout = jax.random.normal(keys[3], q.shape, jnp.float32)
+  dlse = jax.random.normal(keys[4], (b, 4, t), jnp.float32)
+  if "q_lengths" in kwargs:  # the forward reads 128-row tiles of queries
+    q_bad = _poisoned(q, kwargs["q_lengths"], 128, 30.0)
+  else:
+    q_bad = q
+  # Key blocks are up to 256 wide (the d64 forward).
+  k_bad = _poisoned(k, kwargs["kv_lengths"], 256, 30.0) if "kv_lengths" in kwargs else k
+  v_bad = _poisoned(v, kwargs["kv_lengths"], 256, 1e4) if "kv_lengths" in kwargs else v
+
+  def run(impl, q, k, v):
+    def f(q, k, v):
+      out, lse = flash_jax.flash_attention(q, k, v, implementation=impl, return_lse=True,
+                                           **kwargs)
+      return out, lse
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    finite = jnp.isfinite(lse)
+    grads = vjp((dout.astype(out.dtype), jnp.where(finite, dlse, 0.0)))
+    return (out, lse) + tuple(grads)
+
+  got = run("mosaic_gpu", q_bad, k_bad, v_bad)
+  same = run("xla", q, k, v)
+  with jax.default_matmul_precision("highest"):
+    ref = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+  names, factors = ("out", "lse", "dq", "dk", "dv"), (2, 2, 3, 3, 3)
+  for name, g, sp, r, factor in zip(names, got, same, ref, factors):
+    if name in ("dk", "dv") and "kv_lengths" in kwargs:  # junk keys: zero gradients
+      hidden = (jnp.arange(s)[None, :] >= kwargs["kv_lengths"][:, None])
+      assert np.all(np.asarray(g, np.float32)[np.asarray(hidden)] == 0), name
+    assert_accurate(name, g, sp, r, factor=factor, dtype="bfloat16")
+  if "q_lengths" in kwargs:
+    hidden = np.asarray(jnp.arange(t)[None, :] >= kwargs["q_lengths"][:, None])
+    assert np.all(np.asarray(got[0], np.float32)[hidden] == 0)
+    assert np.all(np.isneginf(np.asarray(got[1]).transpose(0, 2, 1)[hidden]))
+    assert np.all(np.asarray(got[2], np.float32)[hidden] == 0)

@@ -14,8 +14,11 @@ with dK) so it waits on the tensor cores twice, not four times.
     query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
     its own dK/dV, summed over the group afterwards in float32.
   * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
-Blocks outside the visible range are skipped by loop bounds; fully visible blocks run
-without mask arithmetic. Statistics are in base 2, as in the forward.
+Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
+`features`) are skipped by loop bounds; fully visible blocks run without mask
+arithmetic. With segment ids every visited block is masked; the ids of the resident
+rows are copied beside them, those of the streamed blocks ride the ring.
+Statistics are in base 2, as in the forward.
 For head dim 256 one warpgroup cannot hold both 64 x 256 float32 accumulators of dK
 and dV, so dK and dV run as two launches of the same kernel (`outputs`).
 """
@@ -33,7 +36,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking
 from flash_jax.spec import AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -65,7 +68,8 @@ def consumer_warpgroups(head_dim: int) -> int:
   return 1 if head_dim > 128 else NUM_COMPUTE_WGS
 
 
-def backward(q, k, v, lse, dout, delta, spec: AttentionSpec, config: MosaicGPUBlockSizes):
+def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
+             config: MosaicGPUBlockSizes):
   """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
   wgs = consumer_warpgroups(spec.head_dim)
   rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
@@ -79,7 +83,8 @@ def backward(q, k, v, lse, dout, delta, spec: AttentionSpec, config: MosaicGPUBl
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
   lse2 = _pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
   delta = _pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
-  operands = (q, k, v, dout, lse2, delta)
+  names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
+  operands = (q, k, v, dout, lse2, delta, names, feature_arrays)
   if spec.head_dim <= 128:
     dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
   else:
@@ -93,27 +98,33 @@ def backward(q, k, v, lse, dout, delta, spec: AttentionSpec, config: MosaicGPUBl
   return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
 
 
-def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
-         s_pad: int, outputs: tuple[str, ...]):
+def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
+         config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
   """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
-  rules = dict(causal=spec.causal, window=spec.window)
   need_dk, need_dv = "dk" in outputs, "dv" in outputs
+  segments = spec.has_segment_ids
+  kv_bound = spec.kv_len if s_pad > spec.kv_len else None
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+  def kernel(*refs):
+    tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
     out_refs, refs = refs[:len(outputs)], refs[len(outputs):]
     kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
+    if segments:
+      kv_seg_smem2, q_seg_ring, *barriers = barriers
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
     q_lo_blk, q_hi_blk = ranges.visited_q_blocks(
         cta_k_lo, cta_k_lo + rows_per_cta, block_q=block_q, q_len=spec.q_len,
-        kv_len=spec.kv_len, **rules)
+        kv_len=spec.kv_len, **rules.positional)
     num_steps = q_hi_blk - q_lo_blk
     rings = (q_ring, do_ring, lse_ring, delta_ring)
     sources = (
@@ -122,6 +133,10 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
         lambda step: lse_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
         lambda step: delta_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
     )
+    if segments:
+      q_ids_ref = feature_refs["q_segment_ids"]
+      rings += (q_seg_ring,)
+      sources += (lambda step: q_ids_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q)],)
     streams = tuple(pipeline.Stream(src, ring, barriers[2 * i], barriers[2 * i + 1])
                     for i, (src, ring) in enumerate(zip(sources, rings)))
 
@@ -133,12 +148,19 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
       rows = (batch, pl.ds(k_lo, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[wg])
+      if segments:
+        plgpu.copy_gmem_to_smem(feature_refs["kv_segment_ids"].at[batch, pl.ds(k_lo, block_kv)],
+                                kv_seg_smem2.at[wg], kv_ready.at[wg])
       plgpu.barrier_wait(kv_ready.at[wg])
-      f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
-                                              block_q=block_q, kv_len=spec.kv_len, **rules)
+      if segments:  # ids are not positional: every visited block is masked
+        kv_seg_rows = compat.load(kv_seg_smem2.at[wg], compat.row_layout())  # [block_kv]
+        f_lo = f_hi = q_hi_blk
+      else:
+        f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
+                                              block_q=block_q, kv_len=spec.kv_len,
+                                              **rules.positional)
       zeros = lambda: compat.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
                                          compat.wgmma_layout())
-      kv_bound = spec.kv_len if s_pad > spec.kv_len else None
 
       def step(i, carry, *, masked: bool):
         slot = pipeline.slot_of(i - q_lo_blk, stages)
@@ -160,7 +182,12 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
         if masked:
           q_idx = compat.iota((block_kv, block_q), 1) + i * block_q
           k_idx = compat.iota((block_kv, block_q), 0) + k_lo
-          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
+          q_ids = kv_ids = None
+          if segments:
+            q_seg_cols = compat.load(q_seg_ring.at[slot], compat.col_layout())  # [block_q]
+            q_ids = lax.broadcast_in_dim(q_seg_cols, pt.shape, [1])
+            kv_ids = lax.broadcast_in_dim(kv_seg_rows, pt.shape, [0])
+          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
@@ -199,7 +226,7 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
 
   transforms = compat.smem_transforms(dtype)
   ring_barriers = []
-  for _ in range(4):
+  for _ in range(5 if segments else 4):
     ring_barriers.extend(pipeline.ring_barriers(stages, wgs))
   scratch = [
       plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
@@ -208,9 +235,11 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q), jnp.float32),
       plgpu.SMEM((stages, block_q), jnp.float32),
-      plgpu.Barrier(num_arrivals=2, num_barriers=wgs),  # K and V rows
-      *ring_barriers,
+      plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=wgs),  # K, V (ids) rows
   ]
+  if segments:
+    scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
+  scratch += ring_barriers
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
                    for _ in outputs)
@@ -220,36 +249,46 @@ def _dkv(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBl
       grid_names=("heads", "kv_tiles", "batch"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
-  )(q, k, v, dout, lse2, delta)
+  )(q, k, v, dout, lse2, delta, *feature_arrays)
 
 
-def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
-        t_pad: int):
+def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
+        config: MosaicGPUBlockSizes, t_pad: int):
   """dQ: [B, T_pad, Nq, H]."""
   block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_q
   num_q_tiles = t_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
-  rules = dict(causal=spec.causal, window=spec.window)
   s_pad = k.shape[1]
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
+  segments = spec.has_segment_ids
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2,
-             lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready, k_free, v_ready,
-             v_free):
+  def kernel(*refs):
+    tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
+    (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready,
+     k_free, v_ready, v_free, *segment_scratch) = refs
+    if segments:
+      q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")  # longest causal tiles first
     cta_q_lo = tile * rows_per_cta
     lo, hi = ranges.visited_kv_blocks(
         cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
-        kv_len=spec.kv_len, **rules)
+        kv_len=spec.kv_len, **rules.positional)
     num_steps = hi - lo
     block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
     streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_ring, k_ready, k_free),
                pipeline.Stream(lambda step: v_ref.at[block(step)], v_ring, v_ready, v_free))
+    if segments:
+      kv_ids_ref = feature_refs["kv_segment_ids"]
+      streams += (pipeline.Stream(
+          lambda step: kv_ids_ref.at[batch, pl.ds((lo + step) * block_kv, block_kv)],
+          kv_seg_ring, seg_ready, seg_free),)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -263,11 +302,19 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
                               rows_ready.at[wg])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q_lo, block_q)],
                               delta_smem2.at[wg], rows_ready.at[wg])
+      if segments:
+        plgpu.copy_gmem_to_smem(feature_refs["q_segment_ids"].at[batch, pl.ds(q_lo, block_q)],
+                                q_seg_smem2.at[wg], rows_ready.at[wg])
       plgpu.barrier_wait(rows_ready.at[wg])
       lse_rows = compat.load(lse_smem2.at[wg], compat.row_layout())  # [block_q]
       delta_rows = compat.load(delta_smem2.at[wg], compat.row_layout())
-      f_lo, f_hi = ranges.unmasked_kv_blocks(q_lo, q_lo + block_q, lo, hi, block_kv=block_kv,
-                                             kv_len=spec.kv_len, **rules)
+      if segments:  # ids are not positional: every visited block is masked
+        q_seg_rows = compat.load(q_seg_smem2.at[wg], compat.row_layout())
+        f_lo = f_hi = hi
+      else:
+        f_lo, f_hi = ranges.unmasked_kv_blocks(q_lo, q_lo + block_q, lo, hi,
+                                               block_kv=block_kv, kv_len=spec.kv_len,
+                                               **rules.positional)
 
       def step(j, dq_acc, *, masked: bool):
         slot = pipeline.slot_of(j - lo, stages)
@@ -289,7 +336,14 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
         if masked:
           q_idx = compat.iota((block_q, block_kv), 0) + q_lo
           k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
-          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound, **rules)
+          q_ids = kv_ids = None
+          if segments:
+            plgpu.barrier_wait(seg_ready.at[slot])
+            kv_seg_cols = compat.load(kv_seg_ring.at[slot], compat.col_layout())
+            plgpu.barrier_arrive(seg_free.at[slot])
+            q_ids = lax.broadcast_in_dim(q_seg_rows, p.shape, [0])
+            kv_ids = lax.broadcast_in_dim(kv_seg_cols, p.shape, [1])
+          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
           p = p if visible is None else jnp.where(visible, p, 0.0)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
@@ -321,10 +375,13 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
       plgpu.SMEM((wgs, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.Barrier(num_arrivals=4, num_barriers=wgs),  # Q, dO, lse, delta rows
+      plgpu.Barrier(num_arrivals=5 if segments else 4, num_barriers=wgs),  # Q, dO, lse, delta (ids)
       *pipeline.ring_barriers(stages, wgs),
       *pipeline.ring_barriers(stages, wgs),
   ]
+  if segments:
+    scratch += [plgpu.SMEM((wgs, block_q), jnp.int32), plgpu.SMEM((stages, block_kv), jnp.int32),
+                *pipeline.ring_barriers(stages, wgs)]
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_dq"
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
@@ -332,5 +389,5 @@ def _dq(q, k, v, dout, lse2, delta, *, spec: AttentionSpec, config: MosaicGPUBlo
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
-  )(q, k, v, dout, lse2, delta)
+  )(q, k, v, dout, lse2, delta, *feature_arrays)
 

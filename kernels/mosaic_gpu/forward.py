@@ -13,9 +13,13 @@ the softmax of one overlaps the matmuls of the other (FlashAttention-3 section 3
 ping-pong scheduling); each consumer also waits for the next key block while its PV
 wgmma runs (section 3.2, intra-warpgroup overlap).
 
-Masking: the CTA visits only key blocks inside `masking.visible_kv_range`; blocks
-that all of a consumer's rows fully see run without mask arithmetic, the others
-(causal diagonal, window edges, the key tail) apply `masking.key_visibility`.
+Masking: the CTA visits only key blocks inside `masking.visible_kv_range` of its batch
+row (q_offset shifts the causal and window bounds; blocks at or past kv_length are
+never loaded; a tile whose rows all lie at or past q_length visits none); blocks that
+all of a consumer's rows fully see run without mask arithmetic, the others (causal
+diagonal, window edges, length boundaries, the key tail) apply
+`masking.key_visibility`. With segment ids every visited block is masked: the key
+ids stream through the ring beside K and V, the query ids sit beside Q.
 Both consumers walk the same blocks, so their barrier counts always match.
 Softmax statistics are kept in base 2 (logits times log2(e)) so exp2 does the work.
 """
@@ -33,7 +37,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking
 from flash_jax.spec import AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -52,8 +56,11 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, pad)
 
 
-def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
-  """q [B, T, Nq, H], k/v [B, S, Nkv, H] -> out [B, T, Nq, H], lse [B, Nq, T] float32."""
+def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
+  """q [B, T, Nq, H], k/v [B, S, Nkv, H] -> out [B, T, Nq, H], lse [B, Nq, T] float32.
+
+  `arrays`: the call's AttentionArrays (offsets, lengths, segment ids; see `features`).
+  """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   rows_per_cta = NUM_COMPUTE_WGS * block_q
   t_pad = _round_up(spec.q_len, rows_per_cta)
@@ -66,7 +73,8 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   num_q_tiles = t_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
-  visibility_rules = dict(causal=spec.causal, window=spec.window)
+  feature_names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
+  segments = spec.has_segment_ids
 
   def logits_base2(qk):
     """float32 q.k^T [block_q, block_kv] -> logits * log2(e) (scale folded in)."""
@@ -74,16 +82,21 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       return masking.transform_logits(qk, scale=spec.scale * LOG2E)
     return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
 
-  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
-             q_ready, k_ready, v_ready, k_free, v_free, schedule):
+  def kernel(*refs):
+    (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
+    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, v_ready,
+     k_free, v_free, schedule, *segment_scratch) = refs
+    if segments:
+      q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     # Longest causal tiles first, so the short ones fill the tail of the launch.
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
     cta_q_lo = tile * rows_per_cta
     lo, hi = ranges.visited_kv_blocks(
         cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
-        kv_len=spec.kv_len, **visibility_rules)
+        kv_len=spec.kv_len, **rules.positional)
     num_steps = hi - lo
 
     def rendezvous():  # both consumers arrive; neither leaves before the other came
@@ -97,10 +110,17 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       q_lo = cta_q_lo + wg * block_q
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_lo, block_q), head], q_smem,
                               q_ready.at[wg])
+      if segments:
+        plgpu.copy_gmem_to_smem(feature_refs["q_segment_ids"].at[batch, pl.ds(q_lo, block_q)],
+                                q_seg_smem2.at[wg], q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
-      f_lo, f_hi = ranges.unmasked_kv_blocks(
-          q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=spec.kv_len,
-          **visibility_rules)
+      if segments:  # ids are not positional: every visited block is masked
+        q_seg_rows = compat.load(q_seg_smem2.at[wg], compat.row_layout())  # [block_q]
+        f_lo = f_hi = hi
+      else:
+        f_lo, f_hi = ranges.unmasked_kv_blocks(
+            q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=spec.kv_len,
+            **rules.positional)
 
       row_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
                                    compat.row_layout())  # [block_q], base 2
@@ -130,8 +150,14 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         if masked:
           q_idx = compat.iota((block_q, block_kv), 0) + q_lo
           k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
-          visible = masking.key_visibility(q_idx, k_idx, kv_bound=kv_bound,
-                                           **visibility_rules)
+          q_ids = kv_ids = None
+          if segments:
+            plgpu.barrier_wait(seg_ready.at[slot])
+            kv_seg_cols = compat.load(kv_seg_ring.at[slot], compat.col_layout())
+            plgpu.barrier_arrive(seg_free.at[slot])
+            q_ids = lax.broadcast_in_dim(q_seg_rows, s.shape, [0])
+            kv_ids = lax.broadcast_in_dim(kv_seg_cols, s.shape, [1])
+          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
           s = masking.masked_logits(s, visible)
         # Online softmax, FlashAttention-2 section 3.1.1, in base 2.
         new_max = jnp.maximum(row_max, s.max(axis=1))
@@ -185,10 +211,14 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
     def _producer():
       kv_head = lax.div(head, jnp.int32(spec.group_size))
       block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
-      pipeline.produce(
-          (pipeline.Stream(lambda step: k_ref.at[block(step)], k_smem, k_ready, k_free),
-           pipeline.Stream(lambda step: v_ref.at[block(step)], v_smem, v_ready, v_free)),
-          num_steps, stages)
+      streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_smem, k_ready, k_free),
+                 pipeline.Stream(lambda step: v_ref.at[block(step)], v_smem, v_ready, v_free))
+      if segments:
+        kv_ids_ref = feature_refs["kv_segment_ids"]
+        streams += (pipeline.Stream(
+            lambda step: kv_ids_ref.at[batch, pl.ds((lo + step) * block_kv, block_kv)],
+            kv_seg_ring, seg_ready, seg_free),)
+      pipeline.produce(streams, num_steps, stages)
 
   transforms = compat.smem_transforms(dtype)
   scratch = [
@@ -196,13 +226,17 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
-      plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=NUM_COMPUTE_WGS),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
   ]
+  if segments:
+    scratch += [plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.int32),
+                plgpu.SMEM((stages, block_kv), jnp.int32),
+                *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS)]
   kernel.__name__ = "flash_jax_mosaic_gpu_fwd"
   out, lse = plgpu.kernel(
       kernel,
@@ -214,5 +248,5 @@ def forward(q, k, v, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       num_threads=NUM_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=compat.compiler_params(),
-  )(q, k, v)
+  )(q, k, v, *feature_arrays)
   return out[:, :spec.q_len], lse[:, :, :spec.q_len]

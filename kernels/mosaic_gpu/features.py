@@ -1,0 +1,95 @@
+"""The mask arrays of a call as the Mosaic GPU kernels receive and read them.
+
+Per-batch scalars (q_offset, q_lengths, kv_lengths: int32 [B]) travel as GMEM inputs;
+each CTA reads its batch row's entry with a scalar load (`ref[batch]`), so loop bounds
+and masks follow the batch row. Segment ids (int32 [B, T_pad], [B, S_pad]) travel as
+GMEM inputs too; the kernels copy the ids of their resident rows into shared memory
+once and stream the ids of the visited blocks through the TMA ring beside K/V (or
+Q/dO), then compare them on every visited tile (`masking.key_visibility`).
+
+`BatchRules` is what one CTA knows: the static rules (causal, window) plus its batch
+row's offset and lengths. Its `positional` dict feeds `ranges` and `masking`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from flash_jax import masking
+from flash_jax.spec import AttentionArrays, AttentionSpec
+
+SCALAR_NAMES = ("q_offset", "q_lengths", "kv_lengths")
+SEGMENT_NAMES = ("q_segment_ids", "kv_segment_ids")
+
+
+def _pad_last(x, size: int):
+  if x.shape[-1] == size:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def inputs(arrays: AttentionArrays, spec: AttentionSpec, *, t_pad: int,
+           s_pad: int) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+  """(names, int32 arrays) of the feature inputs a kernel takes after its tensors.
+
+  Segment ids are padded to the kernels' padded lengths (the padding is masked by
+  lengths or kv_bound, or belongs to dropped rows), so every TMA block lies in bounds.
+  """
+  names, values = [], []
+  for name in SCALAR_NAMES:
+    value = getattr(arrays, name)
+    if value is not None:
+      names.append(name)
+      values.append(value.astype(jnp.int32))
+  if spec.has_segment_ids:
+    names += list(SEGMENT_NAMES)
+    values.append(_pad_last(arrays.q_segment_ids.astype(jnp.int32), t_pad))
+    values.append(_pad_last(arrays.kv_segment_ids.astype(jnp.int32), s_pad))
+  return tuple(names), tuple(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRules:
+  """The visibility rules of one batch row, read inside a kernel body."""
+
+  causal: bool
+  window: Any
+  q_offset: Any  # traced int32 scalar or None
+  q_length: Any
+  kv_length: Any
+  kv_bound: int | None  # static S when key blocks overhang it
+  segments: dict  # name -> GMEM ref [B, T_pad] / [B, S_pad]; empty without segment ids
+
+  @classmethod
+  def read(cls, spec: AttentionSpec, refs: dict, batch, *, kv_bound: int | None):
+    scalar = lambda name: refs[name][batch] if name in refs else None
+    return cls(spec.causal, spec.window, scalar("q_offset"), scalar("q_lengths"),
+               scalar("kv_lengths"), kv_bound,
+               {name: refs[name] for name in SEGMENT_NAMES if name in refs})
+
+  @property
+  def positional(self) -> dict:
+    """Keyword arguments of the `ranges` functions."""
+    return dict(causal=self.causal, window=self.window, q_offset=self.q_offset,
+                q_length=self.q_length, kv_length=self.kv_length)
+
+  @property
+  def has_segments(self) -> bool:
+    return bool(self.segments)
+
+  def visible(self, q_idx, k_idx, *, q_segments=None, kv_segments=None):
+    """Bool visibility of a tile (`masking.key_visibility`), or None."""
+    return masking.key_visibility(
+        q_idx, k_idx, causal=self.causal, window=self.window, q_offset=self.q_offset,
+        q_segment_ids=q_segments, kv_segment_ids=kv_segments, q_length=self.q_length,
+        kv_length=self.kv_length, kv_bound=self.kv_bound)
+
+
+def split_refs(refs, names: tuple[str, ...], num_tensors: int):
+  """(tensor refs, {feature name: ref}, the remaining refs) of a kernel's arguments."""
+  tensors = refs[:num_tensors]
+  feature_refs = dict(zip(names, refs[num_tensors:num_tensors + len(names)]))
+  return tensors, feature_refs, refs[num_tensors + len(names):]
