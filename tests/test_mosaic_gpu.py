@@ -204,7 +204,8 @@ def test_default_on_hopper_and_unsupported_features():
   assert flash_jax.which_implementation(q, q, q, causal=True) == "mosaic_gpu"
   for kwargs in (dict(q_offset=3), dict(kv_lengths=jnp.array([5]))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) == "mosaic_gpu"
-  for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))), dict(mask=jnp.ones((1, 1, 256, 256), bool))):
+  for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))),
+                 dict(mask=jnp.ones((1, 1, 256, 256), bool))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) != "mosaic_gpu"
   q256 = jnp.ones((1, 256, 2, 256), jnp.bfloat16)
   assert flash_jax.which_implementation(q256, q256, q256, kv_lengths=jnp.array([5])) != "mosaic_gpu"
