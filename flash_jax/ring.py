@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 
 from flash_jax import spec as spec_lib
 from flash_jax.config import BlockSizes
-from flash_jax.ring_blocks import RingPlan, attend_block, block_grads, filled, merge
+from flash_jax.ring_blocks import RingPlan, attend_block, block_grads, filled
 from flash_jax.ring_layout import check_layout
 
 
@@ -45,9 +45,8 @@ def _ring_forward(plan: RingPlan, q, k, v, q_ids, kv_ids):
     kv, out, lse = carry
     if send_on:
       next_kv = plan.send(kv)  # in flight while this block is computed
-    block_out, block_lse = attend_block(plan, q, q_ids, kv, shard,
-                                        (shard - t) % plan.num_shards)
-    out, lse = merge(out, lse, block_out, block_lse)
+    out, lse = attend_block(plan, q, q_ids, kv, shard, (shard - t) % plan.num_shards,
+                            out, lse)
     return (next_kv if send_on else kv, out, lse)
 
   init = ((k, v, kv_ids), filled(q, (batch, length, num_q_heads, v.shape[-1]), 0.0),
@@ -69,9 +68,9 @@ def _ring_backward(plan: RingPlan, q, k, v, q_ids, kv_ids, out, lse, dout, delta
     # so the transfer overlaps this step's compute); the next K/V block is in flight too.
     dk, dv = plan.send(dkv_pending) if receive else dkv_pending
     next_kv = plan.send(kv) if send_on else kv
-    block_dq, block_dk, block_dv = block_grads(plan, q, q_ids, kv, out, lse, dout, delta,
-                                               shard, (shard - t) % n)
-    return next_kv, dq + block_dq, (dk + block_dk, dv + block_dv)
+    dq, dk, dv = block_grads(plan, q, q_ids, kv, out, lse, dout, delta, shard,
+                             (shard - t) % n, dq, dk, dv)
+    return next_kv, dq, (dk, dv)
 
   zeros = lambda x: filled(x, x.shape, 0.0)
   carry = ((k, v, kv_ids), zeros(q), (zeros(k), zeros(v)))

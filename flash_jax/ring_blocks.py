@@ -93,8 +93,8 @@ class _Pair:
 
   @classmethod
   def make(cls, plan: RingPlan, q_piece, kv_piece, q, k, v, q_ids, kv_ids):
-    q_p, k_p, v_p = q_piece.take(q), kv_piece.take(k), kv_piece.take(v)
-    segment_ids = None if q_ids is None else (q_piece.take(q_ids), kv_piece.take(kv_ids))
+    q_p, k_p, v_p = _take(q_piece, q), _take(kv_piece, k), _take(kv_piece, v)
+    segment_ids = None if q_ids is None else (_take(q_piece, q_ids), _take(kv_piece, kv_ids))
     unmasked = _Call.make(plan, q_p, k_p, v_p, segment_ids, positional=False)
     if not plan.positional:
       return cls(q_piece, kv_piece, None, unmasked, None)
@@ -174,55 +174,97 @@ def merge(out_a, lse_a, out_b, lse_b):
   return out, lse
 
 
-def attend_block(plan: RingPlan, q, q_ids, kv, q_shard, kv_shard):
-  """Local queries against one visiting K/V block -> (out [B, L, Nq, Hv] f32, lse [B, Nq, L]).
+def _take(piece: Piece, x, axis=1):
+  """The piece's rows of a shard-local array (its local_start may be traced)."""
+  return jax.lax.dynamic_slice_in_dim(x, piece.local_start, piece.length, axis)
+
+
+def _put(piece: Piece, x, rows, axis=1):
+  """x with the piece's rows replaced by `rows` (in place: x is not used after)."""
+  return jax.lax.dynamic_update_slice_in_dim(x, rows.astype(x.dtype), piece.local_start, axis)
+
+
+def _for_each_pair(plan: RingPlan, q_shard, kv_shard, body, carry):
+  """carry = body(q_piece, kv_piece, carry) for every (query piece, key/value piece) pair.
+
+  The pairs run in a loop, so whatever the scheduler does, one pair's operand slices and
+  results are held at a time (unrolled, XLA may run every pair's kernel before the first
+  update and hold all their slices and results at once). A shard's pieces have one
+  length, so the loop picks pair p's pieces by traced index.
+  """
+  q_pieces, kv_pieces = plan.pieces(q_shard), plan.pieces(kv_shard)
+  if len(q_pieces) * len(kv_pieces) == 1:
+    return body(q_pieces[0], kv_pieces[0], carry)
+
+  def piece(pieces, i):  # [B, L] rows of equal pieces, back to back: piece i by index
+    length, stride = pieces[0].length, pieces[0].stride
+    assert all(p.length == length and p.stride == stride and p.local_start == index * length
+               for index, p in enumerate(pieces)), pieces
+    starts = jnp.stack([jnp.asarray(p.global_start, jnp.int32) for p in pieces])
+    return Piece(i * length, length, starts[i], stride)
+
+  def step(p, carry):
+    i, j = jnp.divmod(p, len(kv_pieces))
+    return body(piece(q_pieces, i), piece(kv_pieces, j), carry)
+
+  return jax.lax.fori_loop(0, len(q_pieces) * len(kv_pieces), step, carry)
+
+
+def attend_block(plan: RingPlan, q, q_ids, kv, q_shard, kv_shard, out, lse):
+  """Merges the local queries' attention to one visiting K/V block into the running
+  result (out [B, L, Nq, Hv] float32, lse [B, Nq, L]) -> the updated (out, lse).
 
   kv = (k [B, L, Nkv, H], v [B, L, Nkv, Hv], kv_ids [B, L] or None) of device `kv_shard`.
+  Each pair's result merges straight into its rows of the running result: no partial
+  result of the whole block, and no concatenation, is ever held.
   """
   k, v, kv_ids = kv
   batch, _, num_q_heads, _ = q.shape
-  outs, lses = [], []
-  for q_piece in plan.pieces(q_shard):
-    rows = (batch, q_piece.length, num_q_heads)
-    out = filled(q, rows + (v.shape[-1],), 0.0)
-    lse = filled(q, (batch, num_q_heads, q_piece.length), -jnp.inf)
-    for kv_piece in plan.pieces(kv_shard):
-      pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
-      args = (q_piece.take(q), kv_piece.take(k), kv_piece.take(v), None)
-      pair_out, pair_lse = pair.run(
-          lambda call: call.impl.forward(*args, call.arrays, call.spec, call.config,
-                                         plan.interpret),
-          lambda: (filled(q, rows + (v.shape[-1],), 0.0, q.dtype),
-                   filled(q, lse.shape, -jnp.inf)))
-      out, lse = merge(out, lse, pair_out, pair_lse)
-    outs.append(out)
-    lses.append(lse)
-  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+  def body(q_piece, kv_piece, carry):
+    out, lse = carry
+    pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
+    args = (_take(q_piece, q), _take(kv_piece, k), _take(kv_piece, v), None)
+    pair_out, pair_lse = pair.run(
+        lambda call: call.impl.forward(*args, call.arrays, call.spec, call.config,
+                                       plan.interpret),
+        lambda: (filled(q, (batch, q_piece.length, num_q_heads, v.shape[-1]), 0.0, q.dtype),
+                 filled(q, (batch, num_q_heads, q_piece.length), -jnp.inf)))
+    piece_out, piece_lse = merge(_take(q_piece, out), _take(q_piece, lse, axis=2),
+                                 pair_out, pair_lse)
+    return _put(q_piece, out, piece_out), _put(q_piece, lse, piece_lse, axis=2)
+
+  return _for_each_pair(plan, q_shard, kv_shard, body, (out, lse))
 
 
-def block_grads(plan: RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, kv_shard):
-  """Gradient contributions of one visiting K/V block -> float32 (dq, dk, dv)."""
+def block_grads(plan: RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, kv_shard,
+                dq, dk, dv):
+  """Adds the gradient contributions of one visiting K/V block to the float32
+  accumulators dq [B, L, Nq, H], dk [B, L, Nkv, H], dv [B, L, Nkv, Hv] -> (dq, dk, dv).
+
+  Each pair's gradients (in the implementation's dtype) are added straight into their
+  rows of the accumulators: no per-block gradients, and no concatenation, are held.
+  """
   k, v, kv_ids = kv
-  zeros = lambda x, piece: filled(x, x.shape[:1] + (piece.length,) + x.shape[2:], 0.0)
-  q_pieces, kv_pieces = plan.pieces(q_shard), plan.pieces(kv_shard)
-  dq = [zeros(q, p) for p in q_pieces]
-  dk = [zeros(k, p) for p in kv_pieces]
-  dv = [zeros(v, p) for p in kv_pieces]
-  for i, q_piece in enumerate(q_pieces):
-    for j, kv_piece in enumerate(kv_pieces):
-      pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
 
-      def compute(call, q_piece=q_piece, kv_piece=kv_piece):
-        rows = lambda x: q_piece.take(x, axis=1)
-        stats = lambda x: q_piece.take(x, axis=2)
-        grads = call.impl.backward(rows(q), kv_piece.take(k), kv_piece.take(v), None,
-                                   call.arrays, rows(out), stats(lse), rows(dout), stats(delta),
-                                   call.spec, call.config, plan.interpret)
-        return tuple(g.astype(jnp.float32) for g in grads[:3])
+  def body(q_piece, kv_piece, carry):
+    dq, dk, dv = carry
+    pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
+    rows, stats = lambda x: _take(q_piece, x), lambda x: _take(q_piece, x, axis=2)
+    args = (rows(q), _take(kv_piece, k), _take(kv_piece, v), None)
+    residuals = (rows(out), stats(lse), rows(dout), stats(delta))
 
-      pair_dq, pair_dk, pair_dv = pair.run(
-          compute, lambda i=i, j=j: (jnp.zeros_like(dq[i]), jnp.zeros_like(dk[j]),
-                                     jnp.zeros_like(dv[j])))
-      dq[i], dk[j], dv[j] = dq[i] + pair_dq, dk[j] + pair_dk, dv[j] + pair_dv
-  join = lambda parts: jnp.concatenate(parts, axis=1)
-  return join(dq), join(dk), join(dv)
+    def compute(call):
+      grads = call.impl.backward(*args, call.arrays, *residuals, call.spec, call.config,
+                                 plan.interpret)
+      return tuple(grads[:3])
+
+    # A skipped pair gives zeros in the implementation's dtypes (not float32: the
+    # switch's result is one pair's gradients, held until they are added).
+    shapes = jax.eval_shape(lambda: compute(pair.unmasked))
+    pair_dq, pair_dk, pair_dv = pair.run(
+        compute, lambda: tuple(filled(q, s.shape, 0.0, s.dtype) for s in shapes))
+    add = lambda piece, acc, g: _put(piece, acc, _take(piece, acc) + g.astype(jnp.float32))
+    return add(q_piece, dq, pair_dq), add(kv_piece, dk, pair_dk), add(kv_piece, dv, pair_dv)
+
+  return _for_each_pair(plan, q_shard, kv_shard, body, (dq, dk, dv))
