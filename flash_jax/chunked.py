@@ -44,11 +44,10 @@ class _Chunks:
 
 
 def _pad_axis(x, axis, size, value=0):
-  if x is None or x.shape[axis] in (1, size):
+  """tiles.pad_axis, passing None and broadcast (size-1) axes through."""
+  if x is None or x.shape[axis] == 1:
     return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+  return tiles.pad_axis(x, axis, size, value)
 
 
 def _chunk_inputs(k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config) -> _Chunks:

@@ -93,8 +93,8 @@ class _Pair:
 
   @classmethod
   def make(cls, plan: RingPlan, q_piece, kv_piece, q, k, v, q_ids, kv_ids):
-    q_p, k_p, v_p = _take(q_piece, q), _take(kv_piece, k), _take(kv_piece, v)
-    segment_ids = None if q_ids is None else (_take(q_piece, q_ids), _take(kv_piece, kv_ids))
+    q_p, k_p, v_p = q_piece.take(q), kv_piece.take(k), kv_piece.take(v)
+    segment_ids = None if q_ids is None else (q_piece.take(q_ids), kv_piece.take(kv_ids))
     unmasked = _Call.make(plan, q_p, k_p, v_p, segment_ids, positional=False)
     if not plan.positional:
       return cls(q_piece, kv_piece, None, unmasked, None)
@@ -174,16 +174,6 @@ def merge(out_a, lse_a, out_b, lse_b):
   return out, lse
 
 
-def _take(piece: Piece, x, axis=1):
-  """The piece's rows of a shard-local array (its local_start may be traced)."""
-  return jax.lax.dynamic_slice_in_dim(x, piece.local_start, piece.length, axis)
-
-
-def _put(piece: Piece, x, rows, axis=1):
-  """x with the piece's rows replaced by `rows` (in place: x is not used after)."""
-  return jax.lax.dynamic_update_slice_in_dim(x, rows.astype(x.dtype), piece.local_start, axis)
-
-
 def _for_each_pair(plan: RingPlan, q_shard, kv_shard, body, carry):
   """carry = body(q_piece, kv_piece, carry) for every (query piece, key/value piece) pair.
 
@@ -224,15 +214,15 @@ def attend_block(plan: RingPlan, q, q_ids, kv, q_shard, kv_shard, out, lse):
   def body(q_piece, kv_piece, carry):
     out, lse = carry
     pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
-    args = (_take(q_piece, q), _take(kv_piece, k), _take(kv_piece, v), None)
+    args = (q_piece.take(q), kv_piece.take(k), kv_piece.take(v), None)
     pair_out, pair_lse = pair.run(
         lambda call: call.impl.forward(*args, call.arrays, call.spec, call.config,
                                        plan.interpret),
         lambda: (filled(q, (batch, q_piece.length, num_q_heads, v.shape[-1]), 0.0, q.dtype),
                  filled(q, (batch, num_q_heads, q_piece.length), -jnp.inf)))
-    piece_out, piece_lse = merge(_take(q_piece, out), _take(q_piece, lse, axis=2),
+    piece_out, piece_lse = merge(q_piece.take(out), q_piece.take(lse, axis=2),
                                  pair_out, pair_lse)
-    return _put(q_piece, out, piece_out), _put(q_piece, lse, piece_lse, axis=2)
+    return q_piece.put(out, piece_out), q_piece.put(lse, piece_lse, axis=2)
 
   return _for_each_pair(plan, q_shard, kv_shard, body, (out, lse))
 
@@ -250,8 +240,8 @@ def block_grads(plan: RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, kv
   def body(q_piece, kv_piece, carry):
     dq, dk, dv = carry
     pair = _Pair.make(plan, q_piece, kv_piece, q, k, v, q_ids, kv_ids)
-    rows, stats = lambda x: _take(q_piece, x), lambda x: _take(q_piece, x, axis=2)
-    args = (rows(q), _take(kv_piece, k), _take(kv_piece, v), None)
+    rows, stats = lambda x: q_piece.take(x), lambda x: q_piece.take(x, axis=2)
+    args = (rows(q), kv_piece.take(k), kv_piece.take(v), None)
     residuals = (rows(out), stats(lse), rows(dout), stats(delta))
 
     def compute(call):
@@ -264,7 +254,7 @@ def block_grads(plan: RingPlan, q, q_ids, kv, out, lse, dout, delta, q_shard, kv
     shapes = jax.eval_shape(lambda: compute(pair.unmasked))
     pair_dq, pair_dk, pair_dv = pair.run(
         compute, lambda: tuple(filled(q, s.shape, 0.0, s.dtype) for s in shapes))
-    add = lambda piece, acc, g: _put(piece, acc, _take(piece, acc) + g.astype(jnp.float32))
+    add = lambda piece, acc, g: piece.put(acc, piece.take(acc) + g.astype(jnp.float32))
     return add(q_piece, dq, pair_dq), add(kv_piece, dk, pair_dk), add(kv_piece, dv, pair_dv)
 
   return _for_each_pair(plan, q_shard, kv_shard, body, (dq, dk, dv))

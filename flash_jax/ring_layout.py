@@ -34,16 +34,20 @@ LAYOUTS = ("contiguous", "zigzag", "striped")
 @dataclasses.dataclass(frozen=True)
 class Piece:
   """Local rows [local_start, local_start + length) at global positions
-  global_start + stride * i (i = 0, 1, ...). global_start may be traced."""
+  global_start + stride * i (i = 0, 1, ...). local_start and global_start may be traced."""
 
-  local_start: int
+  local_start: jax.Array | int
   length: int
   global_start: jax.Array | int
   stride: int = 1
 
   def take(self, x, axis=1):
-    """The piece's rows of a shard-local array (a static slice)."""
-    return jax.lax.slice_in_dim(x, self.local_start, self.local_start + self.length, axis=axis)
+    """The piece's rows of a shard-local array (local_start may be traced)."""
+    return jax.lax.dynamic_slice_in_dim(x, self.local_start, self.length, axis)
+
+  def put(self, x, rows, axis=1):
+    """x with the piece's rows replaced by `rows` (in place when x is not used after)."""
+    return jax.lax.dynamic_update_slice_in_dim(x, rows.astype(x.dtype), self.local_start, axis)
 
 
 def check_layout(layout: str, *, local_len: int) -> None:

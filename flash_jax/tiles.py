@@ -1,4 +1,5 @@
-"""jnp tile computations shared by the reference and the chunked implementation.
+"""jnp tile computations shared by the reference, the chunked implementation and the
+kernels' wrappers (padding to whole blocks).
 
 A tile is all queries against the key columns [k_start, k_start + width), laid out in
 the grouped frame [B, Nkv, G, T, width] (G = query heads per key/value head), so GQA
@@ -12,6 +13,20 @@ import jax.numpy as jnp
 
 from flash_jax import masking
 from flash_jax.spec import AttentionArrays, AttentionSpec
+
+
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """x padded with `value` at the end of `axis` to length `size` (x itself if it has it)."""
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
 
 
 def group_queries(q, spec: AttentionSpec):

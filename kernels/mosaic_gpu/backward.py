@@ -34,24 +34,12 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from flash_jax import masking
+from flash_jax import masking, tiles
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _pad_axis(x, axis: int, size: int):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def _logits_base2(qk, spec: AttentionSpec):
@@ -73,16 +61,16 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
   wgs = consumer_warpgroups(spec.head_dim)
   rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
-  t_pad = _round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
-  s_pad = _round_up(spec.kv_len, math.lcm(rows_dkv, config.block_kv_dq))
+  t_pad = tiles.round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
+  s_pad = tiles.round_up(spec.kv_len, math.lcm(rows_dkv, config.block_kv_dq))
   # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
   # hidden (kv_bound). Rows that saw no key have lse = -inf: base 0 keeps exp2 finite,
   # and the mask zeroes their P (every key they could pair with is masked).
-  q, dout = _pad_axis(q, 1, t_pad), _pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H]
-  k, v = _pad_axis(k, 1, s_pad), _pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H]
+  q, dout = tiles.pad_axis(q, 1, t_pad), tiles.pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H]
+  k, v = tiles.pad_axis(k, 1, s_pad), tiles.pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H]
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
-  lse2 = _pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
-  delta = _pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
+  lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
+  delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   operands = (q, k, v, dout, lse2, delta, names, feature_arrays)
   if spec.head_dim <= 128:

@@ -18,17 +18,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from flash_jax import masking
+from flash_jax import masking, tiles
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
 SCALAR_NAMES = ("q_offset", "q_lengths", "kv_lengths")
 SEGMENT_NAMES = ("q_segment_ids", "kv_segment_ids")
-
-
-def _pad_last(x, size: int):
-  if x.shape[-1] == size:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
 def inputs(arrays: AttentionArrays, spec: AttentionSpec, *, t_pad: int,
@@ -46,8 +40,8 @@ def inputs(arrays: AttentionArrays, spec: AttentionSpec, *, t_pad: int,
       values.append(value.astype(jnp.int32))
   if spec.has_segment_ids:
     names += list(SEGMENT_NAMES)
-    values.append(_pad_last(arrays.q_segment_ids.astype(jnp.int32), t_pad))
-    values.append(_pad_last(arrays.kv_segment_ids.astype(jnp.int32), s_pad))
+    values.append(tiles.pad_axis(arrays.q_segment_ids.astype(jnp.int32), -1, t_pad))
+    values.append(tiles.pad_axis(arrays.kv_segment_ids.astype(jnp.int32), -1, s_pad))
   return tuple(names), tuple(values)
 
 

@@ -35,25 +35,13 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from flash_jax import masking
+from flash_jax import masking, tiles
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _pad_axis(x, axis: int, size: int):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
@@ -63,13 +51,13 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   rows_per_cta = NUM_COMPUTE_WGS * block_q
-  t_pad = _round_up(spec.q_len, rows_per_cta)
-  s_pad = _round_up(spec.kv_len, block_kv)
+  t_pad = tiles.round_up(spec.q_len, rows_per_cta)
+  s_pad = tiles.round_up(spec.kv_len, block_kv)
   # Tails: padded query rows are computed and dropped; padded keys are masked
   # (kv_bound) on the last block, which `ranges` never counts as unmasked.
-  q = _pad_axis(q, 1, t_pad)  # [B, T_pad, Nq, H]
-  k = _pad_axis(k, 1, s_pad)  # [B, S_pad, Nkv, H]
-  v = _pad_axis(v, 1, s_pad)
+  q = tiles.pad_axis(q, 1, t_pad)  # [B, T_pad, Nq, H]
+  k = tiles.pad_axis(k, 1, s_pad)  # [B, S_pad, Nkv, H]
+  v = tiles.pad_axis(v, 1, s_pad)
   num_q_tiles = t_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None

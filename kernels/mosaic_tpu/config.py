@@ -14,6 +14,7 @@ import jax
 
 from flash_jax.config import BlockSizes
 from flash_jax.spec import AttentionSpec
+from flash_jax.tiles import round_up
 
 LANES = 128  # lanes of a TPU vector register: block sizes and head dims are padded to it
 SUBLANES = 8  # sublanes of a TPU vector register
@@ -73,10 +74,6 @@ def device_kind() -> str:
 
 def generation_defaults(kind: str | None = None) -> GenerationDefaults:
   return _GENERATION_DEFAULTS.get(device_kind() if kind is None else kind, _FALLBACK_DEFAULTS)
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 def default_block_sizes(spec: AttentionSpec, kind: str | None = None) -> MosaicTpuBlockSizes:

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from flash_jax.spec import AttentionArrays, AttentionSpec
+from flash_jax.tiles import round_up
 
-from flash_jax.kernels.mosaic_tpu.config import LANES, SUBLANES, round_up
+from flash_jax.kernels.mosaic_tpu.config import LANES, SUBLANES
 
 
 @dataclasses.dataclass(frozen=True)
