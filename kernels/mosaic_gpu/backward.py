@@ -168,14 +168,10 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
         if masked:
-          q_idx = compat.iota((block_kv, block_q), 1) + i * block_q
-          k_idx = compat.iota((block_kv, block_q), 0) + k_lo
-          q_ids = kv_ids = None
-          if segments:
-            q_seg_cols = compat.load(q_seg_ring.at[slot], compat.col_layout())  # [block_q]
-            q_ids = lax.broadcast_in_dim(q_seg_cols, pt.shape, [1])
-            kv_ids = lax.broadcast_in_dim(kv_seg_rows, pt.shape, [0])
-          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
+          read_segment_ids = lambda: (  # this block's query ids ([block_q]) ride its ring
+              compat.load(q_seg_ring.at[slot], compat.col_layout()), kv_seg_rows)
+          visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
+                                       read_segment_ids=read_segment_ids if segments else None)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
@@ -322,16 +318,10 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         s, softcap_grad = _logits_base2(s, spec)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
         if masked:
-          q_idx = compat.iota((block_q, block_kv), 0) + q_lo
-          k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
-          q_ids = kv_ids = None
-          if segments:
-            plgpu.barrier_wait(seg_ready.at[slot])
-            kv_seg_cols = compat.load(kv_seg_ring.at[slot], compat.col_layout())
-            plgpu.barrier_arrive(seg_free.at[slot])
-            q_ids = lax.broadcast_in_dim(q_seg_rows, p.shape, [0])
-            kv_ids = lax.broadcast_in_dim(kv_seg_cols, p.shape, [1])
-          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
+          read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
+              q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))
+          visible = rules.tile_visible(p.shape, q_lo=q_lo, k_lo=j * block_kv,
+                                       read_segment_ids=read_segment_ids if segments else None)
           p = p if visible is None else jnp.where(visible, p, 0.0)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:

@@ -17,9 +17,12 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, tiles
 from flash_jax.spec import AttentionArrays, AttentionSpec
+from flash_jax.kernels.mosaic_gpu import compat
 
 SCALAR_NAMES = ("q_offset", "q_lengths", "kv_lengths")
 SEGMENT_NAMES = ("q_segment_ids", "kv_segment_ids")
@@ -80,6 +83,33 @@ class BatchRules:
         q_idx, k_idx, causal=self.causal, window=self.window, q_offset=self.q_offset,
         q_segment_ids=q_segments, kv_segment_ids=kv_segments, q_length=self.q_length,
         kv_length=self.kv_length, kv_bound=self.kv_bound)
+
+  def tile_visible(self, shape, *, q_lo, k_lo, q_axis: int = 0, read_segment_ids=None):
+    """Visibility of a masked tile, or None: axis `q_axis` of `shape` runs over queries
+    q_lo + i, the other over keys k_lo + j.
+
+    read_segment_ids: with segment ids, a function returning the tile's (query ids,
+    key ids) as vectors along their axes; it is called after the position iotas, so a
+    wait on a ring slot comes as late as it can.
+    """
+    k_axis = 1 - q_axis
+    q_idx = compat.iota(shape, q_axis) + q_lo
+    k_idx = compat.iota(shape, k_axis) + k_lo
+    q_ids = kv_ids = None
+    if read_segment_ids is not None:
+      q_vec, kv_vec = read_segment_ids()
+      q_ids = lax.broadcast_in_dim(q_vec, shape, [q_axis])
+      kv_ids = lax.broadcast_in_dim(kv_vec, shape, [k_axis])
+    return self.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
+
+
+def read_ring_slot(ring, ready, free, slot):
+  """Slot `slot` of a producer-fed ring of vectors [block], in the column layout of a
+  tile (one entry per column): wait for the copy, load, release the slot."""
+  plgpu.barrier_wait(ready.at[slot])
+  vector = compat.load(ring.at[slot], compat.col_layout())
+  plgpu.barrier_arrive(free.at[slot])
+  return vector
 
 
 def split_refs(refs, names: tuple[str, ...], num_tensors: int):

@@ -136,16 +136,10 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         s = logits_base2(qk)  # [block_q, block_kv]
         visible = None
         if masked:
-          q_idx = compat.iota((block_q, block_kv), 0) + q_lo
-          k_idx = compat.iota((block_q, block_kv), 1) + j * block_kv
-          q_ids = kv_ids = None
-          if segments:
-            plgpu.barrier_wait(seg_ready.at[slot])
-            kv_seg_cols = compat.load(kv_seg_ring.at[slot], compat.col_layout())
-            plgpu.barrier_arrive(seg_free.at[slot])
-            q_ids = lax.broadcast_in_dim(q_seg_rows, s.shape, [0])
-            kv_ids = lax.broadcast_in_dim(kv_seg_cols, s.shape, [1])
-          visible = rules.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
+          read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
+              q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))
+          visible = rules.tile_visible(s.shape, q_lo=q_lo, k_lo=j * block_kv,
+                                       read_segment_ids=read_segment_ids if segments else None)
           s = masking.masked_logits(s, visible)
         # Online softmax, FlashAttention-2 section 3.1.1, in base 2.
         new_max = jnp.maximum(row_max, s.max(axis=1))
