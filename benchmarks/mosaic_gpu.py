@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_jax
+from flash_jax.bench import attention_flops
 from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes
 
 FLOOR = {"bfloat16": 4e-3, "float16": 1e-3}
@@ -115,7 +116,7 @@ def variants(log, head_dims, seqs, configs, modes):
       args = [tuple(jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
                     for key in jax.random.split(jax.random.PRNGKey(seed), 4)) for seed in (0, 1)]
       for causal in (False, True):
-        flops = 4.0 * b * n * seq * seq * h / (2 if causal else 1)
+        flops = attention_flops(b, n, seq, seq, h, causal=causal)
         contenders = {"cudnn": lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn")}
         for cfg in configs.get(h, [None]):

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flash_jax
+from flash_jax.bench import attention_flops
 
 FLOOR = {"bfloat16": 4e-3, "float16": 1e-3, "float32": 2e-5}
 
@@ -255,12 +256,6 @@ def partition(log, small):
   return ok
 
 
-def _flops(seq, heads, head_dim, causal, backward):
-  """Matmul FLOPs of attention (4·T·S·N·H forward, 2.5x that backward; half if causal)."""
-  forward = 4 * seq * seq * heads * head_dim / (2 if causal else 1)
-  return forward * (3.5 if backward else 1.0)
-
-
 def scaling(log, small):
   """Issue protocol: ring over all GPUs vs one GPU at 32k/64k/128k tokens, checked."""
   n = len(jax.local_devices())
@@ -295,7 +290,8 @@ def scaling(log, small):
             f"{_err(got[0], base[0]):.2e}; error/bound vs float32:{text}")
         del got
         times = (_time(fwd_n, *args, **timing), _time(fwd_bwd_n, *args, ring_dout, **timing))
-        tflops = [_flops(seq, heads, head_dim, causal, backward) / (t * 1e-3) / n / 1e12
+        tflops = [attention_flops(1, heads, seq, seq, head_dim, causal=causal,
+                                  backward=backward) / (t * 1e-3) / n / 1e12
                   for backward, t in ((False, times[0]), (True, times[1]))]
         log(f"| {seq} | {'causal' if causal else 'full'} | {layout} | {one[0]:.1f} | "
             f"{times[0]:.1f} | {one[0] / (n * times[0]):.2f} | {one[1]:.1f} | {times[1]:.1f} | "

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_jax
+from flash_jax.bench import attention_flops
 from flash_jax.kernels.triton import TritonConfig
 
 # On CPU (a smoke test of this script) the kernels run in interpret mode.
@@ -168,7 +169,7 @@ def variants(log, head_dims, seqs, configs, modes, causals):
       args = [tuple(jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
                     for key in jax.random.split(jax.random.PRNGKey(seed), 4)) for seed in (0, 1)]
       for causal in causals:
-        flops = 4.0 * b * n * seq * seq * h / (2 if causal else 1)
+        flops = attention_flops(b, n, seq, seq, h, causal=causal)
         contenders = {"cudnn": lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn")}
         for text in configs:
@@ -231,7 +232,7 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
           out, lse = forward(q, k, v, None, arrays, spec, default, INTERPRET)
           delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
           args.append((q, k, v, dout, lse, delta))
-        fwd_flops = 4.0 * b * n * seq * seq * h / (2 if causal else 1)
+        fwd_flops = attention_flops(b, n, seq, seq, h, causal=causal)
         for text in kernel_configs:
           kernel, _, values = text.partition("=")
           fields = dict(zip(KERNEL_FIELDS[kernel], (int(x) for x in values.split(",")))) \
@@ -286,7 +287,7 @@ def memory(log, seq=65536, heads=16, head_dim=128):
   sec = _time(jf, [(q, k, v, dout)], warmup=1, repeats=3)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use", float("nan"))
-  flops = 3.5 * 4.0 * heads * seq * seq * head_dim / 2
+  flops = attention_flops(1, heads, seq, seq, head_dim, causal=True, backward=True)
   print(f"memory: fwd+bwd causal B=1 N={heads} H={head_dim} S={seq} bf16: {sec * 1e3:.1f} ms "
         f"({flops / sec / 1e12:.1f} TFLOP/s), peak {peak / 2**30:.2f} GiB "
         f"(q,k,v,dout {inputs / 2**30:.2f} GiB; an S x S score matrix per head would be "

@@ -43,10 +43,16 @@ class Problem:
     return max(1, self.model_dim // self.head_dim)
 
   def flops(self) -> float:
-    """The paper's count: 4 B N T S H forward (half when causal), backward 2.5x forward."""
-    fwd = 4.0 * self.batch * self.heads * self.seq_len * self.seq_len * self.head_dim
-    fwd = fwd / 2 if self.causal else fwd
-    return fwd * (3.5 if self.mode == "fwd_bwd" else 1.0)
+    return attention_flops(self.batch, self.heads, self.seq_len, self.seq_len, self.head_dim,
+                           causal=self.causal, backward=self.mode == "fwd_bwd")
+
+
+def attention_flops(batch, heads, q_len, kv_len, head_dim, *, causal: bool,
+                    backward: bool = False) -> float:
+  """The FlashAttention papers' count: 4·B·N·T·S·H forward (two matmuls of 2·T·S·H), half
+  when causal; the backward is 2.5x the forward, so forward+backward is 3.5x."""
+  forward = 4.0 * batch * heads * q_len * kv_len * head_dim / (2 if causal else 1)
+  return forward * (3.5 if backward else 1.0)
 
 
 def _contenders(platform: str, names) -> dict:
