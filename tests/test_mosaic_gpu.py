@@ -124,14 +124,23 @@ def test_config_defaults_and_validation():
     MosaicGPUBlockSizes(num_stages=1)
   with pytest.raises(ValueError, match="block_q"):
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
+  with pytest.raises(ValueError, match="fused_backward"):
+    MosaicGPUBlockSizes(fused_backward=1)
 
 
-def test_per_batch_features_gated_by_head_dim(monkeypatch):
+def test_fused_backward_only_at_head_dim_128():
+  from flash_jax.kernels.mosaic_gpu.backward import fuses_dq
+  fuses = lambda d, **kw: fuses_dq(_spec(d), resolve(MosaicGPUBlockSizes(**kw), _spec(d)))
+  assert fuses(128) and fuses(128, fused_backward=True)
+  assert not fuses(128, fused_backward=False)
+  assert not fuses(64) and not fuses(256)
+
+
+def test_features_served_and_declined(monkeypatch):
   impl = flash_jax.dispatch.get_implementation("mosaic_gpu")
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
-  impl.check_spec(_spec(128, q_offset=3, kv_lengths=jnp.array([5])))
-  with pytest.raises(NotImplementedError, match="head_dim=256"):
-    impl.check_spec(_spec(256, kv_lengths=jnp.array([5])))
+  for d in (64, 128, 256):
+    impl.check_spec(_spec(d, q_offset=3, kv_lengths=jnp.array([5])))
   with pytest.raises(NotImplementedError, match="dropout"):
     impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
 
@@ -154,12 +163,16 @@ FEATURE_CALLS = [
     (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
                segment_ids=True)),
     (64, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
+    (128, dict(causal=True, window=(40, 0), q_offset=133, fused_backward=False)),
+    (256, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
 ]
 
 
 def _feature_kwargs(options, b, t, s):
   """Concrete flash_attention arguments for FEATURE_CALLS / the GPU feature tests."""
   kwargs = dict(options)
+  if "fused_backward" in kwargs:
+    kwargs["block_sizes"] = MosaicGPUBlockSizes(fused_backward=kwargs.pop("fused_backward"))
   if kwargs.get("q_offset") == "array":
     kwargs["q_offset"] = jnp.array([s - t, 11][:b], jnp.int32)
   if kwargs.pop("q_lengths", False):
@@ -207,8 +220,6 @@ def test_default_on_hopper_and_unsupported_features():
   for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))),
                  dict(mask=jnp.ones((1, 1, 256, 256), bool))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) != "mosaic_gpu"
-  q256 = jnp.ones((1, 256, 2, 256), jnp.bfloat16)
-  assert flash_jax.which_implementation(q256, q256, q256, kv_lengths=jnp.array([5])) != "mosaic_gpu"
   with pytest.raises(NotImplementedError, match="head_dim"):
     q96 = jnp.ones((1, 256, 2, 96), jnp.bfloat16)
     flash_jax.flash_attention(q96, q96, q96, implementation="mosaic_gpu")
@@ -257,6 +268,10 @@ def _poisoned(x, lengths, round_to: int, poison: float):
 @pytest.mark.parametrize("head_dim,options", [
     (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True)),
     (64, dict(kv_lengths=True, q_lengths=True, segment_ids=True)),
+    (128, dict(kv_lengths=True, q_lengths=True, segment_ids=True)),
+    (128, dict(window=(70, 30), q_offset="array", q_lengths=True, kv_lengths=True,
+               segment_ids=True)),
+    (256, dict(causal=True, q_offset="array", kv_lengths=True, segment_ids=True)),
 ], ids=str)
 def test_lengths_offsets_segments_with_poison(head_dim, options):
   """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
@@ -304,3 +319,32 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
     assert np.all(np.asarray(got[0], np.float32)[hidden] == 0)
     assert np.all(np.isneginf(np.asarray(got[1]).transpose(0, 2, 1)[hidden]))
     assert np.all(np.asarray(got[2], np.float32)[hidden] == 0)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_backward_is_deterministic_and_matches_two_kernels(causal):
+  """The head-dim-128 backward adds dQ across key tiles in a fixed order: two runs are
+  bitwise equal, and it agrees with the two-kernel backward (which has no cross-CTA sum)
+  by the accuracy rule against the float32 reference."""
+  from conftest import assert_accurate
+  keys = jax.random.split(jax.random.PRNGKey(7 + causal), 4)
+  q, k, v, dout = (jax.random.normal(key, (2, 2048, 4, 128), jnp.bfloat16) for key in keys)
+
+  def grads(q, k, v, impl="mosaic_gpu", block_sizes=None):
+    f = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal, implementation=impl,
+                                                  block_sizes=block_sizes)
+    return jax.vjp(f, q, k, v)[1](dout)
+
+  fused = jax.jit(grads)
+  first, second = fused(q, k, v), fused(q, k, v)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  two_kernels = grads(q, k, v, block_sizes=MosaicGPUBlockSizes(fused_backward=False))
+  same = grads(q, k, v, impl="xla")
+  with jax.default_matmul_precision("highest"):
+    ref = grads(*(x.astype(jnp.float32) for x in (q, k, v)), impl="xla")
+  for name, g, g2, sp, r in zip(("dq", "dk", "dv"), first, two_kernels, same, ref):
+    assert_accurate(name, g, sp, r, factor=3, dtype="bfloat16")
+    assert_accurate(name + " (2 kernels)", g2, sp, r, factor=3, dtype="bfloat16")

@@ -1,11 +1,11 @@
-"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic (no atomics).
+"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic.
 
-FlashAttention-2 Algorithm 2 split into two passes that each own their output, as in
-FlashAttention-3 section 3 (backward): probabilities are recomputed from the forward's
-lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
+FlashAttention-2 Algorithm 2 as in FlashAttention-3 section 3 (backward):
+probabilities are recomputed from the forward's lse, P = exp(logits - lse), and with
+delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
     dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
-Both kernels use the forward's layout: a producer warpgroup streams blocks through a
+The kernels use the forward's layout: a producer warpgroup streams blocks through a
 TMA ring (`pipeline`), two consumer warpgroups (one at head dim 256, for shared
 memory) each own 64 rows of the output and issue wgmma with float32 accumulators in
 registers; each step issues its independent wgmmas in one scope (S with dP, then dV
@@ -13,7 +13,12 @@ with dK) so it waits on the tensor cores twice, not four times.
   * dK/dV: a CTA owns 2 x 64 key rows of one (batch, query head) and streams the
     query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
     its own dK/dV, summed over the group afterwards in float32.
-  * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
+  * Fused dQ (head dim 128, the default there): the same kernel also forms dQ = dS K
+    for each streamed query block (5 matmuls per tile pair instead of 7) and adds it
+    into a float32 sum in GMEM in the order of the key tiles (`_OrderedDqSum`), so
+    the result does not depend on the schedule.
+  * dQ (other head dims, or `fused_backward=False`): a CTA owns 2 x 64 query rows and
+    streams the visible key blocks (K, V); no cross-CTA sum.
 Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 `features`) are skipped by loop bounds; fully visible blocks run without mask
 arithmetic. With segment ids every visited block is masked; the ids of the resident
@@ -25,8 +30,10 @@ and dV, so dK and dV run as two launches of the same kernel (`outputs`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,12 +80,20 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   operands = (q, k, v, dout, lse2, delta, names, feature_arrays)
-  if spec.head_dim <= 128:
-    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
+  if fuses_dq(spec, config):
+    dk, dv, dq_sum = _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
+                          outputs=("dk", "dv", "dq"))
+    # Query blocks that no key tile visits hold no write: their rows saw no key
+    # (lse = -inf), and their gradient is zero.
+    seen = jnp.isfinite(tiles.pad_axis(lse, 2, t_pad)).transpose(0, 2, 1)[..., None]
+    dq = jnp.where(seen, dq_sum * spec.scale, 0.0).astype(q.dtype)  # [B, T_pad, Nq, H]
   else:
-    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
-    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
-  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
+    if spec.head_dim <= 128:
+      dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
+    else:
+      (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
+      (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
+    dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
     group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
                                 spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
@@ -86,15 +101,86 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
 
 
+def fuses_dq(spec: AttentionSpec, config: MosaicGPUBlockSizes) -> bool:
+  """Whether the backward is one kernel (dK/dV and dQ, 5 matmuls per tile pair) instead
+  of two (7 matmuls): at head dim 128, where the two consumers split dQ's columns."""
+  return (config.fused_backward is not False and spec.head_dim == 128
+          and consumer_warpgroups(spec.head_dim) == NUM_COMPUTE_WGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrderedDqSum:
+  """Adds one consumer's dQ part [block_q, dq_cols] of each visited query block into the
+  float32 dQ sum in GMEM, deterministically (FlashAttention-3 section 3.3, backward:
+  dQ accumulated across key tiles, here in a fixed order).
+
+  The key tiles that visit a query block are consecutive (visible ranges are monotone
+  in position), and tile t is launched after tile t - 1. The first visitor stores its
+  part; every later one waits for a token that its predecessor leaves in
+  `tokens[block, t % 2, column half]` once its own add has landed, and adds. So the
+  float32 sum is always formed in the order of the key tiles, whatever the schedule.
+  The add of step i is issued at step i and completed (then the token passed) during
+  the score matmuls of step i + 1, so the TMA's latency hides behind the tensor cores.
+  """
+
+  dq_ref: Any  # GMEM float32 [B, T_pad, Nq, H]
+  staging: Any  # SMEM float32 [block_q, dq_cols], this consumer's
+  tokens: Any  # GMEM semaphores [B * Nq * num_q_blocks * 2 * 2]
+  batch: Any
+  head: Any
+  column: Any  # this consumer's first column of dQ
+  tile: Any  # this CTA's key tile index
+  previous_tile_blocks: tuple  # query blocks [lo, hi) the tile before visits
+  num_q_blocks: int
+  num_q_heads: int
+  block_q: int
+  dq_cols: int
+  column_half: Any
+
+  def _is_first(self, block):
+    lo, hi = self.previous_tile_blocks
+    return (self.tile == 0) | (block < lo) | (block >= hi)
+
+  def _token(self, block, tile):
+    index = (self.batch * self.num_q_heads + self.head) * self.num_q_blocks + block
+    return self.tokens.at[(index * 2 + lax.rem(tile, 2)) * 2 + self.column_half]
+
+  def start(self, block, part):
+    """Issues the store (first visitor) or the add of `part` into query block `block`."""
+    self.staging[...] = part
+    plgpu.commit_smem()
+    first = self._is_first(block)
+
+    @pl.when(jnp.logical_not(first))
+    def _wait_turn():
+      plgpu.semaphore_wait(self._token(block, self.tile), 1, decrement=True,
+                           memory_scope="gpu")
+
+    target = self.dq_ref.at[self.batch, pl.ds(block * self.block_q, self.block_q), self.head,
+                            pl.ds(self.column, self.dq_cols)]
+    plgpu.copy_smem_to_gmem(self.staging, target, predicate=first)
+    plgpu.copy_smem_to_gmem(self.staging, target, predicate=jnp.logical_not(first),
+                            reduction_op="add")
+
+  def finish(self, block):
+    """Waits for the copy of `block` to land, then hands the turn to the next tile."""
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.semaphore_signal(self._token(block, self.tile + 1), 1, memory_scope="gpu")
+
+
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
-  """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
+  """dK and/or dV per query head: [B, S_pad, Nq, H] each; with "dq" in `outputs` also
+  the unscaled float32 dQ sum [B, T_pad, Nq, H] (rows of unvisited blocks unwritten)."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
-  need_dk, need_dv = "dk" in outputs, "dv" in outputs
+  t_pad = q.shape[1]
+  num_q_blocks = t_pad // block_q
+  need_dk, need_dv, need_dq = "dk" in outputs, "dv" in outputs, "dq" in outputs
+  dq_cols = head_dim // wgs  # each consumer owns these columns of dQ
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
 
@@ -102,17 +188,20 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
     out_refs, refs = refs[:len(outputs)], refs[len(outputs):]
-    kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
+    k_all, v_all, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
     if segments:
       kv_seg_smem2, q_seg_ring, *barriers = barriers
+    if need_dq:
+      ds_t, dq_staging, ds_ready, done, *barriers = barriers
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
-    cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
-    q_lo_blk, q_hi_blk = ranges.visited_q_blocks(
-        cta_k_lo, cta_k_lo + rows_per_cta, block_q=block_q, q_len=spec.q_len,
-        kv_len=spec.kv_len, **rules.positional)
+    tile = lax.axis_index("kv_tiles")
+    cta_k_lo = tile * rows_per_cta
+    visited = functools.partial(ranges.visited_q_blocks, block_q=block_q, q_len=spec.q_len,
+                                kv_len=spec.kv_len, **rules.positional)
+    q_lo_blk, q_hi_blk = visited(cta_k_lo, cta_k_lo + rows_per_cta)
     num_steps = q_hi_blk - q_lo_blk
     rings = (q_ring, do_ring, lse_ring, delta_ring)
     sources = (
@@ -132,7 +221,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       k_lo = cta_k_lo + wg * block_kv
-      k_smem, v_smem = kv_smem2.at[wg], v_smem2.at[wg]  # [block_kv, H]
+      own_rows = pl.ds(wg * block_kv, block_kv)
+      k_smem, v_smem = k_all.at[own_rows], v_all.at[own_rows]  # [block_kv, H]
       rows = (batch, pl.ds(k_lo, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[wg])
@@ -140,6 +230,16 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         plgpu.copy_gmem_to_smem(feature_refs["kv_segment_ids"].at[batch, pl.ds(k_lo, block_kv)],
                                 kv_seg_smem2.at[wg], kv_ready.at[wg])
       plgpu.barrier_wait(kv_ready.at[wg])
+      if need_dq:  # dQ reads the other consumer's key rows too
+        plgpu.barrier_wait(kv_ready.at[1 - wg])
+        dq_sum = _OrderedDqSum(
+            dq_ref=out_refs[outputs.index("dq")], staging=dq_staging.at[wg],
+            tokens=pl.get_global(plgpu.SemaphoreType.REGULAR(
+                (spec.batch * spec.num_q_heads * num_q_blocks * 4,))),
+            batch=batch, head=head, column=wg * dq_cols, tile=tile,
+            previous_tile_blocks=visited(cta_k_lo - rows_per_cta, cta_k_lo),
+            num_q_blocks=num_q_blocks, num_q_heads=spec.num_q_heads, block_q=block_q,
+            dq_cols=dq_cols, column_half=wg)
       if segments:  # ids are not positional: every visited block is masked
         kv_seg_rows = compat.load(kv_seg_smem2.at[wg], compat.row_layout())  # [block_kv]
         f_lo = f_hi = q_hi_blk
@@ -147,8 +247,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
                                               block_q=block_q, kv_len=spec.kv_len,
                                               **rules.positional)
-      zeros = lambda: compat.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
-                                         compat.wgmma_layout())
+      zeros = lambda rows, cols: compat.layout_cast(jnp.zeros((rows, cols), jnp.float32),
+                                                    compat.wgmma_layout())
 
       def step(i, carry, *, masked: bool):
         slot = pipeline.slot_of(i - q_lo_blk, stages)
@@ -160,10 +260,12 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
           if need_dk:
             plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
+          if need_dq:  # the previous block's dQ add lands while the tensor cores work
+            pl.when(i > q_lo_blk)(lambda: dq_sum.finish(i - 1))
           return tuple(ref[...] for ref in refs)
 
-        tile = plgpu.ACC((block_kv, block_q), jnp.float32)
-        st, *dpt = pl.run_scoped(scores, (tile, tile) if need_dk else (tile,))
+        tile_acc = plgpu.ACC((block_kv, block_q), jnp.float32)
+        st, *dpt = pl.run_scoped(scores, (tile_acc, tile_acc) if need_dk else (tile_acc,))
         st, softcap_grad = _logits_base2(st, spec)
         lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
@@ -173,7 +275,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
                                        read_segment_ids=read_segment_ids if segments else None)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
-        operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
+        operands = {}  # output -> (A, B) of its wgmma
         if need_dv:
           operands["dv"] = (pt.astype(dtype), do_smem)  # dV += P^T dO
         if need_dk:
@@ -182,26 +284,49 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           if softcap_grad is not None:
             dst = dst * softcap_grad
           operands["dk"] = (dst.astype(dtype), q_smem)  # dK += dS^T Q (scaled at the end)
+        if need_dq:
+          # dQ part = dS K over both consumers' keys, for this consumer's columns: both
+          # dS^T halves go to shared memory (double-buffered by step parity: a consumer
+          # rewrites a buffer only after both have passed the next step's barrier).
+          parity = lax.rem(i, 2)
+          ds_t.at[parity, own_rows][...] = operands["dk"][0]
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(ds_ready.at[parity])
+          plgpu.barrier_wait(ds_ready.at[parity])
+          operands["dq"] = (ds_t.at[parity].transpose((1, 0)),  # dS [block_q, 2 * block_kv]
+                            k_all.at[:, pl.ds(wg * dq_cols, dq_cols)])
 
-        def update(refs):  # both accumulations in one scope: one wgmma wait
+        def update(refs):  # every accumulation in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
             plgpu.wgmma(ref, *operands[name])
 
-        carry = dict(zip(outputs, compat.accumulate_all(update, [carry[n] for n in outputs])))
+        inits = [carry[n] for n in outputs if n != "dq"]
+        if need_dq:
+          inits.append(zeros(block_q, dq_cols))  # each step's dQ part starts from zero
+        results = dict(zip(outputs, compat.accumulate_all(update, inits)))
         pipeline.release(streams, slot)
-        return carry
+        if need_dq:
+          dq_sum.start(i, results.pop("dq"))
+        return results
 
-      carry = {name: zeros() for name in outputs}
+      carry = {name: zeros(block_kv, head_dim) for name in outputs if name != "dq"}
       carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
+      if need_dq:
+        pl.when(num_steps > 0)(lambda: dq_sum.finish(q_hi_blk - 1))
+        # The other consumer's last dQ matmul read these key rows: wait before reusing them.
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)
       staging = {"dk": k_smem, "dv": v_smem}
       for name, out_ref in zip(outputs, out_refs):
-        result = carry[name] * spec.scale if name == "dk" else carry[name]
-        staging[name][...] = result.astype(dtype)
+        if name != "dq":
+          result = carry[name] * spec.scale if name == "dk" else carry[name]
+          staging[name][...] = result.astype(dtype)
       plgpu.commit_smem()
       for name, out_ref in zip(outputs, out_refs):
-        plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
+        if name != "dq":
+          plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == wgs)
@@ -213,8 +338,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   for _ in range(5 if segments else 4):
     ring_barriers.extend(pipeline.ring_barriers(stages, wgs))
   scratch = [
-      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((rows_per_cta, head_dim), dtype, transforms=transforms),  # K rows
+      plgpu.SMEM((rows_per_cta, head_dim), dtype, transforms=transforms),  # V rows
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q), jnp.float32),
@@ -223,10 +348,22 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   ]
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
+  if need_dq:
+    scratch += [
+        plgpu.SMEM((2, rows_per_cta, block_q), dtype, transforms=transforms),  # dS^T
+        plgpu.SMEM((wgs, block_q, dq_cols), jnp.float32,
+                   transforms=compat.smem_transforms(jnp.float32)),  # dQ parts
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=2),  # dS^T halves written
+        plgpu.Barrier(num_arrivals=wgs),  # both consumers done with the key rows
+    ]
   scratch += ring_barriers
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
-                   for _ in outputs)
+                   for name in outputs if name != "dq")
+  if need_dq:
+    out_type += (jax.ShapeDtypeStruct((spec.batch, t_pad, spec.num_q_heads, head_dim),
+                                      jnp.float32),)
+    assert outputs[-1] == "dq"
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_kv_tiles, spec.batch),

@@ -19,10 +19,6 @@ SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Features whose arrays the kernels do not read yet. (q_offset, segment ids and the
 # per-batch lengths reach the kernels through `features`.)
 UNSUPPORTED_FEATURES = ("bias", "mask", "dropout")
-# Served at head dims 64 and 128 (run on a GPU); at 256 (one backward consumer, dK and
-# dV as two launches) they lower but await a GPU run: branch wip/mosaic-gpu-features.
-PER_BATCH_FEATURES = ("q_offset", "segment_ids", "q_lengths", "kv_lengths")
-PER_BATCH_MAX_HEAD_DIM = 128
 
 
 class MosaicGPUImplementation(BlockwiseImplementation):
@@ -43,11 +39,6 @@ class MosaicGPUImplementation(BlockwiseImplementation):
       raise unsupported(self.name, f"head_dim={spec.head_dim} (only {SUPPORTED_HEAD_DIMS})")
     if spec.head_dim_v != spec.head_dim:
       raise unsupported(self.name, f"head_dim_v={spec.head_dim_v} != head_dim={spec.head_dim}")
-    if spec.head_dim > PER_BATCH_MAX_HEAD_DIM:
-      for feature in spec.features():
-        if feature in PER_BATCH_FEATURES:
-          raise unsupported(self.name, f"{feature} at head_dim={spec.head_dim} (only <= "
-                            f"{PER_BATCH_MAX_HEAD_DIM} so far)")
 
   def check_config(self, config) -> None:
     if not isinstance(config, config_lib.BlockSizes):
