@@ -3,6 +3,7 @@ kernels on a Hopper GPU (`pytest -m gpu`; the shared suite covers the features).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -105,6 +106,45 @@ def test_q_block_ranges_match_masking(rules, row, q_len, kv_len):
         assert lo <= i < hi, (k_lo, i)
       if f_lo <= i < f_hi:
         assert k_hi <= kv_len and vis[rows, k_lo:k_hi].all(), (k_lo, i)
+
+
+@pytest.mark.parametrize("row", BATCH_ROWS, ids=str)
+@pytest.mark.parametrize("rules", RULES, ids=str)
+@pytest.mark.parametrize("q_len,kv_len", [(200, 333), (300, 200), (640, 1100)])
+def test_dq_sum_order_visitors_are_consecutive(rules, row, q_len, kv_len):
+  """The fused backward's ordered dQ sum waits, in key tile t, for the visitors of a
+  query block before t; that holds only if a block's visitors are consecutive tiles
+  and the rank search finds the first of them (else it would wait forever)."""
+  from flash_jax.kernels.mosaic_gpu.backward import _OrderedDqSum
+  block_q, rows_per_cta = 64, 128
+  num_tiles, num_blocks = -(-kv_len // rows_per_cta), -(-q_len // block_q)
+  rules = dict(rules, **row)
+
+  def visits(tile, block, rules):
+    lo, hi = ranges.visited_q_blocks(tile * rows_per_cta, (tile + 1) * rows_per_cta,
+                                     block_q=block_q, q_len=q_len, kv_len=kv_len, **rules)
+    return (lo <= block) & (block < hi)
+
+  @jax.jit
+  @functools.partial(jax.vmap, in_axes=(0, 0, None))
+  def rank(tile, block, row):  # as in the kernel: traced tile, block and batch row
+    traced = dict(rules, **row)
+    return _OrderedDqSum(
+        dq_ref=None, staging=None, counters=None, batch=0, head=0, column=0, tile=tile,
+        visits=lambda t, b: visits(t, b, traced), num_kv_tiles=num_tiles,
+        num_q_blocks=num_blocks, num_q_heads=1, block_q=block_q, dq_cols=64,
+        column_half=0)._rank(block)
+
+  pairs, expected = [], []
+  for block in range(num_blocks):
+    visitors = [t for t in range(num_tiles) if visits(t, block, rules)]
+    if visitors:
+      assert visitors == list(range(visitors[0], visitors[-1] + 1)), block
+    pairs += [(tile, block) for tile in visitors]
+    expected += [tile - visitors[0] for tile in visitors]
+  if pairs:
+    tiles, blocks = (jnp.array(x, jnp.int32) for x in zip(*pairs))
+    np.testing.assert_array_equal(np.asarray(rank(tiles, blocks, _traced(row))), expected)
 
 
 def _spec(head_dim=128, **kwargs):

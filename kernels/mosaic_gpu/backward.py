@@ -30,10 +30,8 @@ and dV, so dK and dV run as two launches of the same kernel (`outputs`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,64 +106,69 @@ def fuses_dq(spec: AttentionSpec, config: MosaicGPUBlockSizes) -> bool:
           and consumer_warpgroups(spec.head_dim) == NUM_COMPUTE_WGS)
 
 
-@dataclasses.dataclass(frozen=True)
 class _OrderedDqSum:
   """Adds one consumer's dQ part [block_q, dq_cols] of each visited query block into the
-  float32 dQ sum in GMEM, deterministically (FlashAttention-3 section 3.3, backward:
-  dQ accumulated across key tiles, here in a fixed order).
+  float32 dQ sum in GMEM, deterministically (FlashAttention-3 section 3.3 accumulates
+  dQ across key tiles with atomic adds; here the adds land in a fixed order).
 
-  The key tiles that visit a query block are consecutive (visible ranges are monotone
-  in position), and tile t is launched after tile t - 1. The first visitor stores its
-  part; every later one waits for a token that its predecessor leaves in
-  `tokens[block, t % 2, column half]` once its own add has landed, and adds. So the
-  float32 sum is always formed in the order of the key tiles, whatever the schedule.
-  The add of step i is issued at step i and completed (then the token passed) during
-  the score matmuls of step i + 1, so the TMA's latency hides behind the tensor cores.
+  The key tiles that visit a query block are consecutive (visible ranges move
+  monotonically with position), and tile t is launched after tile t - 1. A visitor's
+  rank is the number of visitors before it: rank 0 stores its part, rank r waits until
+  the block's counter (a GMEM semaphore, zeroed at launch) reaches r, then adds; each
+  visitor bumps the counter once its copy has landed. So the float32 sum is formed in
+  key-tile order whatever the schedule.
+  Pipelining: the part of step i is staged at the end of step i, its copy issued during
+  the score matmuls of step i + 1 and awaited (then the counter bumped) at the end of
+  step i + 1, so the TMA's latency and the wait for the predecessor hide behind the
+  tensor cores.
   """
 
-  dq_ref: Any  # GMEM float32 [B, T_pad, Nq, H]
-  staging: Any  # SMEM float32 [block_q, dq_cols], this consumer's
-  tokens: Any  # GMEM semaphores [B * Nq * num_q_blocks * 2 * 2]
-  batch: Any
-  head: Any
-  column: Any  # this consumer's first column of dQ
-  tile: Any  # this CTA's key tile index
-  previous_tile_blocks: tuple  # query blocks [lo, hi) the tile before visits
-  num_q_blocks: int
-  num_q_heads: int
-  block_q: int
-  dq_cols: int
-  column_half: Any
+  def __init__(self, *, dq_ref, staging, counters, batch, head, column, tile, visits,
+               num_kv_tiles: int, num_q_blocks: int, num_q_heads: int, block_q: int,
+               dq_cols: int, column_half):
+    self.dq_ref, self.staging, self.counters = dq_ref, staging, counters
+    self.batch, self.head, self.column, self.tile = batch, head, column, tile
+    self.visits = visits  # (tile, query block) -> bool, the kernel's own visiting rule
+    self.search_steps = max(1, num_kv_tiles - 1).bit_length() + 1
+    self.num_q_blocks, self.num_q_heads = num_q_blocks, num_q_heads
+    self.block_q, self.dq_cols, self.column_half = block_q, dq_cols, column_half
 
-  def _is_first(self, block):
-    lo, hi = self.previous_tile_blocks
-    return (self.tile == 0) | (block < lo) | (block >= hi)
+  def _rank(self, block):
+    """tile - (first tile visiting `block`): binary search over [0, tile], on which the
+    visitors are a suffix."""
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = lax.div(lo + hi, jnp.int32(2))
+      seen = self.visits(mid, block)
+      return jnp.where(seen, lo, mid + 1), jnp.where(seen, mid, hi)
 
-  def _token(self, block, tile):
+    _, first = lax.fori_loop(0, self.search_steps, halve, (jnp.int32(0), self.tile))
+    return self.tile - first
+
+  def _counter(self, block):
     index = (self.batch * self.num_q_heads + self.head) * self.num_q_blocks + block
-    return self.tokens.at[(index * 2 + lax.rem(tile, 2)) * 2 + self.column_half]
+    return self.counters.at[index * 2 + self.column_half]
 
-  def start(self, block, part):
-    """Issues the store (first visitor) or the add of `part` into query block `block`."""
+  def stage(self, part):
     self.staging[...] = part
     plgpu.commit_smem()
-    first = self._is_first(block)
 
-    @pl.when(jnp.logical_not(first))
-    def _wait_turn():
-      plgpu.semaphore_wait(self._token(block, self.tile), 1, decrement=True,
-                           memory_scope="gpu")
-
+  def issue(self, block):
+    """Stores (rank 0) or adds (after the predecessors) the staged part of `block`."""
+    rank = self._rank(block)
+    first = rank == 0
+    pl.when(jnp.logical_not(first))(lambda: plgpu.semaphore_wait(
+        self._counter(block), rank, decrement=False, memory_scope="gpu"))
     target = self.dq_ref.at[self.batch, pl.ds(block * self.block_q, self.block_q), self.head,
                             pl.ds(self.column, self.dq_cols)]
     plgpu.copy_smem_to_gmem(self.staging, target, predicate=first)
     plgpu.copy_smem_to_gmem(self.staging, target, predicate=jnp.logical_not(first),
                             reduction_op="add")
 
-  def finish(self, block):
-    """Waits for the copy of `block` to land, then hands the turn to the next tile."""
+  def land(self, block):
+    """Waits for the copy of `block`, then lets the next visitor add."""
     plgpu.wait_smem_to_gmem(0)
-    plgpu.semaphore_signal(self._token(block, self.tile + 1), 1, memory_scope="gpu")
+    plgpu.semaphore_signal(self._counter(block), 1, memory_scope="gpu")
 
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
@@ -232,14 +235,17 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       plgpu.barrier_wait(kv_ready.at[wg])
       if need_dq:  # dQ reads the other consumer's key rows too
         plgpu.barrier_wait(kv_ready.at[1 - wg])
+        def visits(other_tile, block):
+          lo, hi = visited(other_tile * rows_per_cta, (other_tile + 1) * rows_per_cta)
+          return (lo <= block) & (block < hi)
+
         dq_sum = _OrderedDqSum(
             dq_ref=out_refs[outputs.index("dq")], staging=dq_staging.at[wg],
-            tokens=pl.get_global(plgpu.SemaphoreType.REGULAR(
-                (spec.batch * spec.num_q_heads * num_q_blocks * 4,))),
-            batch=batch, head=head, column=wg * dq_cols, tile=tile,
-            previous_tile_blocks=visited(cta_k_lo - rows_per_cta, cta_k_lo),
-            num_q_blocks=num_q_blocks, num_q_heads=spec.num_q_heads, block_q=block_q,
-            dq_cols=dq_cols, column_half=wg)
+            counters=pl.get_global(plgpu.SemaphoreType.REGULAR(
+                (spec.batch * spec.num_q_heads * num_q_blocks * 2,))),
+            batch=batch, head=head, column=wg * dq_cols, tile=tile, visits=visits,
+            num_kv_tiles=num_kv_tiles, num_q_blocks=num_q_blocks,
+            num_q_heads=spec.num_q_heads, block_q=block_q, dq_cols=dq_cols, column_half=wg)
       if segments:  # ids are not positional: every visited block is masked
         kv_seg_rows = compat.load(kv_seg_smem2.at[wg], compat.row_layout())  # [block_kv]
         f_lo = f_hi = q_hi_blk
@@ -260,8 +266,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
           if need_dk:
             plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
-          if need_dq:  # the previous block's dQ add lands while the tensor cores work
-            pl.when(i > q_lo_blk)(lambda: dq_sum.finish(i - 1))
+          if need_dq:  # the previous block's dQ copy goes out while the tensor cores work
+            pl.when(i > q_lo_blk)(lambda: dq_sum.issue(i - 1))
           return tuple(ref[...] for ref in refs)
 
         tile_acc = plgpu.ACC((block_kv, block_q), jnp.float32)
@@ -306,7 +312,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         results = dict(zip(outputs, compat.accumulate_all(update, inits)))
         pipeline.release(streams, slot)
         if need_dq:
-          dq_sum.start(i, results.pop("dq"))
+          pl.when(i > q_lo_blk)(lambda: dq_sum.land(i - 1))
+          dq_sum.stage(results.pop("dq"))
         return results
 
       carry = {name: zeros(block_kv, head_dim) for name in outputs if name != "dq"}
@@ -314,7 +321,11 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
       if need_dq:
-        pl.when(num_steps > 0)(lambda: dq_sum.finish(q_hi_blk - 1))
+        @pl.when(num_steps > 0)
+        def _last_block():
+          dq_sum.issue(q_hi_blk - 1)
+          dq_sum.land(q_hi_blk - 1)
+
         # The other consumer's last dQ matmul read these key rows: wait before reusing them.
         plgpu.barrier_arrive(done)
         plgpu.barrier_wait(done)
