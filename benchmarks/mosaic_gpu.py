@@ -124,8 +124,7 @@ def variants(log, head_dims, seqs, configs, modes):
             q, k, v, is_causal=c, implementation="cudnn")}
         for cfg in configs.get(h, [None]):
           label = "mosaic" if cfg is None else "mosaic " + ",".join(
-              f"{x}" for x in (cfg.block_kv, cfg.num_stages, cfg.block_kv_dq)) + (
-                  ",2 kernels" if cfg.fused_backward is False else "")
+              f"{x}" for x in (cfg.block_kv, cfg.num_stages, cfg.block_kv_dq))
           contenders[label] = lambda q, k, v, c=causal, cfg=cfg: flash_jax.flash_attention(
               q, k, v, causal=c, implementation="mosaic_gpu", block_sizes=cfg)
         for mode in modes:
@@ -166,10 +165,10 @@ def main():
     sys.exit(0 if check(sys.stdout, args.cases) else 1)
   configs = {}
   if args.sweep:
-    m = lambda bkv, st, bkv_dq=None, fused=None: MosaicGPUBlockSizes(
-        block_kv=bkv, num_stages=st, block_kv_dq=bkv_dq, fused_backward=fused)
+    m = lambda bkv, st, bkv_dq=None: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
+                                                         block_kv_dq=bkv_dq)
     configs = {64: [None, m(256, 2, 128)],
-               128: [None, m(128, 2, None, False)],
+               128: [None, m(128, 2, 128)],
                256: [None]}  # d256: Q + a 2-slot ring of 64-row K/V blocks fill shared memory
   variants(sys.stdout, args.head_dims, args.seqs, configs, args.modes)
 

@@ -8,7 +8,6 @@ more knobs (warps, pipeline stages) subclasses it.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +21,11 @@ class BlockSizes:
   block_kv_dkv: int | None = None
   block_q_dq: int | None = None
   block_kv_dq: int | None = None
-  # Fields of a subclass that are not counts (validated by the subclass itself).
-  switches: ClassVar[tuple[str, ...]] = ()
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None or field.name in self.switches:
+      if value is None:
         continue
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{type(self).__name__}.{field.name} must be a positive int, got {value!r}")

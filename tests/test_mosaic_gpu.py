@@ -3,7 +3,6 @@ kernels on a Hopper GPU (`pytest -m gpu`; the shared suite covers the features).
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -108,45 +107,6 @@ def test_q_block_ranges_match_masking(rules, row, q_len, kv_len):
         assert k_hi <= kv_len and vis[rows, k_lo:k_hi].all(), (k_lo, i)
 
 
-@pytest.mark.parametrize("row", BATCH_ROWS, ids=str)
-@pytest.mark.parametrize("rules", RULES, ids=str)
-@pytest.mark.parametrize("q_len,kv_len", [(200, 333), (300, 200), (640, 1100)])
-def test_dq_sum_order_visitors_are_consecutive(rules, row, q_len, kv_len):
-  """The fused backward's ordered dQ sum waits, in key tile t, for the visitors of a
-  query block before t; that holds only if a block's visitors are consecutive tiles
-  and the rank search finds the first of them (else it would wait forever)."""
-  from flash_jax.kernels.mosaic_gpu.backward import _OrderedDqSum
-  block_q, rows_per_cta = 64, 128
-  num_tiles, num_blocks = -(-kv_len // rows_per_cta), -(-q_len // block_q)
-  rules = dict(rules, **row)
-
-  def visits(tile, block, rules):
-    lo, hi = ranges.visited_q_blocks(tile * rows_per_cta, (tile + 1) * rows_per_cta,
-                                     block_q=block_q, q_len=q_len, kv_len=kv_len, **rules)
-    return (lo <= block) & (block < hi)
-
-  @jax.jit
-  @functools.partial(jax.vmap, in_axes=(0, 0, None))
-  def rank(tile, block, row):  # as in the kernel: traced tile, block and batch row
-    traced = dict(rules, **row)
-    return _OrderedDqSum(
-        dq_ref=None, staging=None, counters=None, batch=0, head=0, column=0, tile=tile,
-        visits=lambda t, b: visits(t, b, traced), num_kv_tiles=num_tiles,
-        num_q_blocks=num_blocks, num_q_heads=1, block_q=block_q, dq_cols=64,
-        column_half=0)._rank(block)
-
-  pairs, expected = [], []
-  for block in range(num_blocks):
-    visitors = [t for t in range(num_tiles) if visits(t, block, rules)]
-    if visitors:
-      assert visitors == list(range(visitors[0], visitors[-1] + 1)), block
-    pairs += [(tile, block) for tile in visitors]
-    expected += [tile - visitors[0] for tile in visitors]
-  if pairs:
-    tiles, blocks = (jnp.array(x, jnp.int32) for x in zip(*pairs))
-    np.testing.assert_array_equal(np.asarray(rank(tiles, blocks, _traced(row))), expected)
-
-
 def _spec(head_dim=128, **kwargs):
   q = jnp.zeros((1, 128, 2, head_dim), jnp.bfloat16)
   return spec_lib.normalize(q, q, q, **kwargs)[0]
@@ -164,16 +124,6 @@ def test_config_defaults_and_validation():
     MosaicGPUBlockSizes(num_stages=1)
   with pytest.raises(ValueError, match="block_q"):
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
-  with pytest.raises(ValueError, match="fused_backward"):
-    MosaicGPUBlockSizes(fused_backward=1)
-
-
-def test_fused_backward_only_at_head_dim_128():
-  from flash_jax.kernels.mosaic_gpu.backward import fuses_dq
-  fuses = lambda d, **kw: fuses_dq(_spec(d), resolve(MosaicGPUBlockSizes(**kw), _spec(d)))
-  assert fuses(128) and fuses(128, fused_backward=True)
-  assert not fuses(128, fused_backward=False)
-  assert not fuses(64) and not fuses(256)
 
 
 def test_features_served_and_declined(monkeypatch):
@@ -203,7 +153,7 @@ FEATURE_CALLS = [
     (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
                segment_ids=True)),
     (64, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
-    (128, dict(causal=True, window=(40, 0), q_offset=133, fused_backward=False)),
+    (128, dict(causal=True, window=(40, 0), q_offset=133)),
     (256, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
 ]
 
@@ -211,8 +161,6 @@ FEATURE_CALLS = [
 def _feature_kwargs(options, b, t, s):
   """Concrete flash_attention arguments for FEATURE_CALLS / the GPU feature tests."""
   kwargs = dict(options)
-  if "fused_backward" in kwargs:
-    kwargs["block_sizes"] = MosaicGPUBlockSizes(fused_backward=kwargs.pop("fused_backward"))
   if kwargs.get("q_offset") == "array":
     kwargs["q_offset"] = jnp.array([s - t, 11][:b], jnp.int32)
   if kwargs.pop("q_lengths", False):
@@ -359,32 +307,3 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
     assert np.all(np.asarray(got[0], np.float32)[hidden] == 0)
     assert np.all(np.isneginf(np.asarray(got[1]).transpose(0, 2, 1)[hidden]))
     assert np.all(np.asarray(got[2], np.float32)[hidden] == 0)
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("causal", [False, True])
-def test_fused_backward_is_deterministic_and_matches_two_kernels(causal):
-  """The head-dim-128 backward adds dQ across key tiles in a fixed order: two runs are
-  bitwise equal, and it agrees with the two-kernel backward (which has no cross-CTA sum)
-  by the accuracy rule against the float32 reference."""
-  from conftest import assert_accurate
-  keys = jax.random.split(jax.random.PRNGKey(7 + causal), 4)
-  q, k, v, dout = (jax.random.normal(key, (2, 2048, 4, 128), jnp.bfloat16) for key in keys)
-
-  def grads(q, k, v, impl="mosaic_gpu", block_sizes=None):
-    f = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal, implementation=impl,
-                                                  block_sizes=block_sizes)
-    return jax.vjp(f, q, k, v)[1](dout)
-
-  fused = jax.jit(grads)
-  first, second = fused(q, k, v), fused(q, k, v)
-  for a, b in zip(first, second):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  two_kernels = grads(q, k, v, block_sizes=MosaicGPUBlockSizes(fused_backward=False))
-  same = grads(q, k, v, impl="xla")
-  with jax.default_matmul_precision("highest"):
-    ref = grads(*(x.astype(jnp.float32) for x in (q, k, v)), impl="xla")
-  for name, g, g2, sp, r in zip(("dq", "dk", "dv"), first, two_kernels, same, ref):
-    assert_accurate(name, g, sp, r, factor=3, dtype="bfloat16")
-    assert_accurate(name + " (2 kernels)", g2, sp, r, factor=3, dtype="bfloat16")

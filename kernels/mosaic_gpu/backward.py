@@ -1,11 +1,11 @@
-"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic.
+"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic (no atomics).
 
-FlashAttention-2 Algorithm 2 as in FlashAttention-3 section 3 (backward):
-probabilities are recomputed from the forward's lse, P = exp(logits - lse), and with
-delta = rowsum(dO * O) - dlse:
+FlashAttention-2 Algorithm 2 split into two passes that each own their output, as in
+FlashAttention-3 section 3 (backward): probabilities are recomputed from the forward's
+lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
     dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
-The kernels use the forward's layout: a producer warpgroup streams blocks through a
+Both kernels use the forward's layout: a producer warpgroup streams blocks through a
 TMA ring (`pipeline`), two consumer warpgroups (one at head dim 256, for shared
 memory) each own 64 rows of the output and issue wgmma with float32 accumulators in
 registers; each step issues its independent wgmmas in one scope (S with dP, then dV
@@ -13,12 +13,7 @@ with dK) so it waits on the tensor cores twice, not four times.
   * dK/dV: a CTA owns 2 x 64 key rows of one (batch, query head) and streams the
     query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
     its own dK/dV, summed over the group afterwards in float32.
-  * Fused dQ (head dim 128, the default there): the same kernel also forms dQ = dS K
-    for each streamed query block (5 matmuls per tile pair instead of 7) and adds it
-    into a float32 sum in GMEM in the order of the key tiles (`_OrderedDqSum`), so
-    the result does not depend on the schedule.
-  * dQ (other head dims, or `fused_backward=False`): a CTA owns 2 x 64 query rows and
-    streams the visible key blocks (K, V); no cross-CTA sum.
+  * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
 Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 `features`) are skipped by loop bounds; fully visible blocks run without mask
 arithmetic. With segment ids every visited block is masked; the ids of the resident
@@ -78,20 +73,12 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   operands = (q, k, v, dout, lse2, delta, names, feature_arrays)
-  if fuses_dq(spec, config):
-    dk, dv, dq_sum = _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
-                          outputs=("dk", "dv", "dq"))
-    # Query blocks that no key tile visits hold no write: their rows saw no key
-    # (lse = -inf), and their gradient is zero.
-    seen = jnp.isfinite(tiles.pad_axis(lse, 2, t_pad)).transpose(0, 2, 1)[..., None]
-    dq = jnp.where(seen, dq_sum * spec.scale, 0.0).astype(q.dtype)  # [B, T_pad, Nq, H]
+  if spec.head_dim <= 128:
+    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
   else:
-    if spec.head_dim <= 128:
-      dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
-    else:
-      (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
-      (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
-    dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
+    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
+    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
+  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
     group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
                                 spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
@@ -99,91 +86,15 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
 
 
-def fuses_dq(spec: AttentionSpec, config: MosaicGPUBlockSizes) -> bool:
-  """Whether the backward is one kernel (dK/dV and dQ, 5 matmuls per tile pair) instead
-  of two (7 matmuls): at head dim 128, where the two consumers split dQ's columns."""
-  return (config.fused_backward is not False and spec.head_dim == 128
-          and consumer_warpgroups(spec.head_dim) == NUM_COMPUTE_WGS)
-
-
-class _OrderedDqSum:
-  """Adds one consumer's dQ part [block_q, dq_cols] of each visited query block into the
-  float32 dQ sum in GMEM, deterministically (FlashAttention-3 section 3.3 accumulates
-  dQ across key tiles with atomic adds; here the adds land in a fixed order).
-
-  The key tiles that visit a query block are consecutive (visible ranges move
-  monotonically with position), and tile t is launched after tile t - 1. A visitor's
-  rank is the number of visitors before it: rank 0 stores its part, rank r waits until
-  the block's counter (a GMEM semaphore, zeroed at launch) reaches r, then adds; each
-  visitor bumps the counter once its copy has landed. So the float32 sum is formed in
-  key-tile order whatever the schedule.
-  Pipelining: the part of step i is staged at the end of step i, its copy issued during
-  the score matmuls of step i + 1 and awaited (then the counter bumped) at the end of
-  step i + 1, so the TMA's latency and the wait for the predecessor hide behind the
-  tensor cores.
-  """
-
-  def __init__(self, *, dq_ref, staging, counters, batch, head, column, tile, visits,
-               num_kv_tiles: int, num_q_blocks: int, num_q_heads: int, block_q: int,
-               dq_cols: int, column_half):
-    self.dq_ref, self.staging, self.counters = dq_ref, staging, counters
-    self.batch, self.head, self.column, self.tile = batch, head, column, tile
-    self.visits = visits  # (tile, query block) -> bool, the kernel's own visiting rule
-    self.search_steps = max(1, num_kv_tiles - 1).bit_length() + 1
-    self.num_q_blocks, self.num_q_heads = num_q_blocks, num_q_heads
-    self.block_q, self.dq_cols, self.column_half = block_q, dq_cols, column_half
-
-  def _rank(self, block):
-    """tile - (first tile visiting `block`): binary search over [0, tile], on which the
-    visitors are a suffix."""
-    def halve(_, bounds):
-      lo, hi = bounds
-      mid = lax.div(lo + hi, jnp.int32(2))
-      seen = self.visits(mid, block)
-      return jnp.where(seen, lo, mid + 1), jnp.where(seen, mid, hi)
-
-    _, first = lax.fori_loop(0, self.search_steps, halve, (jnp.int32(0), self.tile))
-    return self.tile - first
-
-  def _counter(self, block):
-    index = (self.batch * self.num_q_heads + self.head) * self.num_q_blocks + block
-    return self.counters.at[index * 2 + self.column_half]
-
-  def stage(self, part):
-    self.staging[...] = part
-    plgpu.commit_smem()
-
-  def issue(self, block):
-    """Stores (rank 0) or adds (after the predecessors) the staged part of `block`."""
-    rank = self._rank(block)
-    first = rank == 0
-    pl.when(jnp.logical_not(first))(lambda: plgpu.semaphore_wait(
-        self._counter(block), rank, decrement=False, memory_scope="gpu"))
-    target = self.dq_ref.at[self.batch, pl.ds(block * self.block_q, self.block_q), self.head,
-                            pl.ds(self.column, self.dq_cols)]
-    plgpu.copy_smem_to_gmem(self.staging, target, predicate=first)
-    plgpu.copy_smem_to_gmem(self.staging, target, predicate=jnp.logical_not(first),
-                            reduction_op="add")
-
-  def land(self, block):
-    """Waits for the copy of `block`, then lets the next visitor add."""
-    plgpu.wait_smem_to_gmem(0)
-    plgpu.semaphore_signal(self._counter(block), 1, memory_scope="gpu")
-
-
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
-  """dK and/or dV per query head: [B, S_pad, Nq, H] each; with "dq" in `outputs` also
-  the unscaled float32 dQ sum [B, T_pad, Nq, H] (rows of unvisited blocks unwritten)."""
+  """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
   head_dim, dtype = spec.head_dim, q.dtype
-  t_pad = q.shape[1]
-  num_q_blocks = t_pad // block_q
-  need_dk, need_dv, need_dq = "dk" in outputs, "dv" in outputs, "dq" in outputs
-  dq_cols = head_dim // wgs  # each consumer owns these columns of dQ
+  need_dk, need_dv = "dk" in outputs, "dv" in outputs
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
 
@@ -191,20 +102,17 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
     out_refs, refs = refs[:len(outputs)], refs[len(outputs):]
-    k_all, v_all, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
+    kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
     if segments:
       kv_seg_smem2, q_seg_ring, *barriers = barriers
-    if need_dq:
-      ds_t, dq_staging, ds_ready, done, *barriers = barriers
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
-    tile = lax.axis_index("kv_tiles")
-    cta_k_lo = tile * rows_per_cta
-    visited = functools.partial(ranges.visited_q_blocks, block_q=block_q, q_len=spec.q_len,
-                                kv_len=spec.kv_len, **rules.positional)
-    q_lo_blk, q_hi_blk = visited(cta_k_lo, cta_k_lo + rows_per_cta)
+    cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
+    q_lo_blk, q_hi_blk = ranges.visited_q_blocks(
+        cta_k_lo, cta_k_lo + rows_per_cta, block_q=block_q, q_len=spec.q_len,
+        kv_len=spec.kv_len, **rules.positional)
     num_steps = q_hi_blk - q_lo_blk
     rings = (q_ring, do_ring, lse_ring, delta_ring)
     sources = (
@@ -224,8 +132,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       k_lo = cta_k_lo + wg * block_kv
-      own_rows = pl.ds(wg * block_kv, block_kv)
-      k_smem, v_smem = k_all.at[own_rows], v_all.at[own_rows]  # [block_kv, H]
+      k_smem, v_smem = kv_smem2.at[wg], v_smem2.at[wg]  # [block_kv, H]
       rows = (batch, pl.ds(k_lo, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[wg])
@@ -233,19 +140,6 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         plgpu.copy_gmem_to_smem(feature_refs["kv_segment_ids"].at[batch, pl.ds(k_lo, block_kv)],
                                 kv_seg_smem2.at[wg], kv_ready.at[wg])
       plgpu.barrier_wait(kv_ready.at[wg])
-      if need_dq:  # dQ reads the other consumer's key rows too
-        plgpu.barrier_wait(kv_ready.at[1 - wg])
-        def visits(other_tile, block):
-          lo, hi = visited(other_tile * rows_per_cta, (other_tile + 1) * rows_per_cta)
-          return (lo <= block) & (block < hi)
-
-        dq_sum = _OrderedDqSum(
-            dq_ref=out_refs[outputs.index("dq")], staging=dq_staging.at[wg],
-            counters=pl.get_global(plgpu.SemaphoreType.REGULAR(
-                (spec.batch * spec.num_q_heads * num_q_blocks * 2,))),
-            batch=batch, head=head, column=wg * dq_cols, tile=tile, visits=visits,
-            num_kv_tiles=num_kv_tiles, num_q_blocks=num_q_blocks,
-            num_q_heads=spec.num_q_heads, block_q=block_q, dq_cols=dq_cols, column_half=wg)
       if segments:  # ids are not positional: every visited block is masked
         kv_seg_rows = compat.load(kv_seg_smem2.at[wg], compat.row_layout())  # [block_kv]
         f_lo = f_hi = q_hi_blk
@@ -253,8 +147,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
                                               block_q=block_q, kv_len=spec.kv_len,
                                               **rules.positional)
-      zeros = lambda rows, cols: compat.layout_cast(jnp.zeros((rows, cols), jnp.float32),
-                                                    compat.wgmma_layout())
+      zeros = lambda: compat.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
+                                         compat.wgmma_layout())
 
       def step(i, carry, *, masked: bool):
         slot = pipeline.slot_of(i - q_lo_blk, stages)
@@ -266,12 +160,10 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
           if need_dk:
             plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
-          if need_dq:  # the previous block's dQ copy goes out while the tensor cores work
-            pl.when(i > q_lo_blk)(lambda: dq_sum.issue(i - 1))
           return tuple(ref[...] for ref in refs)
 
-        tile_acc = plgpu.ACC((block_kv, block_q), jnp.float32)
-        st, *dpt = pl.run_scoped(scores, (tile_acc, tile_acc) if need_dk else (tile_acc,))
+        tile = plgpu.ACC((block_kv, block_q), jnp.float32)
+        st, *dpt = pl.run_scoped(scores, (tile, tile) if need_dk else (tile,))
         st, softcap_grad = _logits_base2(st, spec)
         lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
@@ -281,7 +173,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
                                        read_segment_ids=read_segment_ids if segments else None)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
-        operands = {}  # output -> (A, B) of its wgmma
+        operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
           operands["dv"] = (pt.astype(dtype), do_smem)  # dV += P^T dO
         if need_dk:
@@ -290,54 +182,26 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           if softcap_grad is not None:
             dst = dst * softcap_grad
           operands["dk"] = (dst.astype(dtype), q_smem)  # dK += dS^T Q (scaled at the end)
-        if need_dq:
-          # dQ part = dS K over both consumers' keys, for this consumer's columns: both
-          # dS^T halves go to shared memory (double-buffered by step parity: a consumer
-          # rewrites a buffer only after both have passed the next step's barrier).
-          parity = lax.rem(i, 2)
-          ds_t.at[parity, own_rows][...] = operands["dk"][0]
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(ds_ready.at[parity])
-          plgpu.barrier_wait(ds_ready.at[parity])
-          operands["dq"] = (ds_t.at[parity].transpose((1, 0)),  # dS [block_q, 2 * block_kv]
-                            k_all.at[:, pl.ds(wg * dq_cols, dq_cols)])
 
-        def update(refs):  # every accumulation in one scope: one wgmma wait
+        def update(refs):  # both accumulations in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
             plgpu.wgmma(ref, *operands[name])
 
-        inits = [carry[n] for n in outputs if n != "dq"]
-        if need_dq:
-          inits.append(zeros(block_q, dq_cols))  # each step's dQ part starts from zero
-        results = dict(zip(outputs, compat.accumulate_all(update, inits)))
+        carry = dict(zip(outputs, compat.accumulate_all(update, [carry[n] for n in outputs])))
         pipeline.release(streams, slot)
-        if need_dq:
-          pl.when(i > q_lo_blk)(lambda: dq_sum.land(i - 1))
-          dq_sum.stage(results.pop("dq"))
-        return results
+        return carry
 
-      carry = {name: zeros(block_kv, head_dim) for name in outputs if name != "dq"}
+      carry = {name: zeros() for name in outputs}
       carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
-      if need_dq:
-        @pl.when(num_steps > 0)
-        def _last_block():
-          dq_sum.issue(q_hi_blk - 1)
-          dq_sum.land(q_hi_blk - 1)
-
-        # The other consumer's last dQ matmul read these key rows: wait before reusing them.
-        plgpu.barrier_arrive(done)
-        plgpu.barrier_wait(done)
       staging = {"dk": k_smem, "dv": v_smem}
       for name, out_ref in zip(outputs, out_refs):
-        if name != "dq":
-          result = carry[name] * spec.scale if name == "dk" else carry[name]
-          staging[name][...] = result.astype(dtype)
+        result = carry[name] * spec.scale if name == "dk" else carry[name]
+        staging[name][...] = result.astype(dtype)
       plgpu.commit_smem()
       for name, out_ref in zip(outputs, out_refs):
-        if name != "dq":
-          plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
+        plgpu.copy_smem_to_gmem(staging[name], out_ref.at[batch, pl.ds(k_lo, block_kv), head])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == wgs)
@@ -349,8 +213,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   for _ in range(5 if segments else 4):
     ring_barriers.extend(pipeline.ring_barriers(stages, wgs))
   scratch = [
-      plgpu.SMEM((rows_per_cta, head_dim), dtype, transforms=transforms),  # K rows
-      plgpu.SMEM((rows_per_cta, head_dim), dtype, transforms=transforms),  # V rows
+      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q), jnp.float32),
@@ -359,22 +223,10 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   ]
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
-  if need_dq:
-    scratch += [
-        plgpu.SMEM((2, rows_per_cta, block_q), dtype, transforms=transforms),  # dS^T
-        plgpu.SMEM((wgs, block_q, dq_cols), jnp.float32,
-                   transforms=compat.smem_transforms(jnp.float32)),  # dQ parts
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=2),  # dS^T halves written
-        plgpu.Barrier(num_arrivals=wgs),  # both consumers done with the key rows
-    ]
   scratch += ring_barriers
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
-                   for name in outputs if name != "dq")
-  if need_dq:
-    out_type += (jax.ShapeDtypeStruct((spec.batch, t_pad, spec.num_q_heads, head_dim),
-                                      jnp.float32),)
-    assert outputs[-1] == "dq"
+                   for _ in outputs)
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_kv_tiles, spec.batch),

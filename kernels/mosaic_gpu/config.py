@@ -19,20 +19,12 @@ WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUBlockSizes(BlockSizes):
-  """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand) and
-  the form of the backward."""
+  """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand)."""
 
   num_stages: int | None = None
-  # Backward at head dim 128: one kernel that also accumulates dQ (5 matmuls per tile
-  # pair) when True or None, the separate dK/dV and dQ kernels (7 matmuls) when False.
-  fused_backward: bool | None = None
-  switches = ("fused_backward",)
 
   def __post_init__(self):
     super().__post_init__()
-    if self.fused_backward is not None and not isinstance(self.fused_backward, bool):
-      raise ValueError(f"{type(self).__name__}.fused_backward must be a bool or None, "
-                       f"got {self.fused_backward!r}")
     if self.num_stages is not None and (not isinstance(self.num_stages, int)
                                         or isinstance(self.num_stages, bool)
                                         or self.num_stages < 2):
