@@ -265,14 +265,10 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
         kv_len=spec.kv_len, **rules.positional)
     num_steps = hi - lo
-    block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
-    streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_ring, k_ready, k_free),
-               pipeline.Stream(lambda step: v_ref.at[block(step)], v_ring, v_ready, v_free))
-    if segments:
-      kv_ids_ref = feature_refs["kv_segment_ids"]
-      streams += (pipeline.Stream(
-          lambda step: kv_ids_ref.at[batch, pl.ds((lo + step) * block_kv, block_kv)],
-          kv_seg_ring, seg_ready, seg_free),)
+    streams = pipeline.kv_streams(
+        k_ref, v_ref, feature_refs["kv_segment_ids"] if segments else None, batch=batch,
+        kv_head=kv_head, first_block=lo, block_kv=block_kv, k=(k_ring, k_ready, k_free),
+        v=(v_ring, v_ready, v_free), ids=(kv_seg_ring, seg_ready, seg_free) if segments else None)
 
     @pl.when(wg < wgs)
     def _consumer():

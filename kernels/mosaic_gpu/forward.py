@@ -191,15 +191,11 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
 
     @pl.when(wg == NUM_COMPUTE_WGS)
     def _producer():
-      kv_head = lax.div(head, jnp.int32(spec.group_size))
-      block = lambda step: (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
-      streams = (pipeline.Stream(lambda step: k_ref.at[block(step)], k_smem, k_ready, k_free),
-                 pipeline.Stream(lambda step: v_ref.at[block(step)], v_smem, v_ready, v_free))
-      if segments:
-        kv_ids_ref = feature_refs["kv_segment_ids"]
-        streams += (pipeline.Stream(
-            lambda step: kv_ids_ref.at[batch, pl.ds((lo + step) * block_kv, block_kv)],
-            kv_seg_ring, seg_ready, seg_free),)
+      streams = pipeline.kv_streams(
+          k_ref, v_ref, feature_refs["kv_segment_ids"] if segments else None, batch=batch,
+          kv_head=lax.div(head, jnp.int32(spec.group_size)), first_block=lo,
+          block_kv=block_kv, k=(k_smem, k_ready, k_free), v=(v_smem, v_ready, v_free),
+          ids=(kv_seg_ring, seg_ready, seg_free) if segments else None)
       pipeline.produce(streams, num_steps, stages)
 
   transforms = compat.smem_transforms(dtype)

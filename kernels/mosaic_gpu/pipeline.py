@@ -32,6 +32,18 @@ class Stream:
   free: Any  # Barrier ref [stages], num_arrivals = consumer warpgroups
 
 
+def kv_streams(k_ref, v_ref, kv_ids_ref, *, batch, kv_head, first_block, block_kv: int,
+               k, v, ids=None) -> tuple[Stream, ...]:
+  """The K and V blocks [block_kv, H] (and their segment ids [block_kv], when `kv_ids_ref`
+  is not None) from block `first_block` on; k, v, ids: (ring, ready, free) of each."""
+  rows = lambda step: pl.ds((first_block + step) * block_kv, block_kv)
+  streams = (Stream(lambda step: k_ref.at[batch, rows(step), kv_head], *k),
+             Stream(lambda step: v_ref.at[batch, rows(step), kv_head], *v))
+  if kv_ids_ref is not None:
+    streams += (Stream(lambda step: kv_ids_ref.at[batch, rows(step)], *ids),)
+  return streams
+
+
 def slot_of(step, stages: int):
   return lax.rem(step, jnp.int32(stages))
 
