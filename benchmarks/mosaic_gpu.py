@@ -52,15 +52,16 @@ def _err(x, ref):
   return float(np.max(np.abs(np.where(fin, x, 0) - np.where(fin, ref, 0)), initial=0.0))
 
 
-def _run(impl, q, k, v, kw, dout, dlse):
+def _run(impl, q, k, v, kw, dout, dlse, block_sizes=None):
   def f(q, k, v):
-    return flash_jax.flash_attention(q, k, v, implementation=impl, return_lse=True, **kw)
+    return flash_jax.flash_attention(q, k, v, implementation=impl, return_lse=True,
+                                     block_sizes=block_sizes, **kw)
   (out, lse), vjp = jax.vjp(f, q, k, v)
   lse_ct = jnp.where(jnp.isfinite(lse), dlse, 0.0)
   return (out, lse) + tuple(vjp((dout.astype(out.dtype), lse_ct)))
 
 
-def check(log, cases=None) -> bool:
+def check(log, cases=None, block_sizes=None) -> bool:
   ok_all = True
   for i, (b, t, s, nq, nkv, h, dtype, kw) in enumerate(CASES):
     if cases is not None and i not in cases:
@@ -74,8 +75,8 @@ def check(log, cases=None) -> bool:
       v = jax.random.normal(keys[2], (b, s, nkv, h), dt)
       dout = jax.random.normal(keys[3], (b, t, nq, h), jnp.float32)
       dlse = jax.random.normal(keys[4], (b, nq, t), jnp.float32)
-      got = _run("mosaic_gpu", q, k, v, kw, dout, dlse)
-      again = _run("mosaic_gpu", q, k, v, kw, dout, dlse)
+      got = _run("mosaic_gpu", q, k, v, kw, dout, dlse, block_sizes)
+      again = _run("mosaic_gpu", q, k, v, kw, dout, dlse, block_sizes)
       deterministic = all(np.array_equal(np.asarray(a), np.asarray(b))
                           for a, b in zip(got, again))
       same = _run("xla", q, k, v, kw, dout, dlse)
@@ -124,7 +125,8 @@ def variants(log, head_dims, seqs, configs, modes):
             q, k, v, is_causal=c, implementation="cudnn")}
         for cfg in configs.get(h, [None]):
           label = "mosaic" if cfg is None else "mosaic " + ",".join(
-              f"{x}" for x in (cfg.block_kv, cfg.num_stages, cfg.block_kv_dq))
+              f"{x}" for x in (cfg.block_kv, cfg.num_stages, cfg.block_kv_dq)) + (
+                  {True: ",overlap", False: ",sequential"}.get(cfg.overlap_softmax, ""))
           contenders[label] = lambda q, k, v, c=causal, cfg=cfg: flash_jax.flash_attention(
               q, k, v, causal=c, implementation="mosaic_gpu", block_sizes=cfg)
         for mode in modes:
@@ -159,17 +161,22 @@ def main():
   parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
   parser.add_argument("--cases", type=int, nargs="+", default=None, help="check: case indices")
   parser.add_argument("--sweep", action="store_true", help="time several configs per head dim")
+  parser.add_argument("--overlap-softmax", choices=["true", "false"], default=None,
+                      help="check: MosaicGPUBlockSizes.overlap_softmax (default: the default)")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   if args.what == "check":
-    sys.exit(0 if check(sys.stdout, args.cases) else 1)
+    block_sizes = None if args.overlap_softmax is None else MosaicGPUBlockSizes(
+        overlap_softmax=args.overlap_softmax == "true")
+    sys.exit(0 if check(sys.stdout, args.cases, block_sizes) else 1)
   configs = {}
   if args.sweep:
-    m = lambda bkv, st, bkv_dq=None: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
-                                                         block_kv_dq=bkv_dq)
-    configs = {64: [None, m(256, 2, 128)],
-               128: [None, m(128, 2, 128)],
-               256: [None]}  # d256: Q + a 2-slot ring of 64-row K/V blocks fill shared memory
+    m = lambda bkv, overlap, st=2: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
+                                                       overlap_softmax=overlap)
+    # The forward's two schedules (sequential softmax vs overlapped with the PV matmul).
+    configs = {64: [None, m(256, False), m(128, True)],
+               128: [None, m(128, False)],
+               256: [None, m(64, False)]}  # d256: Q + a 2-slot ring of 64-row blocks fill SMEM
   variants(sys.stdout, args.head_dims, args.seqs, configs, args.modes)
 
 

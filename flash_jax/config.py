@@ -8,6 +8,7 @@ more knobs (warps, pipeline stages) subclasses it.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +22,13 @@ class BlockSizes:
   block_kv_dkv: int | None = None
   block_q_dq: int | None = None
   block_kv_dq: int | None = None
+  # Fields of a subclass that are not counts (validated by the subclass itself).
+  switches: ClassVar[tuple[str, ...]] = ()
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None:
+      if value is None or field.name in self.switches:
         continue
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{type(self).__name__}.{field.name} must be a positive int, got {value!r}")

@@ -22,9 +22,16 @@ class MosaicGPUBlockSizes(BlockSizes):
   """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand)."""
 
   num_stages: int | None = None
+  # Forward schedule: True overlaps each step's softmax with the previous step's PV
+  # matmul inside a warpgroup (FlashAttention-3 section 3.2); None: the head-dim default.
+  overlap_softmax: bool | None = None
+  switches = ("overlap_softmax",)
 
   def __post_init__(self):
     super().__post_init__()
+    if self.overlap_softmax is not None and not isinstance(self.overlap_softmax, bool):
+      raise ValueError(f"{type(self).__name__}.overlap_softmax must be a bool or None, "
+                       f"got {self.overlap_softmax!r}")
     if self.num_stages is not None and (not isinstance(self.num_stages, int)
                                         or isinstance(self.num_stages, bool)
                                         or self.num_stages < 2):
@@ -38,18 +45,19 @@ class MosaicGPUBlockSizes(BlockSizes):
 # thread and Q + the K/V ring fit in 227 KiB of shared memory. See
 # docs/performance_mosaic_gpu.md for the measurements behind them.
 _DEFAULTS = {
-    # head_dim: (block_q, block_kv, num_stages, block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq)
-    64: (64, 256, 2, 64, 64, 64, 64),
-    128: (64, 128, 2, 64, 64, 64, 64),
-    256: (64, 64, 2, 64, 64, 64, 64),
+    # head_dim: (block_q, block_kv, num_stages, block_q_dkv, block_kv_dkv, block_q_dq,
+    #            block_kv_dq, overlap_softmax)
+    64: (64, 128, 2, 64, 64, 64, 64, False),
+    128: (64, 128, 2, 64, 64, 64, 64, True),
+    256: (64, 64, 2, 64, 64, 64, 64, True),
 }
 
 
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
-  bq, bkv, stages, bq_dkv, bkv_dkv, bq_dq, bkv_dq = _DEFAULTS[spec.head_dim]
+  bq, bkv, stages, bq_dkv, bkv_dkv, bq_dq, bkv_dq, overlap = _DEFAULTS[spec.head_dim]
   return MosaicGPUBlockSizes(block_q=bq, block_kv=bkv, num_stages=stages,
                              block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv,
-                             block_q_dq=bq_dq, block_kv_dq=bkv_dq)
+                             block_q_dq=bq_dq, block_kv_dq=bkv_dq, overlap_softmax=overlap)
 
 
 def resolve(config: BlockSizes, spec: AttentionSpec) -> MosaicGPUBlockSizes:

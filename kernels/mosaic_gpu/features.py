@@ -18,6 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, tiles
@@ -103,12 +104,15 @@ class BatchRules:
     return self.visible(q_idx, k_idx, q_segments=q_ids, kv_segments=kv_ids)
 
 
-def read_ring_slot(ring, ready, free, slot):
+def read_ring_slot(ring, ready, free, slot, active=None):
   """Slot `slot` of a producer-fed ring of vectors [block], in the column layout of a
-  tile (one entry per column): wait for the copy, load, release the slot."""
-  plgpu.barrier_wait(ready.at[slot])
+  tile (one entry per column): wait for the copy, load, release the slot. With a traced
+  bool `active`, the barrier traffic happens only where it is true (the load does not
+  wait then: the caller must not trust the values)."""
+  sync = (lambda f: f()) if active is None else pl.when(active)
+  sync(lambda: plgpu.barrier_wait(ready.at[slot]))
   vector = compat.load(ring.at[slot], compat.col_layout())
-  plgpu.barrier_arrive(free.at[slot])
+  sync(lambda: plgpu.barrier_arrive(free.at[slot]))
   return vector
 
 

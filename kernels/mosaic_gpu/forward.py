@@ -73,7 +73,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   def kernel(*refs):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
     (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, v_ready,
-     k_free, v_free, schedule, *segment_scratch) = refs
+     k_free, v_free, schedule, turn, *segment_scratch) = refs
     if segments:
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -110,21 +110,45 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
             q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=spec.kv_len,
             **rules.positional)
 
-      row_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
-                                   compat.row_layout())  # [block_q], base 2
-      row_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
-      acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
-                               compat.wgmma_layout())  # [block_q, H]
+      start_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
+                                     compat.row_layout())  # [block_q], base 2
+      start_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
+      start_acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                     compat.wgmma_layout())  # [block_q, H]
+      slot_of = lambda j: lax.rem(j - lo, jnp.int32(stages))
 
-      @pl.when(num_steps > 0)
-      def _():
-        plgpu.barrier_wait(k_ready.at[0])
+      def online_softmax(qk, j, row_max, row_sum, *, masked: bool, extra_visible=None,
+                         active=None):
+        """Scores of key block j -> (P [block_q, block_kv] in the input dtype, new row
+        max, rescale of the old accumulator, new row sum). FlashAttention-2 section
+        3.1.1, in base 2. `active`: see `features.read_ring_slot`."""
+        s = logits_base2(qk)  # [block_q, block_kv]
+        visible = None
+        if masked:
+          read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
+              q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free,
+                                                  slot_of(j), active))
+          visible = rules.tile_visible(s.shape, q_lo=q_lo, k_lo=j * block_kv,
+                                       read_segment_ids=read_segment_ids if segments else None)
+        if extra_visible is not None:
+          visible = extra_visible if visible is None else visible & extra_visible
+        if visible is not None:
+          s = masking.masked_logits(s, visible)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        rescale = jnp.exp2(row_max - new_max)
+        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
+          p = jnp.where(visible, p, 0.0)
+        row_sum = row_sum * rescale + p.sum(axis=1)
+        return p.astype(dtype), new_max, rescale, row_sum
 
-      pl.when(wg == 1)(rendezvous)  # consumer 1 starts half an iteration behind
+      def rescaled(acc, rescale):
+        return acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
 
       def step(j, carry, *, masked: bool):
+        """Sequential schedule: S(j), softmax(j), then O += P(j) V(j)."""
         acc, row_max, row_sum = carry
-        slot = lax.rem(j - lo, jnp.int32(stages))
+        slot = slot_of(j)
 
         def qk_matmul(s_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
@@ -133,23 +157,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
 
         qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])  # reading the accumulator waited on wgmma
-        s = logits_base2(qk)  # [block_q, block_kv]
-        visible = None
-        if masked:
-          read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
-              q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))
-          visible = rules.tile_visible(s.shape, q_lo=q_lo, k_lo=j * block_kv,
-                                       read_segment_ids=read_segment_ids if segments else None)
-          s = masking.masked_logits(s, visible)
-        # Online softmax, FlashAttention-2 section 3.1.1, in base 2.
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
-        if visible is not None:  # (None: no rule hides anything; the loop never runs)
-          p = jnp.where(visible, p, 0.0)  # rows that saw nothing yet have p = 1 otherwise
-        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-        row_sum = row_sum * rescale + p.sum(axis=1)
-        p16 = p.astype(dtype)
+        p16, new_max, rescale, row_sum = online_softmax(qk, j, row_max, row_sum, masked=masked)
+        acc = rescaled(acc, rescale)
         if head_dim <= 128:
           # Finish the softmax before handing the tensor cores over (FA3 section 3.2).
           acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
@@ -160,28 +169,118 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         def pv_matmul(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
           # While it runs, wait for the next key block (intra-warpgroup overlap).
-          next_slot = lax.rem(j + 1 - lo, jnp.int32(stages))
-
           @pl.when(j + 1 < hi)
           def _():
-            plgpu.barrier_wait(k_ready.at[next_slot])
+            plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
 
         acc = compat.accumulate(pv_matmul, acc)
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, new_max, row_sum
 
-      carry = (acc, row_max, row_sum)
-      carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), carry)
-      carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
-      acc, row_max, row_sum = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True),
-                                            carry)
-      pl.when(wg == 0)(rendezvous)  # matches consumer 1's extra arrival at the start
+      def sequential():
+        @pl.when(num_steps > 0)
+        def _():
+          plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(rendezvous)  # consumer 1 starts half an iteration behind
+        carry = (start_acc, start_max, start_sum)
+        carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
+        pl.when(wg == 0)(rendezvous)  # matches consumer 1's extra arrival at the start
+        return carry
+
+      # Overlapped schedule (FlashAttention-3 section 3.2, intra-warpgroup overlapping):
+      # step j issues S(j) = Q K(j)^T and O += P(j-1) V(j-1) back to back, waits for
+      # S(j) only, and runs softmax(j) while the PV matmul is still on the tensor
+      # cores. The consumers take turns issuing (ping-pong): consumer w waits on
+      # turn[w] before issuing and arrives on turn[1 - w] after.
+      def take_turn():
+        plgpu.barrier_wait(turn.at[wg])
+
+      def pass_turn():
+        plgpu.barrier_arrive(turn.at[1 - wg])
+
+      def when_any(f):  # barrier traffic of a CTA that visits no key block is skipped
+        pl.when(num_steps > 0)(f)
+
+      def overlapped_step(j, carry, *, masked: bool):
+        acc, row_max, row_sum, p16 = carry  # p16: P(j - 1)
+        slot, prev = slot_of(j), slot_of(j - 1)
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[prev])
+        take_turn()
+
+        def body(refs):
+          s_ref, o_ref, p_ref, max_ref, sum_ref, rescale_ref = refs
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(o_ref, p_ref[...], v_smem.at[prev])
+          pass_turn()
+          # S(j) done; PV runs on. Masked blocks wait for both: their softmax needs more
+          # registers than fit beside an accumulator in flight.
+          qk = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if masked else 1)
+          plgpu.barrier_arrive(k_free.at[slot])
+          p_ref[...], max_ref[...], rescale_ref[...], sum_ref[...] = online_softmax(
+              qk, j, max_ref[...], sum_ref[...], masked=masked)
+
+        s_init = compat.layout_cast(jnp.zeros((block_q, block_kv), jnp.float32),
+                                    compat.wgmma_layout())
+        _, acc, p16, row_max, row_sum, rescale = pl.run_state(body)(
+            (plgpu.ACC.init(s_init), plgpu.ACC.init(acc), p16, row_max, row_sum, row_max))
+        plgpu.barrier_arrive(v_free.at[prev])
+        return rescaled(acc, rescale), row_max, row_sum, p16
+
+      def overlapped():
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # consumer 0 issues first
+        # Prologue: S(lo) and softmax(lo), masked. A CTA that visits no block still runs
+        # it (and the epilogue) on whatever the ring holds, with every key hidden, so that
+        # both consumers take the same turns; its output rows are zeroed at the end.
+        when_any(lambda: plgpu.barrier_wait(k_ready.at[0]))
+        take_turn()
+
+        def qk_matmul(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[0].transpose((1, 0)))
+          pass_turn()
+          return s_ref[...]
+
+        qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+        when_any(lambda: plgpu.barrier_arrive(k_free.at[0]))
+        any_block = compat.iota((block_q, block_kv), 1) < jnp.where(num_steps > 0, block_kv, 0)
+        p16, first_max, _, first_sum = online_softmax(qk, lo, start_max, start_sum, masked=True,
+                                                      extra_visible=any_block,
+                                                      active=num_steps > 0)
+        carry = (start_acc, first_max, first_sum, p16)
+        first = lo + 1
+        masked_head_end, body_end = jnp.maximum(first, f_lo), jnp.maximum(first, f_hi)
+        carry = lax.fori_loop(first, masked_head_end,
+                              functools.partial(overlapped_step, masked=True), carry)
+        carry = lax.fori_loop(masked_head_end, body_end,
+                              functools.partial(overlapped_step, masked=False), carry)
+        acc, last_max, last_sum, p16 = lax.fori_loop(
+            body_end, hi, functools.partial(overlapped_step, masked=True), carry)
+        # Epilogue: O += P(hi - 1) V(hi - 1).
+        last = slot_of(jnp.maximum(hi - 1, lo))
+        when_any(lambda: plgpu.barrier_wait(v_ready.at[last]))
+        take_turn()
+
+        def pv_matmul(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[last])
+          pass_turn()
+
+        acc = compat.accumulate(pv_matmul, acc)
+        when_any(lambda: plgpu.barrier_arrive(v_free.at[last]))
+        return acc, last_max, last_sum
+
+      acc, row_max, row_sum = overlapped() if config.overlap_softmax else sequential()
 
       # A row that saw no key (row_sum == 0) gets output 0 and lse -inf.
       seen = row_sum > 0
       safe_sum = jnp.where(seen, row_sum, 1.0)
       inv_sum = jnp.where(seen, 1.0 / safe_sum, 0.0)
-      q_smem[...] = (acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0])).astype(dtype)
+      # (where, not a product: an empty CTA's accumulator may hold junk, NaN included)
+      out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]),
+                      acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
+      q_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
       lse_smem[...] = jnp.where(seen, (row_max + jnp.log2(safe_sum)) * LN2, -jnp.inf)
       plgpu.commit_smem()
@@ -209,7 +308,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),  # schedule (sequential ping-pong)
+      plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),  # turn[w] (overlapped ping-pong)
   ]
   if segments:
     scratch += [plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.int32),
