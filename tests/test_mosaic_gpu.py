@@ -124,6 +124,10 @@ def test_config_defaults_and_validation():
     MosaicGPUBlockSizes(num_stages=1)
   with pytest.raises(ValueError, match="block_q"):
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
+  with pytest.raises(ValueError, match="overlap_softmax"):
+    MosaicGPUBlockSizes(overlap_softmax=1)
+  assert resolve(MosaicGPUBlockSizes(overlap_softmax=True), _spec(64)).overlap_softmax
+  assert all(isinstance(default_config(_spec(d)).overlap_softmax, bool) for d in (64, 128, 256))
 
 
 def test_features_served_and_declined(monkeypatch):
@@ -174,10 +178,11 @@ def _feature_kwargs(options, b, t, s):
   return kwargs
 
 
+@pytest.mark.parametrize("overlap_softmax", [False, True], ids=["sequential", "overlapped"])
 @pytest.mark.parametrize("head_dim,options", FEATURE_CALLS, ids=str)
-def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options):
-  """Forward and backward kernels with offsets, lengths and segment ids lower to Mosaic
-  GPU on any host (no GPU needed: jax.export for the cuda platform)."""
+def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, overlap_softmax):
+  """Forward (both schedules) and backward kernels with offsets, lengths and segment ids
+  lower to Mosaic GPU on any host (no GPU needed: jax.export for the cuda platform)."""
   from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
@@ -185,8 +190,9 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options):
   kwargs = _feature_kwargs(options, b, t, s)
   q = jax.ShapeDtypeStruct((b, t, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, s, 2, head_dim), jnp.bfloat16)
+  block_sizes = MosaicGPUBlockSizes(overlap_softmax=overlap_softmax)
   attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
-                                                   **kwargs)
+                                                   block_sizes=block_sizes, **kwargs)
   grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
   for fn in (attn, grads):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, k).mlir_module()
@@ -260,6 +266,12 @@ def _poisoned(x, lengths, round_to: int, poison: float):
     (128, dict(window=(70, 30), q_offset="array", q_lengths=True, kv_lengths=True,
                segment_ids=True)),
     (256, dict(causal=True, q_offset="array", kv_lengths=True, segment_ids=True)),
+    # The forward schedule each head dim does not use by default (`overlap_softmax`),
+    # with query tiles that visit no key block (past q_lengths).
+    (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
+               overlap_softmax=True)),
+    (256, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
+               segment_ids=True, overlap_softmax=False)),
 ], ids=str)
 def test_lengths_offsets_segments_with_poison(head_dim, options):
   """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
@@ -268,6 +280,8 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
   from conftest import assert_accurate
   b, t, s = 2, 300, 460
   kwargs = _feature_kwargs(options, b, t, s)
+  overlap = kwargs.pop("overlap_softmax", None)
+  block_sizes = {"mosaic_gpu": MosaicGPUBlockSizes(overlap_softmax=overlap)}
   keys = jax.random.split(jax.random.PRNGKey(head_dim + len(options)), 5)
   q = jax.random.normal(keys[0], (b, t, 4, head_dim), jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, s, 2, head_dim), jnp.bfloat16)
@@ -285,7 +299,7 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
   def run(impl, q, k, v):
     def f(q, k, v):
       out, lse = flash_jax.flash_attention(q, k, v, implementation=impl, return_lse=True,
-                                           **kwargs)
+                                           block_sizes=block_sizes.get(impl), **kwargs)
       return out, lse
     (out, lse), vjp = jax.vjp(f, q, k, v)
     finite = jnp.isfinite(lse)

@@ -48,7 +48,7 @@ _DEFAULTS = {
     # head_dim: (block_q, block_kv, num_stages, block_q_dkv, block_kv_dkv, block_q_dq,
     #            block_kv_dq, overlap_softmax)
     64: (64, 128, 2, 64, 64, 64, 64, False),
-    128: (64, 128, 2, 64, 64, 64, 64, True),
+    128: (64, 128, 2, 64, 64, 64, 64, False),
     256: (64, 64, 2, 64, 64, 64, 64, True),
 }
 
