@@ -8,10 +8,15 @@ warpgroups (FlashAttention-3 section 3.1, warp specialization):
   * warpgroups 0 and 1, the consumers, each own block_q = 64 query rows, issue
     wgmma for S = Q K^T and O += P V with float32 accumulators in registers and run
     the online softmax (FlashAttention-2 section 3.1.1) in registers.
-A two-arrival "schedule" barrier staggers the consumers by half an iteration so that
-the softmax of one overlaps the matmuls of the other (FlashAttention-3 section 3.2,
-ping-pong scheduling); each consumer also waits for the next key block while its PV
-wgmma runs (section 3.2, intra-warpgroup overlap).
+The consumers run one of two schedules (`MosaicGPUBlockSizes.overlap_softmax`; the
+measured default per head dim is in `config`):
+  * sequential: S(j), softmax(j), then O += P(j) V(j). A two-arrival "schedule"
+    barrier staggers the consumers by half an iteration so that the softmax of one
+    overlaps the matmuls of the other (FlashAttention-3 section 3.2, ping-pong); each
+    consumer waits for the next key block while its PV wgmma runs.
+  * overlapped: S(j) and O += P(j-1) V(j-1) are issued together and softmax(j) runs
+    while the PV wgmma is still in flight (section 3.2, intra-warpgroup overlapping);
+    the consumers take strict turns issuing through two `turn` barriers.
 
 Masking: the CTA visits only key blocks inside `masking.visible_kv_range` of its batch
 row (q_offset shifts the causal and window bounds; blocks at or past kv_length are
