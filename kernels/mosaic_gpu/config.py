@@ -19,7 +19,8 @@ WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUBlockSizes(BlockSizes):
-  """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand)."""
+  """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand) and
+  the forward's schedule."""
 
   num_stages: int | None = None
   # Forward schedule: True overlaps each step's softmax with the previous step's PV
