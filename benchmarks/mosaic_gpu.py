@@ -2,6 +2,7 @@
 
   python benchmarks/mosaic_gpu.py check     # correctness vs the float32 reference
   python benchmarks/mosaic_gpu.py variants  # forward / fwd+bwd TFLOP/s per config, beside cuDNN
+  python benchmarks/mosaic_gpu.py kernels   # each kernel of fwd+bwd timed alone (d128)
 
 check: for each case, error of out, lse and dq/dk/dv against the float32 reference
 (HIGHEST precision on upcast inputs) over the error of the same-precision jnp
@@ -9,6 +10,10 @@ reference; passes when <= 2x (forward) / 3x (gradients) plus a small floor. Outp
 start from random inputs (never zeros); NaN fails.
 variants: FlashAttention-paper protocol (batch x seq = 16384, model dim 2048), bf16,
 median of repeats after warm-up; FLOPs 4 B N T S H (half when causal), x3.5 fwd+bwd.
+kernels: the same protocol at head dim 128; the forward, dK/dV and dQ kernels each timed
+alone, with the TFLOP/s of the matmuls each one issues (2, 4 and 3 per tile pair: the
+forward count x1, x2, x1.5), against the whole fwd+bwd call, to see which kernel sits
+furthest from the card's matmul ceiling.
 """
 
 from __future__ import annotations
@@ -153,9 +158,50 @@ def variants(log, head_dims, seqs, configs, modes):
                     f"{str(e)[:300]}", file=log, flush=True)
 
 
+def kernels(log, seqs):
+  from flash_jax import spec as spec_lib
+  from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
+  from flash_jax.kernels.mosaic_gpu import config as config_lib
+  from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
+  h = 128
+  for seq in seqs:
+    b, n = 16384 // seq, 2048 // h
+    q, k, v, dout = (jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
+                     for key in jax.random.split(jax.random.PRNGKey(0), 4))
+    for causal in (False, True):
+      spec, *_, arrays = spec_lib.normalize(q, k, v, causal=causal)
+      config = config_lib.default_config(spec)
+      flops = attention_flops(b, n, seq, seq, h, causal=causal)  # the forward's 2 matmuls
+      fwd = jax.jit(lambda q, k, v: forward_kernel.forward(q, k, v, arrays, spec, config))
+      out, lse = fwd(q, k, v)
+      delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+      ops, t_pad, s_pad = backward_kernels.kernel_operands(q, k, v, lse, dout, delta, arrays,
+                                                           spec, config)
+      *tensors, names, feature_arrays = ops
+      dkv = jax.jit(lambda *t: backward_kernels._dkv(
+          *t, names, feature_arrays, spec=spec, config=config, s_pad=s_pad,
+          outputs=("dk", "dv")))
+      dq = jax.jit(lambda *t: backward_kernels._dq(
+          *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad))
+
+      def whole(q, k, v):
+        f = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal,
+                                                      implementation="mosaic_gpu")
+        return jax.vjp(f, q, k, v)[1](dout)
+
+      for label, fn, args, work in (("forward", fwd, (q, k, v), flops),
+                                    ("dK/dV", dkv, tuple(tensors), 2 * flops),
+                                    ("dQ", dq, tuple(tensors), 1.5 * flops),
+                                    ("fwd+bwd call", jax.jit(whole), (q, k, v), 4.5 * flops)):
+        sec = _time(fn, [args])
+        print(f"d{h} s{seq:<5} {'causal' if causal else 'full  '} {label:>12}: "
+              f"{sec * 1e3:8.3f} ms {work / sec / 1e12:7.1f} TFLOP/s of issued matmuls",
+              file=log, flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("what", choices=["check", "variants"])
+  parser.add_argument("what", choices=["check", "variants", "kernels"])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
   parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
   parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
@@ -169,6 +215,9 @@ def main():
     block_sizes = None if args.overlap_softmax is None else MosaicGPUBlockSizes(
         overlap_softmax=args.overlap_softmax == "true")
     sys.exit(0 if check(sys.stdout, args.cases, block_sizes) else 1)
+  if args.what == "kernels":
+    kernels(sys.stdout, args.seqs)
+    return
   configs = {}
   if args.sweep:
     m = lambda bkv, overlap, st=2: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,

@@ -59,6 +59,25 @@ def consumer_warpgroups(head_dim: int) -> int:
 def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
              config: MosaicGPUBlockSizes):
   """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
+  operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config)
+  if spec.head_dim <= 128:
+    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
+  else:
+    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
+    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
+  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
+  if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
+    group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
+                                spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
+    dk, dv = group(dk), group(dv)
+  return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
+
+
+def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
+                    config: MosaicGPUBlockSizes):
+  """The dK/dV and dQ kernels' operands (q, k, v, dout, lse2, delta, feature names,
+  feature arrays), padded, with t_pad and s_pad. (Also used by the per-kernel timing in
+  benchmarks/mosaic_gpu.py.)"""
   wgs = consumer_warpgroups(spec.head_dim)
   rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
   t_pad = tiles.round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
@@ -72,18 +91,7 @@ def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
-  operands = (q, k, v, dout, lse2, delta, names, feature_arrays)
-  if spec.head_dim <= 128:
-    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
-  else:
-    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
-    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
-  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
-  if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
-    group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
-                                spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
-    dk, dv = group(dk), group(dv)
-  return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
+  return (q, k, v, dout, lse2, delta, names, feature_arrays), t_pad, s_pad
 
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
