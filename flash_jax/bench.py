@@ -4,8 +4,9 @@ batch x seq = 16384 tokens, model dim 2048 (heads = 2048 / head_dim), seq 512..1
 head dims 64/128/256, causal and not, forward and forward+backward. FLOPs: forward
 4 * B * N * T * S * H, halved when causal; backward 2.5x forward, so forward+backward
 is 3.5x. Every available flash_jax implementation and jax.nn.dot_product_attention
-('xla', and 'cudnn' on NVIDIA) run in one process; the table gives TFLOP/s and each
-row's ratio to cuDNN. On CPU the defaults shrink so that a run takes about a minute.
+('xla', and 'cudnn' on NVIDIA) run in one process, timed call by call in turn
+(`time_interleaved`); the table gives TFLOP/s and each row's ratio to cuDNN. On CPU the
+defaults shrink so that a run takes about a minute.
 """
 
 from __future__ import annotations
@@ -86,35 +87,67 @@ def _compiled(fn, problem: Problem):
   return jax.jit(fwd_bwd)
 
 
-def time_call(compiled, args, warmup: int, repeats: int) -> float:
-  """Median seconds of `repeats` calls after `warmup`; inputs rotate between two sets."""
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args[0]))
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args[i % len(args)]))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def time_interleaved(calls, repeats: int):
+  """Median seconds per call of each entry of `calls` (name -> call(i), which runs repeat i
+  and blocks until its result is ready), timed round-robin: round i calls every entry once,
+  in an order rotated by i, so that all contenders sample the same stretch of the device's
+  clocks and temperature and none always runs first or last. An entry that raises drops
+  out. Returns ({name: seconds}, {name: exception})."""
+  names = list(calls)
+  samples = {name: [] for name in names}
+  failed = {}
+  for i in range(repeats if names else 0):
+    shift = i % len(names)
+    for name in names[shift:] + names[:shift]:
+      if name in failed:
+        continue
+      start = time.perf_counter()
+      try:
+        calls[name](i)
+      except Exception as e:  # out of memory at run time: report, go on
+        failed[name] = e
+        continue
+      samples[name].append(time.perf_counter() - start)
+  seconds = {name: statistics.median(t) for name, t in samples.items()
+             if name not in failed and t}
+  return seconds, failed
+
+
+def _error_status(e: Exception) -> str:
+  return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
+  """One row per (problem, contender). Per problem, every contender is compiled and warmed
+  up first, then all are timed together (`time_interleaved`); inputs rotate between two
+  sets."""
   rows = []
   for n, problem in enumerate(problems):
     args = [_inputs(problem, seed) for seed in (0, 1)]
+    problem_rows, calls = {}, {}
     for name, fn in contenders.items():
       row = dict(dataclasses.asdict(problem), batch=problem.batch, heads=problem.heads,
                  implementation=name)
+      problem_rows[name] = row
       try:
         if name in dispatch.implementation_names():
           q, k, v, _ = args[0]
           flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name)
-        seconds = time_call(_compiled(fn, problem), args, warmup, repeats)
-        row.update(ms=seconds * 1e3, tflops=problem.flops() / seconds / 1e12)
+        compiled = _compiled(fn, problem)
+        for _ in range(warmup):
+          jax.block_until_ready(compiled(*args[0]))
+        calls[name] = lambda i, compiled=compiled: jax.block_until_ready(
+            compiled(*args[i % len(args)]))
       except NotImplementedError as e:
         row.update(status=f"n/a: {e}")
       except Exception as e:  # out of memory, compile failure: report, go on
-        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        row.update(status=_error_status(e))
+    seconds, failed = time_interleaved(calls, repeats)
+    for name, row in problem_rows.items():
+      if name in seconds:
+        row.update(ms=seconds[name] * 1e3, tflops=problem.flops() / seconds[name] / 1e12)
+      elif name in failed:
+        row.update(status=_error_status(failed[name]))
       rows.append(row)
       print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
             f"{_cell(row)}", file=log, flush=True)
