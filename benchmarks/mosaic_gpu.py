@@ -19,9 +19,7 @@ furthest from the card's matmul ceiling.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_jax
+from flash_jax import bench
 from flash_jax.bench import attention_flops
 from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes
 
@@ -107,17 +106,6 @@ def check(log, cases=None, block_sizes=None) -> bool:
   return ok_all
 
 
-def _time(fn, args, warmup=3, repeats=15):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args[0]))
-  times = []
-  for r in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args[r % len(args)]))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def variants(log, head_dims, seqs, configs, modes):
   for h in head_dims:
     for seq in seqs:
@@ -135,27 +123,11 @@ def variants(log, head_dims, seqs, configs, modes):
           contenders[label] = lambda q, k, v, c=causal, cfg=cfg: flash_jax.flash_attention(
               q, k, v, causal=c, implementation="mosaic_gpu", block_sizes=cfg)
         for mode in modes:
-          base = None
-          for label, fn in contenders.items():
-            if mode == "fwd":
-              jf = jax.jit(lambda q, k, v, d, fn=fn: fn(q, k, v))
-              total = flops
-            else:
-              def fb(q, k, v, d, fn=fn):
-                out, vjp = jax.vjp(fn, q, k, v)
-                return vjp(d)
-              jf, total = jax.jit(fb), 3.5 * flops
-            try:
-              sec = _time(jf, args)
-              tf = total / sec / 1e12
-              base = tf if label == "cudnn" else base
-              ratio = f"{tf / base:5.2f}x" if base else ""
-              print(f"{mode:7} d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} "
-                    f"{label:>22}: {tf:7.1f} TFLOP/s {sec * 1e3:8.3f} ms {ratio}", file=log,
-                    flush=True)
-            except Exception as e:
-              print(f"{mode:7} d{h:<3} s{seq:<5} {label:>22}: ERR {type(e).__name__}: "
-                    f"{str(e)[:300]}", file=log, flush=True)
+          fns = {label: bench.timed_function(fn, mode) for label, fn in contenders.items()}
+          describe = f"{mode:7} d{h:<3} s{seq:<5} {'causal' if causal else 'full  '}"
+          for line in bench.compare_lines(fns, args, flops=flops * (1 if mode == "fwd" else 3.5),
+                                          describe=describe, warmup=3, repeats=15, base="cudnn"):
+            print(line, file=log, flush=True)
 
 
 def kernels(log, seqs):
@@ -189,13 +161,17 @@ def kernels(log, seqs):
                                                       implementation="mosaic_gpu")
         return jax.vjp(f, q, k, v)[1](dout)
 
-      for label, fn, args, work in (("forward", fwd, (q, k, v), flops),
-                                    ("dK/dV", dkv, tuple(tensors), 2 * flops),
-                                    ("dQ", dq, tuple(tensors), 1.5 * flops),
-                                    ("fwd+bwd call", jax.jit(whole), (q, k, v), 4.5 * flops)):
-        sec = _time(fn, [args])
-        print(f"d{h} s{seq:<5} {'causal' if causal else 'full  '} {label:>12}: "
-              f"{sec * 1e3:8.3f} ms {work / sec / 1e12:7.1f} TFLOP/s of issued matmuls",
+      parts = {"forward": (fwd, (q, k, v), flops),
+               "dK/dV": (dkv, tuple(tensors), 2 * flops),
+               "dQ": (dq, tuple(tensors), 1.5 * flops),
+               "fwd+bwd call": (jax.jit(whole), (q, k, v), 4.5 * flops)}
+      seconds, failed = bench.time_contenders(
+          {label: lambda fn=fn, args=args: fn(*args) for label, (fn, args, _) in parts.items()},
+          [()], warmup=3, repeats=15)
+      for label, (_, _, work) in parts.items():
+        cell = (f"{seconds[label] * 1e3:8.3f} ms {work / seconds[label] / 1e12:7.1f} TFLOP/s "
+                "of issued matmuls" if label in seconds else f"ERR {failed[label]!r}"[:300])
+        print(f"d{h} s{seq:<5} {'causal' if causal else 'full  '} {label:>12}: {cell}",
               file=log, flush=True)
 
 

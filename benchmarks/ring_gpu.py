@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flash_jax
+from flash_jax import bench
 from flash_jax.bench import attention_flops
 
 FLOOR = {"bfloat16": 4e-3, "float16": 1e-3, "float32": 2e-5}
@@ -87,14 +86,8 @@ def _fwd_bwd(fn):
 
 
 def _time(fn, *args, warmup=3, repeats=10):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+  """Median milliseconds of fn(*args)."""
+  return bench.time_one(fn, [args], warmup=warmup, repeats=repeats) * 1e3
 
 
 def _err(x, ref):

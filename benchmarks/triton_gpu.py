@@ -17,9 +17,7 @@ stages/bq,bk,warps,stages" for forward / dK,dV / dQ; "def" keeps the heuristic.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_jax
+from flash_jax import bench
 from flash_jax.bench import attention_flops
 from flash_jax.kernels.triton import TritonConfig
 
@@ -150,17 +149,6 @@ def parse_config(text: str) -> TritonConfig | None:
   return TritonConfig(**fields)
 
 
-def _time(fn, args, warmup=3, repeats=20):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args[0]))
-  times = []
-  for r in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args[r % len(args)]))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def variants(log, head_dims, seqs, configs, modes, causals):
   rows = []
   for h in head_dims:
@@ -177,25 +165,11 @@ def variants(log, head_dims, seqs, configs, modes, causals):
               flash_jax.flash_attention(q, k, v, causal=c, implementation="triton",
                                         block_sizes=cfg))
         for mode in modes:
-          base = None
-          for label, fn in contenders.items():
-            if mode == "fwd":
-              jf, total = jax.jit(lambda q, k, v, d, fn=fn: fn(q, k, v)), flops
-            else:
-              def fb(q, k, v, d, fn=fn):
-                out, vjp = jax.vjp(fn, q, k, v)
-                return vjp(d)
-              jf, total = jax.jit(fb), 3.5 * flops
-            try:
-              sec = _time(jf, args)
-              tf = total / sec / 1e12
-              base = tf if label == "cudnn" else base
-              ratio = f"{tf / base:5.2f}x" if base else ""
-              line = (f"{mode:7} d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} "
-                      f"{label:>40}: {tf:7.1f} TFLOP/s {sec * 1e3:8.3f} ms {ratio}")
-            except Exception as e:
-              line = (f"{mode:7} d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} "
-                      f"{label:>40}: ERR {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+          fns = {label: bench.timed_function(fn, mode) for label, fn in contenders.items()}
+          describe = f"{mode:7} d{h:<3} s{seq:<5} {'causal' if causal else 'full  '}"
+          for line in bench.compare_lines(fns, args, flops=flops * (1 if mode == "fwd" else 3.5),
+                                          describe=describe, warmup=3, repeats=20, base="cudnn",
+                                          width=40):
             rows.append(line)
             print(line, file=log, flush=True)
   return rows
@@ -248,7 +222,7 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
           }[kernel]
           shown = ",".join(str(getattr(cfg, f)) for f in KERNEL_FIELDS[kernel])
           try:
-            sec = _time(jax.jit(run), args, warmup=5, repeats=30)
+            sec = bench.time_one(jax.jit(run), args, warmup=5, repeats=30)
             tf = KERNEL_PRODUCTS[kernel] * fwd_flops / sec / 1e12
             line = (f"part d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} {kernel:>3} "
                     f"{shown:>14}: {tf:7.1f} TFLOP/s (real) {sec * 1e3:8.3f} ms")
@@ -260,7 +234,6 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
 
 def table(log, head_dims, seqs):
   """The recorded table, through flash_jax.bench's protocol: triton beside cuDNN."""
-  from flash_jax import bench
   contenders = {
       "triton": lambda q, k, v, causal: flash_jax.flash_attention(
           q, k, v, causal=causal, implementation="triton"),
@@ -284,7 +257,7 @@ def memory(log, seq=65536, heads=16, head_dim=128):
         q, k, v, causal=True, implementation="triton"), q, k, v)
     return vjp(d)
   jf = jax.jit(fb)
-  sec = _time(jf, [(q, k, v, dout)], warmup=1, repeats=3)
+  sec = bench.time_one(jf, [(q, k, v, dout)], warmup=1, repeats=3)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use", float("nan"))
   flops = attention_flops(1, heads, seq, seq, head_dim, causal=True, backward=True)

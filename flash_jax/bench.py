@@ -77,14 +77,20 @@ def _inputs(problem: Problem, seed: int):
   return tuple(jax.random.normal(key, shape, dtype) for key in keys)  # q, k, v, dout
 
 
-def _compiled(fn, problem: Problem):
-  if problem.mode == "fwd":
-    return jax.jit(lambda q, k, v, do: fn(q, k, v, problem.causal))
+def timed_function(fn, mode: str):
+  """fn(q, k, v) -> out, as the jitted function of (q, k, v, dout) that the protocol times:
+  the forward (`mode` "fwd") or the forward and its vjp ("fwd_bwd")."""
+  if mode == "fwd":
+    return jax.jit(lambda q, k, v, do: fn(q, k, v))
 
   def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, problem.causal), q, k, v)
+    out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(do)
   return jax.jit(fwd_bwd)
+
+
+def _compiled(fn, problem: Problem):
+  return timed_function(lambda q, k, v: fn(q, k, v, problem.causal), problem.mode)
 
 
 def time_interleaved(calls, repeats: int):
@@ -113,6 +119,50 @@ def time_interleaved(calls, repeats: int):
   return seconds, failed
 
 
+def time_contenders(fns, arg_sets, *, warmup: int, repeats: int):
+  """Compiles and warms up each of `fns` (name -> function) on arg_sets[0], then times them
+  together (`time_interleaved`), repeat i on arg_sets[i % len(arg_sets)]. Returns
+  ({name: median seconds}, {name: exception}); a contender that raises while warming up
+  (NotImplementedError included) or running drops out."""
+  calls, failed = {}, {}
+  for name, fn in fns.items():
+    try:
+      for _ in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[0]))
+    except Exception as e:  # out of memory, compile failure, declined: report, go on
+      failed[name] = e
+      continue
+    calls[name] = lambda i, fn=fn: jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  seconds, run_failed = time_interleaved(calls, repeats)
+  return seconds, {**failed, **run_failed}
+
+
+def time_one(fn, arg_sets, *, warmup: int = 3, repeats: int = 10) -> float:
+  """Median seconds of one function's calls (`time_contenders` of one); raises what it raises."""
+  seconds, failed = time_contenders({"fn": fn}, arg_sets, warmup=warmup, repeats=repeats)
+  if failed:
+    raise failed["fn"]
+  return seconds["fn"]
+
+
+def compare_lines(fns, arg_sets, *, flops: float, describe: str, warmup: int, repeats: int,
+                  base: str | None = None, width: int = 22) -> list[str]:
+  """Times `fns` together (`time_contenders`); one line per contender, in order:
+  TFLOP/s, ms and the ratio to contender `base`, or the error."""
+  seconds, failed = time_contenders(fns, arg_sets, warmup=warmup, repeats=repeats)
+  base_tflops = flops / seconds[base] / 1e12 if base in seconds else None
+  lines = []
+  for name in fns:
+    if name in seconds:
+      tflops = flops / seconds[name] / 1e12
+      ratio = f"{tflops / base_tflops:5.2f}x" if base_tflops else ""
+      lines.append(f"{describe} {name:>{width}}: {tflops:7.1f} TFLOP/s "
+                   f"{seconds[name] * 1e3:8.3f} ms {ratio}")
+    else:
+      lines.append(f"{describe} {name:>{width}}: ERR {_error_status(failed[name])[7:]}")
+  return lines
+
+
 def _error_status(e: Exception) -> str:
   return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
@@ -124,30 +174,26 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
   rows = []
   for n, problem in enumerate(problems):
     args = [_inputs(problem, seed) for seed in (0, 1)]
-    problem_rows, calls = {}, {}
+    compiled, declined = {}, {}
     for name, fn in contenders.items():
-      row = dict(dataclasses.asdict(problem), batch=problem.batch, heads=problem.heads,
-                 implementation=name)
-      problem_rows[name] = row
       try:
         if name in dispatch.implementation_names():
           q, k, v, _ = args[0]
           flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name)
-        compiled = _compiled(fn, problem)
-        for _ in range(warmup):
-          jax.block_until_ready(compiled(*args[0]))
-        calls[name] = lambda i, compiled=compiled: jax.block_until_ready(
-            compiled(*args[i % len(args)]))
+        compiled[name] = _compiled(fn, problem)
       except NotImplementedError as e:
-        row.update(status=f"n/a: {e}")
-      except Exception as e:  # out of memory, compile failure: report, go on
-        row.update(status=_error_status(e))
-    seconds, failed = time_interleaved(calls, repeats)
-    for name, row in problem_rows.items():
+        declined[name] = e
+    seconds, failed = time_contenders(compiled, args, warmup=warmup, repeats=repeats)
+    for name in contenders:
+      row = dict(dataclasses.asdict(problem), batch=problem.batch, heads=problem.heads,
+                 implementation=name)
+      error = declined.get(name) or failed.get(name)
       if name in seconds:
         row.update(ms=seconds[name] * 1e3, tflops=problem.flops() / seconds[name] / 1e12)
-      elif name in failed:
-        row.update(status=_error_status(failed[name]))
+      elif isinstance(error, NotImplementedError):
+        row.update(status=f"n/a: {error}")
+      else:
+        row.update(status=_error_status(error))
       rows.append(row)
       print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
             f"{_cell(row)}", file=log, flush=True)

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from flash_jax import bench
@@ -45,3 +46,24 @@ def test_bench_runs_and_reports_every_contender(tmp_path, capsys):
         / (r["ms"] * 1e-3) / 1e12)
   table = capsys.readouterr().out
   assert "chunked" in table and "jax.nn[xla]" in table and "fwd_bwd" in table
+
+
+def test_run_reports_declined_and_failing_contenders():
+  problem = bench.Problem(64, 32, False, "fwd", 128, 64, "float32")
+
+  def declines(q, k, v, causal):
+    raise NotImplementedError("head_dim=32")
+
+  def fails(q, k, v, causal):
+    raise ValueError("broken")
+
+  contenders = {"xla": lambda q, k, v, causal: q * 2, "declines": declines, "fails": fails}
+  rows = {r["implementation"]: r for r in bench.run([problem], contenders, warmup=1,
+                                                    repeats=2, log=None)}
+  assert rows["xla"]["tflops"] > 0
+  assert rows["declines"]["status"] == "n/a: head_dim=32"
+  assert rows["fails"]["status"].startswith("error: ValueError: broken")
+  lines = bench.compare_lines({"base": lambda x: x + 1, "other": lambda x: x * 2},
+                              [(jnp.ones(8),)], flops=1e9, describe="d32", warmup=1, repeats=3,
+                              base="base")
+  assert lines[0].startswith("d32") and lines[0].endswith("1.00x") and "other" in lines[1]
