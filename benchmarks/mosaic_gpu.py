@@ -27,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_jax
-from flash_jax import bench
+from flash_jax import accuracy, bench
 from flash_jax.bench import attention_flops
 from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes
-
-FLOOR = {"bfloat16": 4e-3, "float16": 1e-3}
 
 # (B, T, S, Nq, Nkv, H, dtype, kwargs)
 CASES = [
@@ -46,14 +44,6 @@ CASES = [
     (1, 300, 200, 2, 2, 64, "float16", {"causal": True}),
     (1, 1000, 1000, 2, 2, 256, "bfloat16", {"causal": True, "softcap": 30.0}),
 ]
-
-
-def _err(x, ref):
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  fin = np.isfinite(ref)
-  if not np.array_equal(np.isfinite(x), fin):
-    return float("inf")
-  return float(np.max(np.abs(np.where(fin, x, 0) - np.where(fin, ref, 0)), initial=0.0))
 
 
 def _run(impl, q, k, v, kw, dout, dlse, block_sizes=None):
@@ -88,15 +78,11 @@ def check(log, cases=None, block_sizes=None) -> bool:
       with jax.default_matmul_precision("highest"):
         ref = _run("xla", up(q), up(k), up(v), kw, dout, dlse)
       cells, ok = [] if deterministic else ["NOT DETERMINISTIC"], deterministic
-      for label, g, sp, r, factor in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref,
-                                         (2, 2, 3, 3, 3)):
-        g32 = np.asarray(g, np.float32)
-        e, base = _err(g, r), _err(sp, r)
-        scale = max(1.0, float(np.max(np.abs(np.where(np.isfinite(r), r, 0)))))
-        bound = factor * base + FLOOR[dtype] * scale
-        good = (not np.isnan(g32).any()) and e <= bound
-        ok &= good
-        cells.append(f"{label} {e:.2e}/{base:.2e}{'' if good else ' FAIL'}")
+      for label, g, sp, r in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref):
+        factor = accuracy.FORWARD_FACTOR if label in ("out", "lse") else accuracy.GRADIENT_FACTOR
+        verdict = accuracy.judge(g, sp, r, factor=factor, dtype=dtype)
+        ok &= verdict.ok
+        cells.append(verdict.describe(label))
       print(f"{'ok  ' if ok else 'FAIL'} {name}: " + ", ".join(cells), file=log, flush=True)
       ok_all &= ok
     except Exception as e:  # report and go on: one broken feature must not hide the rest

@@ -42,10 +42,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flash_jax
-from flash_jax import bench
+from flash_jax import accuracy, bench
 from flash_jax.bench import attention_flops
-
-FLOOR = {"bfloat16": 4e-3, "float16": 1e-3, "float32": 2e-5}
 
 
 def _mesh(n=None):
@@ -90,10 +88,6 @@ def _time(fn, *args, warmup=3, repeats=10):
   return bench.time_one(fn, [args], warmup=warmup, repeats=repeats) * 1e3
 
 
-def _err(x, ref):
-  return float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref.astype(jnp.float32))))
-
-
 def _judge(got, base, exact, dtype, names=("out", "dq", "dk", "dv")):
   """The suite's rule per result: err(got) <= factor * err(base) + floor; NaN fails.
 
@@ -101,12 +95,11 @@ def _judge(got, base, exact, dtype, names=("out", "dq", "dk", "dv")):
   Returns (ok, text).
   """
   ok, text = True, ""
-  for name, g, b, r, factor in zip(names, got, base, exact, (2, 3, 3, 3)):
-    scale = max(1.0, float(jnp.max(jnp.abs(r))))
-    err, bound = _err(g, r), factor * _err(b, r) + FLOOR[str(jnp.dtype(dtype))] * scale
-    good = err <= bound and not bool(jnp.isnan(g).any())
-    ok &= good
-    text += f" {name} {err:.2e}/{bound:.2e}{'' if good else ' FAIL'}"
+  for name, g, b, r in zip(names, got, base, exact):
+    factor = accuracy.FORWARD_FACTOR if name == "out" else accuracy.GRADIENT_FACTOR
+    verdict = accuracy.judge(g, b, r, factor=factor, dtype=jnp.dtype(dtype))
+    ok &= verdict.ok
+    text += " " + verdict.describe(name)
   return ok, text
 
 
@@ -280,7 +273,7 @@ def scaling(log, small):
         good, text = _judge(got, base, exact, jnp.bfloat16)
         ok &= good
         log(f"check T={seq} causal={causal} {layout}: max |ring - one GPU| out "
-            f"{_err(got[0], base[0]):.2e}; error/bound vs float32:{text}")
+            f"{accuracy.max_error(got[0], base[0]):.2e}; error/bound vs float32:{text}")
         del got
         times = (_time(fwd_n, *args, **timing), _time(fwd_bwd_n, *args, ring_dout, **timing))
         tflops = [attention_flops(1, heads, seq, seq, head_dim, causal=causal,

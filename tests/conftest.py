@@ -6,17 +6,13 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import flash_jax
+from flash_jax import accuracy
 from targets import TARGETS, Target
 
 JNP_IMPLEMENTATIONS = ("xla", "chunked")  # these serve every call: NotImplementedError fails
-
-# Floors of the accuracy rule (relative to max |reference|), per dtype.
-ERROR_FLOOR = {"float32": 2e-5, "float16": 1e-3, "bfloat16": 4e-3}
-
 
 def _target_param(target: Target):
   marks = [pytest.mark.gpu] if target.platform == "gpu" else []
@@ -65,19 +61,7 @@ def upcast(tree):
       if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def max_error(x, ref) -> float:
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  finite = np.isfinite(ref)
-  assert np.array_equal(np.isfinite(x), finite), "non-finite entries differ from the reference"
-  return float(np.max(np.abs(np.where(finite, x, 0.0) - np.where(finite, ref, 0.0)), initial=0.0))
-
-
 def assert_accurate(name, x, same_precision, reference, *, factor, dtype):
-  """The rule: error(x) <= factor * error(same-precision reference) + floor."""
-  x = np.asarray(x, np.float32)
-  assert not np.isnan(x).any(), f"{name}: NaN"
-  err = max_error(x, reference)
-  base = max_error(same_precision, reference)
-  scale = max(1.0, float(np.max(np.abs(np.where(np.isfinite(reference), reference, 0)))))
-  bound = factor * base + ERROR_FLOOR[dtype] * scale
-  assert err <= bound, f"{name}: error {err:.3g} > {factor} x reference error {base:.3g} + floor"
+  """`flash_jax.accuracy`'s rule: error(x) <= factor * error(same precision) + floor."""
+  verdict = accuracy.judge(x, same_precision, reference, factor=factor, dtype=dtype)
+  assert verdict.ok, verdict.describe(name)

@@ -23,10 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import flash_jax  # noqa: E402
+from flash_jax import accuracy  # noqa: E402
 import flash_jax.flax as fjf  # noqa: E402
-
-FLOOR = {"float32": 2e-5, "bfloat16": 4e-3}
-
 
 # ---- helpers ---------------------------------------------------------------------------
 
@@ -40,20 +38,12 @@ def random_mask(seed, shape):
   return mask.at[..., 0].set(True)
 
 
-def max_error(x, ref):
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  assert not np.isnan(x).any(), "NaN"
-  return float(np.max(np.abs(x - ref), initial=0.0))
-
-
 def assert_accurate(name, ours, flax_same_dtype, reference, dtype, factor):
-  """error(ours) <= factor * error(Flax, same dtype) + floor, both against `reference`."""
+  """`flash_jax.accuracy`'s rule, with Flax in the same dtype as the baseline."""
   for o, f, r in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_same_dtype),
                      jax.tree.leaves(reference)):
-    scale = max(1.0, float(np.max(np.abs(np.asarray(r, np.float32)))))
-    err, base = max_error(o, r), max_error(f, r)
-    bound = factor * base + FLOOR[dtype] * scale
-    assert err <= bound, f"{name}: error {err:.3g} > {factor} x Flax's {base:.3g} + floor"
+    verdict = accuracy.judge(o, f, r, factor=factor, dtype=dtype)
+    assert verdict.ok, verdict.describe(name)
 
 
 def upcast(tree):
