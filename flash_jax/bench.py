@@ -159,12 +159,16 @@ def compare_lines(fns, arg_sets, *, flops: float, describe: str, warmup: int, re
       lines.append(f"{describe} {name:>{width}}: {tflops:7.1f} TFLOP/s "
                    f"{seconds[name] * 1e3:8.3f} ms {ratio}")
     else:
-      lines.append(f"{describe} {name:>{width}}: ERR {_error_status(failed[name])[7:]}")
+      lines.append(f"{describe} {name:>{width}}: ERR {_error_text(failed[name])}")
   return lines
 
 
+def _error_text(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def _error_status(e: Exception) -> str:
-  return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+  return f"error: {_error_text(e)}"
 
 
 def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
