@@ -184,9 +184,11 @@ def main():
   if args.sweep:
     m = lambda bkv, overlap, st=2: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
                                                        overlap_softmax=overlap)
-    # The forward's two schedules (sequential softmax vs overlapped with the PV matmul).
+    # Beside each default (config.py), the alternatives v6 weighed: the other forward
+    # schedule (sequential softmax vs overlapped with the PV matmul) and, at d64, 256-wide
+    # key blocks.
     configs = {64: [None, m(256, False), m(128, True)],
-               128: [None, m(128, False)],
+               128: [None, m(128, True)],
                256: [None, m(64, False)]}  # d256: Q + a 2-slot ring of 64-row blocks fill SMEM
   variants(sys.stdout, args.head_dims, args.seqs, configs, args.modes)
 
