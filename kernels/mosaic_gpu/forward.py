@@ -150,17 +150,21 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       def rescaled(acc, rescale):
         return acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
 
+      def scores(slot, *, hand_over):
+        """Q K^T [block_q, block_kv] for the key block in ring slot `slot`; `hand_over` runs
+        once the wgmma is issued, before the wait."""
+        def qk_matmul(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          hand_over()
+          return s_ref[...]
+        return pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+
       def step(j, carry, *, masked: bool):
         """Sequential schedule: S(j), softmax(j), then O += P(j) V(j)."""
         acc, row_max, row_sum = carry
         slot = slot_of(j)
 
-        def qk_matmul(s_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          rendezvous()  # the other consumer may now use the tensor cores
-          return s_ref[...]
-
-        qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+        qk = scores(slot, hand_over=rendezvous)  # the other consumer may now issue
         plgpu.barrier_arrive(k_free.at[slot])  # reading the accumulator waited on wgmma
         p16, new_max, rescale, row_sum = online_softmax(qk, j, row_max, row_sum, masked=masked)
         acc = rescaled(acc, rescale)
@@ -243,12 +247,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         when_any(lambda: plgpu.barrier_wait(k_ready.at[0]))
         take_turn()
 
-        def qk_matmul(s_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.at[0].transpose((1, 0)))
-          pass_turn()
-          return s_ref[...]
-
-        qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+        qk = scores(0, hand_over=pass_turn)
         when_any(lambda: plgpu.barrier_arrive(k_free.at[0]))
         any_block = compat.iota((block_q, block_kv), 1) < jnp.where(num_steps > 0, block_kv, 0)
         p16, first_max, _, first_sum = online_softmax(qk, lo, start_max, start_sum, masked=True,
