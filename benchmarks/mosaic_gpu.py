@@ -11,9 +11,8 @@ start from random inputs (never zeros); NaN fails.
 variants: FlashAttention-paper protocol (batch x seq = 16384, model dim 2048), bf16,
 median of repeats after warm-up; FLOPs 4 B N T S H (half when causal), x3.5 fwd+bwd.
 kernels: the same protocol at head dim 128; the forward, dK/dV and dQ kernels each timed
-alone, with the TFLOP/s of the matmuls each one issues (2, 4 and 3 per tile pair: the
-forward count x1, x2, x1.5), against the whole fwd+bwd call, to see which kernel sits
-furthest from the card's matmul ceiling.
+alone, with the TFLOP/s of the matmuls each one issues (`bench.KERNEL_MATMULS`), against
+the whole fwd+bwd call, to see which kernel sits furthest from the card's matmul ceiling.
 """
 
 from __future__ import annotations
@@ -147,10 +146,11 @@ def kernels(log, seqs):
                                                       implementation="mosaic_gpu")
         return jax.vjp(f, q, k, v)[1](dout)
 
-      parts = {"forward": (fwd, (q, k, v), flops),
-               "dK/dV": (dkv, tuple(tensors), 2 * flops),
-               "dQ": (dq, tuple(tensors), 1.5 * flops),
-               "fwd+bwd call": (jax.jit(whole), (q, k, v), 4.5 * flops)}
+      matmuls = bench.KERNEL_MATMULS
+      parts = {"forward": (fwd, (q, k, v), matmuls["fwd"] * flops),
+               "dK/dV": (dkv, tuple(tensors), matmuls["dkv"] * flops),
+               "dQ": (dq, tuple(tensors), matmuls["dq"] * flops),
+               "fwd+bwd call": (jax.jit(whole), (q, k, v), sum(matmuls.values()) * flops)}
       seconds, failed = bench.time_contenders(
           {label: lambda fn=fn, args=args: fn(*args) for label, (fn, args, _) in parts.items()},
           [()], warmup=3, repeats=15)

@@ -167,9 +167,6 @@ KERNEL_FIELDS = {
     "dkv": ("block_q_dkv", "block_kv_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dq": ("block_q_dq", "block_kv_dq", "num_warps_dq", "num_stages_dq"),
 }
-# Tile products per kernel, in units of the forward's two (QK^T, PV): dK/dV recomputes
-# QK^T and does dP, dV, dK (4); dQ recomputes QK^T and does dP, dQ (3).
-KERNEL_PRODUCTS = {"fwd": 1.0, "dkv": 2.0, "dq": 1.5}
 
 
 def parts(log, head_dims, seqs, kernel_configs, causals):
@@ -210,7 +207,7 @@ def parts(log, head_dims, seqs, kernel_configs, causals):
           shown = ",".join(str(getattr(cfg, f)) for f in KERNEL_FIELDS[kernel])
           try:
             sec = bench.time_one(jax.jit(run), args, warmup=5, repeats=30)
-            tf = KERNEL_PRODUCTS[kernel] * fwd_flops / sec / 1e12
+            tf = bench.KERNEL_MATMULS[kernel] * fwd_flops / sec / 1e12
             line = (f"part d{h:<3} s{seq:<5} {'causal' if causal else 'full  '} {kernel:>3} "
                     f"{shown:>14}: {tf:7.1f} TFLOP/s (real) {sec * 1e3:8.3f} ms")
           except Exception as e:

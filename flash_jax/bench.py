@@ -56,6 +56,12 @@ def attention_flops(batch, heads, q_len, kv_len, head_dim, *, causal: bool,
   return forward * (3.5 if backward else 1.0)
 
 
+# The matmuls a two-kernel backward's kernels really issue per tile pair, in units of the
+# forward's two (QK^T, PV): dK/dV recomputes QK^T and does dP, dV, dK (4); dQ recomputes
+# QK^T and does dP, dQ (3). For per-kernel TFLOP/s: attention_flops(...) * the factor.
+KERNEL_MATMULS = {"fwd": 1.0, "dkv": 2.0, "dq": 1.5}
+
+
 def _contenders(platform: str, names) -> dict:
   """name -> attention function (q, k, v, causal) for every contender on this platform."""
   fns = {}
