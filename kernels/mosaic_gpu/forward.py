@@ -150,6 +150,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       def rescaled(acc, rescale):
         return acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
 
+      def when_any(f):  # barrier traffic of a CTA that visits no key block is skipped
+        pl.when(num_steps > 0)(f)
+
       def scores(slot, *, hand_over):
         """Q K^T [block_q, block_kv] for the key block in ring slot `slot`; `hand_over` runs
         once the wgmma is issued, before the wait."""
@@ -187,10 +190,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         return acc, new_max, row_sum
 
       def sequential():
-        @pl.when(num_steps > 0)
-        def _():
-          plgpu.barrier_wait(k_ready.at[0])
-
+        when_any(lambda: plgpu.barrier_wait(k_ready.at[0]))
         pl.when(wg == 1)(rendezvous)  # consumer 1 starts half an iteration behind
         carry = (start_acc, start_max, start_sum)
         carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), carry)
@@ -209,9 +209,6 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
 
       def pass_turn():
         plgpu.barrier_arrive(turn.at[1 - wg])
-
-      def when_any(f):  # barrier traffic of a CTA that visits no key block is skipped
-        pl.when(num_steps > 0)(f)
 
       def overlapped_step(j, carry, *, masked: bool):
         acc, row_max, row_sum, p16 = carry  # p16: P(j - 1)
