@@ -2,7 +2,8 @@
 
   python benchmarks/mosaic_gpu.py check     # correctness vs the float32 reference
   python benchmarks/mosaic_gpu.py variants  # forward / fwd+bwd TFLOP/s per config, beside cuDNN
-  python benchmarks/mosaic_gpu.py kernels   # each kernel of fwd+bwd timed alone (d128)
+  python benchmarks/mosaic_gpu.py kernels   # each kernel of fwd+bwd timed alone;
+                                            # --sweep: with KERNEL_VARIANTS beside
 
 check: for each case, error of out, lse and dq/dk/dv against the float32 reference
 (HIGHEST precision on upcast inputs) over the error of the same-precision jnp
@@ -10,7 +11,7 @@ reference; passes when <= 2x (forward) / 3x (gradients) plus a small floor. Outp
 start from random inputs (never zeros); NaN fails.
 variants: FlashAttention-paper protocol (batch x seq = 16384, model dim 2048), bf16,
 median of repeats after warm-up; FLOPs 4 B N T S H (half when causal), x3.5 fwd+bwd.
-kernels: the same protocol at head dim 128; the forward, dK/dV and dQ kernels each timed
+kernels: the same protocol; the forward, dK/dV and dQ kernels each timed
 alone, with the TFLOP/s of the matmuls each one issues (`bench.KERNEL_MATMULS`), against
 the whole fwd+bwd call, to see which kernel sits furthest from the card's matmul ceiling.
 """
@@ -18,6 +19,7 @@ the whole fwd+bwd call, to see which kernel sits furthest from the card's matmul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 
@@ -115,13 +117,26 @@ def variants(log, head_dims, seqs, configs, modes):
             print(line, file=log, flush=True)
 
 
-def kernels(log, seqs):
+# `kernels --sweep`: configs timed beside the defaults, per head dim, as (kernel, label,
+# fields replaced in the default config). Deeper rings are what shared memory allows:
+# at d256 the defaults already fill it.
+KERNEL_VARIANTS = {
+    64: [("fwd", "forward 2 stages", {"num_stages": 2}),
+         ("dkv", "dK/dV q128", {"block_q_dkv": 128}),
+         ("dkv", "dK/dV q128 3 stages", {"block_q_dkv": 128, "num_stages_dkv": 3}),
+         ("dq", "dQ kv128", {"block_kv_dq": 128}),
+         ("dq", "dQ kv128 3 stages", {"block_kv_dq": 128, "num_stages_dq": 3})],
+    128: [("fwd", "forward 3 stages", {"num_stages": 3}),
+          ("dkv", "dK/dV 2 stages", {"num_stages_dkv": 2})],
+}
+
+
+def kernels(log, head_dims, seqs, sweep=False):
   from flash_jax import spec as spec_lib
   from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
   from flash_jax.kernels.mosaic_gpu import config as config_lib
   from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
-  h = 128
-  for seq in seqs:
+  for h, seq in ((h, seq) for h in head_dims for seq in seqs):
     b, n = 16384 // seq, 2048 // h
     q, k, v, dout = (jax.random.normal(key, (b, seq, n, h), jnp.bfloat16)
                      for key in jax.random.split(jax.random.PRNGKey(0), 4))
@@ -129,17 +144,23 @@ def kernels(log, seqs):
       spec, *_, arrays = spec_lib.normalize(q, k, v, causal=causal)
       config = config_lib.default_config(spec)
       flops = attention_flops(b, n, seq, seq, h, causal=causal)  # the forward's 2 matmuls
-      fwd = jax.jit(lambda q, k, v: forward_kernel.forward(q, k, v, arrays, spec, config))
-      out, lse = fwd(q, k, v)
+      out, lse = jax.jit(lambda q, k, v: forward_kernel.forward(q, k, v, arrays, spec,
+                                                                config))(q, k, v)
       delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
       ops, t_pad, s_pad = backward_kernels.kernel_operands(q, k, v, lse, dout, delta, arrays,
                                                            spec, config)
       *tensors, names, feature_arrays = ops
-      dkv = jax.jit(lambda *t: backward_kernels._dkv(
-          *t, names, feature_arrays, spec=spec, config=config, s_pad=s_pad,
-          outputs=("dk", "dv")))
-      dq = jax.jit(lambda *t: backward_kernels._dq(
-          *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad))
+      kernel_calls = {  # kernel -> (config -> jitted call, its operands)
+          "fwd": (lambda config: jax.jit(lambda q, k, v: forward_kernel.forward(
+              q, k, v, arrays, spec, config)), (q, k, v)),
+          "dkv": (lambda config: jax.jit(lambda *t: tuple(
+              backward_kernels._dkv(*t, names, feature_arrays, spec=spec, config=config,
+                                    s_pad=s_pad, outputs=outputs)
+              for outputs in backward_kernels.dkv_launches(h))), tuple(tensors)),
+          "dq": (lambda config: jax.jit(lambda *t: backward_kernels._dq(
+              *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad)),
+                 tuple(tensors)),
+      }
 
       def whole(q, k, v):
         f = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal,
@@ -147,17 +168,22 @@ def kernels(log, seqs):
         return jax.vjp(f, q, k, v)[1](dout)
 
       matmuls = bench.KERNEL_MATMULS
-      parts = {"forward": (fwd, (q, k, v), matmuls["fwd"] * flops),
-               "dK/dV": (dkv, tuple(tensors), matmuls["dkv"] * flops),
-               "dQ": (dq, tuple(tensors), matmuls["dq"] * flops),
-               "fwd+bwd call": (jax.jit(whole), (q, k, v), sum(matmuls.values()) * flops)}
+      runs = [(kernel, label, {}) for kernel, label in
+              (("fwd", "forward"), ("dkv", "dK/dV"), ("dq", "dQ"))]
+      runs += KERNEL_VARIANTS.get(h, []) if sweep else []
+      parts = {}  # label -> (jitted call, operands, FLOPs of the matmuls it issues)
+      for kernel, label, fields in runs:
+        make, operands = kernel_calls[kernel]
+        parts[label] = (make(dataclasses.replace(config, **fields)), operands,
+                        matmuls[kernel] * flops)
+      parts["fwd+bwd call"] = (jax.jit(whole), (q, k, v), sum(matmuls.values()) * flops)
       seconds, failed = bench.time_contenders(
           {label: lambda fn=fn, args=args: fn(*args) for label, (fn, args, _) in parts.items()},
           [()], warmup=3, repeats=15)
       for label, (_, _, work) in parts.items():
         cell = (f"{seconds[label] * 1e3:8.3f} ms {work / seconds[label] / 1e12:7.1f} TFLOP/s "
                 "of issued matmuls" if label in seconds else f"ERR {failed[label]!r}"[:300])
-        print(f"d{h} s{seq:<5} {'causal' if causal else 'full  '} {label:>12}: {cell}",
+        print(f"d{h} s{seq:<5} {'causal' if causal else 'full  '} {label:>20}: {cell}",
               file=log, flush=True)
 
 
@@ -178,7 +204,7 @@ def main():
         overlap_softmax=args.overlap_softmax == "true")
     sys.exit(0 if check(sys.stdout, args.cases, block_sizes) else 1)
   if args.what == "kernels":
-    kernels(sys.stdout, args.seqs)
+    kernels(sys.stdout, args.head_dims, args.seqs, args.sweep)
     return
   configs = {}
   if args.sweep:

@@ -11,8 +11,9 @@ memory) each own 64 rows of the output and issue wgmma with float32 accumulators
 registers; each step issues its independent wgmmas in one scope (S with dP, then dV
 with dK) so it waits on the tensor cores twice, not four times.
   * dK/dV: a CTA owns 2 x 64 key rows of one (batch, query head) and streams the
-    query blocks that see them (Q, dO, lse, delta). With GQA each query head writes
-    its own dK/dV, summed over the group afterwards in float32.
+    query blocks that see them (Q, dO, lse, delta: one stream, one barrier pair per
+    slot). With GQA each query head writes its own dK/dV, summed over the group
+    afterwards in float32.
   * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
 Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 `features`) are skipped by loop bounds; fully visible blocks run without mask
@@ -20,7 +21,7 @@ arithmetic. With segment ids every visited block is masked; the ids of the resid
 rows are copied beside them, those of the streamed blocks ride the ring.
 Statistics are in base 2, as in the forward.
 For head dim 256 one warpgroup cannot hold both 64 x 256 float32 accumulators of dK
-and dV, so dK and dV run as two launches of the same kernel (`outputs`).
+and dV, so dK and dV run as two launches of the same kernel (`dkv_launches`).
 """
 
 from __future__ import annotations
@@ -56,15 +57,22 @@ def consumer_warpgroups(head_dim: int) -> int:
   return 1 if head_dim > 128 else NUM_COMPUTE_WGS
 
 
+def dkv_launches(head_dim: int) -> tuple[tuple[str, ...], ...]:
+  """The dK/dV kernel's launches, each with the outputs it accumulates: one launch for
+  both, except at head dim 256, where one warpgroup cannot hold both 64 x 256 float32
+  accumulators."""
+  return (("dk", "dv"),) if head_dim <= 128 else (("dk",), ("dv",))
+
+
 def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
              config: MosaicGPUBlockSizes):
   """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
   operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config)
-  if spec.head_dim <= 128:
-    dk, dv = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk", "dv"))
-  else:
-    (dk,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dk",))
-    (dv,) = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=("dv",))
+  grads = {}
+  for outputs in dkv_launches(spec.head_dim):
+    grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
+                                   outputs=outputs)))
+  dk, dv = grads["dk"], grads["dv"]
   dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
     group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
@@ -97,7 +105,7 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
   """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
-  block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages
+  block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages_dkv
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
@@ -133,8 +141,9 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       q_ids_ref = feature_refs["q_segment_ids"]
       rings += (q_seg_ring,)
       sources += (lambda step: q_ids_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q)],)
-    streams = tuple(pipeline.Stream(src, ring, barriers[2 * i], barriers[2 * i + 1])
-                    for i, (src, ring) in enumerate(zip(sources, rings)))
+    # One stream: a step's operands are read and released together, so one barrier pair
+    # serves them all (a wait and an arrival per step, not one per operand).
+    streams = (pipeline.Stream(sources, rings, *barriers),)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -217,9 +226,6 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       pipeline.produce(streams, num_steps, stages)
 
   transforms = compat.smem_transforms(dtype)
-  ring_barriers = []
-  for _ in range(5 if segments else 4):
-    ring_barriers.extend(pipeline.ring_barriers(stages, wgs))
   scratch = [
       plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
@@ -231,7 +237,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   ]
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
-  scratch += ring_barriers
+  scratch += pipeline.ring_barriers(stages, wgs, num_operands=5 if segments else 4)
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
                    for _ in outputs)
@@ -247,7 +253,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
 def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
         config: MosaicGPUBlockSizes, t_pad: int):
   """dQ: [B, T_pad, Nq, H]."""
-  block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
+  block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages_dq
   wgs = consumer_warpgroups(spec.head_dim)
   rows_per_cta = wgs * block_q
   num_q_tiles = t_pad // rows_per_cta

@@ -74,7 +74,10 @@ def smem_transforms(dtype):
 
 def compiler_params():
   # approx_math: exp2 / log2 / division through the fast MUFU approximations.
-  return plgpu.CompilerParams(approx_math=True)
+  # reduction_scratch_bytes=0: the kernels reduce only along the rows of wgmma-layout
+  # tiles, which stay inside a warp (shuffles); the 2 KiB Pallas reserves by default for
+  # cross-warp reductions would keep a third K/V slot out of the d128 forward.
+  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 
 def is_hopper() -> bool:

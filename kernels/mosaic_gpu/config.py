@@ -17,12 +17,18 @@ NUM_COMPUTE_WGS = 2  # consumer warpgroups per CTA in the forward (FA3 ping-pong
 WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
 
 
+STAGE_FIELDS = ("num_stages", "num_stages_dkv", "num_stages_dq")
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUBlockSizes(BlockSizes):
-  """BlockSizes plus the pipeline depth (shared-memory slots per streamed operand) and
-  the forward's schedule."""
+  """BlockSizes plus each kernel's pipeline depth (shared-memory slots per streamed
+  operand: num_stages for the forward, num_stages_dkv and num_stages_dq for the
+  backward's two kernels) and the forward's schedule."""
 
   num_stages: int | None = None
+  num_stages_dkv: int | None = None
+  num_stages_dq: int | None = None
   # Forward schedule: True overlaps each step's softmax with the previous step's PV
   # matmul inside a warpgroup (FlashAttention-3 section 3.2); None: the head-dim default.
   overlap_softmax: bool | None = None
@@ -33,32 +39,36 @@ class MosaicGPUBlockSizes(BlockSizes):
     if self.overlap_softmax is not None and not isinstance(self.overlap_softmax, bool):
       raise ValueError(f"{type(self).__name__}.overlap_softmax must be a bool or None, "
                        f"got {self.overlap_softmax!r}")
-    if self.num_stages is not None and (not isinstance(self.num_stages, int)
-                                        or isinstance(self.num_stages, bool)
-                                        or self.num_stages < 2):
-      raise ValueError(f"{type(self).__name__}.num_stages must be an int >= 2, "
-                       f"got {self.num_stages!r}")
+    for name in STAGE_FIELDS:  # positive ints already (BlockSizes): a ring needs two slots
+      value = getattr(self, name)
+      if value is not None and value < 2:
+        raise ValueError(f"{type(self).__name__}.{name} must be an int >= 2, got {value!r}")
     self.require_multiple(WGMMA_ROWS)
 
 
 # Heuristic defaults per head dim, chosen so that the float32 accumulators of one
 # warpgroup (block_q x H for O, block_q x block_kv for S) fit in 232 registers per
-# thread and Q + the K/V ring fit in 227 KiB of shared memory. See
+# thread and the resident tiles + each ring fit in 227 KiB of shared memory. See
 # docs/performance_mosaic_gpu.md for the measurements behind them.
 _DEFAULTS = {
-    # head_dim: (block_q, block_kv, num_stages, block_q_dkv, block_kv_dkv, block_q_dq,
-    #            block_kv_dq, overlap_softmax)
-    64: (64, 128, 2, 64, 64, 64, 64, False),
-    128: (64, 128, 2, 64, 64, 64, 64, False),
-    256: (64, 64, 2, 64, 64, 64, 64, True),
+    # At d64 each backward step is short: 128-wide streamed blocks halve the steps.
+    64: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
+             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2,
+             block_q_dq=64, block_kv_dq=128, num_stages_dq=2),
+    # At d128 the forward's 2-slot ring of 128-row K and V blocks plus Q fill shared
+    # memory (a third slot needs 232584 of 232448 bytes).
+    128: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
+              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=3,
+              block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
+    # At d256 every kernel's resident tiles and a 2-slot ring fill shared memory.
+    256: dict(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True,
+              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2,
+              block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
 }
 
 
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
-  bq, bkv, stages, bq_dkv, bkv_dkv, bq_dq, bkv_dq, overlap = _DEFAULTS[spec.head_dim]
-  return MosaicGPUBlockSizes(block_q=bq, block_kv=bkv, num_stages=stages,
-                             block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv,
-                             block_q_dq=bq_dq, block_kv_dq=bkv_dq, overlap_softmax=overlap)
+  return MosaicGPUBlockSizes(**_DEFAULTS[spec.head_dim])
 
 
 def resolve(config: BlockSizes, spec: AttentionSpec) -> MosaicGPUBlockSizes:

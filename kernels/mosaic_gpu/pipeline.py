@@ -1,10 +1,12 @@
 """The producer side of a warp-specialized kernel: a TMA ring of shared-memory slots.
 
 FlashAttention-3 section 3.1: one producer warpgroup with few registers issues TMA
-copies of the blocks that the consumer warpgroups walk, `stages` slots deep. Every
-streamed operand has, per slot, a `ready` barrier (completed by the TMA transaction)
-and a `free` barrier (one arrival per consumer warpgroup once it has read the slot).
-Consumers read block `step` from slot `step % stages`.
+copies of the blocks that the consumer warpgroups walk, `stages` slots deep. A stream
+carries one or more operands that are read and released together; it has, per slot, a
+`ready` barrier (completed by the TMA transactions of its operands) and a `free` barrier
+(one arrival per consumer warpgroup once it has read the slot). Operands released at
+different times (the forward's K and V) take one stream each. Consumers read block
+`step` from slot `step % stages`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ CONSUMER_REGISTERS = 232  # 2 x 232 + 40 registers x 128 threads fits the 64K re
 
 @dataclasses.dataclass(frozen=True)
 class Stream:
-  """One operand streamed block by block."""
+  """Operands streamed block by block under one pair of barriers."""
 
-  source: Callable[[Any], Any]  # step (traced int32) -> the GMEM ref view of that block
-  ring: Any  # SMEM ref [stages, *block]
-  ready: Any  # Barrier ref [stages]
+  sources: tuple[Callable[[Any], Any], ...]  # per operand: step -> GMEM ref view of its block
+  rings: tuple[Any, ...]  # per operand: SMEM ref [stages, *block]
+  ready: Any  # Barrier ref [stages], num_arrivals = len(rings)
   free: Any  # Barrier ref [stages], num_arrivals = consumer warpgroups
 
 
@@ -37,10 +39,11 @@ def kv_streams(k_ref, v_ref, kv_ids_ref, *, batch, kv_head, first_block, block_k
   """The K and V blocks [block_kv, H] (and their segment ids [block_kv], when `kv_ids_ref`
   is not None) from block `first_block` on; k, v, ids: (ring, ready, free) of each."""
   rows = lambda step: pl.ds((first_block + step) * block_kv, block_kv)
-  streams = (Stream(lambda step: k_ref.at[batch, rows(step), kv_head], *k),
-             Stream(lambda step: v_ref.at[batch, rows(step), kv_head], *v))
+  one = lambda source, ring, ready, free: Stream((source,), (ring,), ready, free)
+  streams = (one(lambda step: k_ref.at[batch, rows(step), kv_head], *k),
+             one(lambda step: v_ref.at[batch, rows(step), kv_head], *v))
   if kv_ids_ref is not None:
-    streams += (Stream(lambda step: kv_ids_ref.at[batch, rows(step)], *ids),)
+    streams += (one(lambda step: kv_ids_ref.at[batch, rows(step)], *ids),)
   return streams
 
 
@@ -56,7 +59,8 @@ def produce(streams: tuple[Stream, ...], num_steps, stages: int) -> None:
     for stream in streams:
       if wait_free:
         plgpu.barrier_wait(stream.free.at[slot])
-      plgpu.copy_gmem_to_smem(stream.source(step), stream.ring.at[slot], stream.ready.at[slot])
+      for source, ring in zip(stream.sources, stream.rings):
+        plgpu.copy_gmem_to_smem(source(step), ring.at[slot], stream.ready.at[slot])
 
   for i in range(stages):
     pl.when(i < num_steps)(functools.partial(issue, jnp.int32(i), i, False))
@@ -72,7 +76,7 @@ def release(streams: tuple[Stream, ...], slot) -> None:
     plgpu.barrier_arrive(stream.free.at[slot])
 
 
-def ring_barriers(stages: int, num_consumers: int):
-  """(ready, free) barrier scratch types for one stream."""
-  return (plgpu.Barrier(num_barriers=stages),
+def ring_barriers(stages: int, num_consumers: int, num_operands: int = 1):
+  """(ready, free) barrier scratch types for one stream of `num_operands` operands."""
+  return (plgpu.Barrier(num_arrivals=num_operands, num_barriers=stages),
           plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages))
