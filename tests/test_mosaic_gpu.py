@@ -3,6 +3,7 @@ kernels on a Hopper GPU (`pytest -m gpu`; the shared suite covers the features).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -116,12 +117,18 @@ def test_config_defaults_and_validation():
   for d in (64, 128, 256):
     config = default_config(_spec(d))
     assert config.block_q == 64 and config.num_stages >= 2
-  filled = resolve(MosaicGPUBlockSizes(block_kv=64), _spec(128))
-  assert filled.block_kv == 64 and filled.num_stages == default_config(_spec(128)).num_stages
+    assert all(getattr(config, f.name) is not None for f in dataclasses.fields(config)), config
+  filled = resolve(MosaicGPUBlockSizes(block_kv=64, num_stages_dq=4), _spec(128))
+  default = default_config(_spec(128))
+  assert (filled.block_kv, filled.num_stages_dq) == (64, 4)
+  assert (filled.num_stages, filled.num_stages_dkv) == (default.num_stages, default.num_stages_dkv)
   with pytest.raises(ValueError, match="multiple of 64"):
     MosaicGPUBlockSizes(block_kv=48)
-  with pytest.raises(ValueError, match="num_stages"):
-    MosaicGPUBlockSizes(num_stages=1)
+  for stages in ("num_stages", "num_stages_dkv", "num_stages_dq"):
+    with pytest.raises(ValueError, match=f"{stages} must be an int >= 2"):
+      MosaicGPUBlockSizes(**{stages: 1})
+    with pytest.raises(ValueError, match=f"{stages} must be a positive int"):
+      MosaicGPUBlockSizes(**{stages: True})
   with pytest.raises(ValueError, match="block_q"):
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
   with pytest.raises(ValueError, match="overlap_softmax"):
@@ -197,6 +204,20 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, overlap_
   for fn in (attn, grads):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, k).mlir_module()
     assert "mosaic_gpu" in text
+
+
+def test_three_slot_d128_forward_fits_shared_memory(monkeypatch):
+  """Q plus three 128-row K/V slots at d128 leave 248 bytes of the 227 KiB: this lowers
+  only without the 2 KiB Pallas reserves for cross-warp reductions by default
+  (compat.compiler_params)."""
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  block_sizes = MosaicGPUBlockSizes(block_kv=128, num_stages=3)
+  attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
+                                                   block_sizes=block_sizes)
+  assert "mosaic_gpu" in jax.export.export(jax.jit(attn), platforms=["cuda"])(q, q, q).mlir_module()
 
 
 # ---- on the GPU ---------------------------------------------------------------------------
