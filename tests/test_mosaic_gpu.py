@@ -290,9 +290,11 @@ def _poisoned(x, lengths, round_to: int, poison: float):
     # The forward schedule each head dim does not use by default (`overlap_softmax`),
     # with query tiles that visit no key block (past q_lengths).
     (128, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
-               overlap_softmax=True)),
+               overlap_softmax=False)),
     (256, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
                segment_ids=True, overlap_softmax=False)),
+    (64, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
+              overlap_softmax=True)),
 ], ids=str)
 def test_lengths_offsets_segments_with_poison(head_dim, options):
   """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
