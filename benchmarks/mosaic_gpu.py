@@ -118,17 +118,16 @@ def variants(log, head_dims, seqs, configs, modes):
 
 
 # `kernels --sweep`: configs timed beside the defaults, per head dim, as (kernel, label,
-# fields replaced in the default config). Deeper rings are what shared memory allows:
-# at d256 the defaults already fill it.
+# fields replaced in the default config): the open questions of
+# docs/performance_mosaic_gpu.md, v7 (the dK/dV ping-pong, and its ring depth at d128)
+# and the alternatives the defaults won against.
 KERNEL_VARIANTS = {
-    64: [("fwd", "forward 2 stages", {"num_stages": 2}),
-         ("dkv", "dK/dV q128", {"block_q_dkv": 128}),
-         ("dkv", "dK/dV q128 3 stages", {"block_q_dkv": 128, "num_stages_dkv": 3}),
-         ("dq", "dQ kv128", {"block_kv_dq": 128}),
-         ("dq", "dQ kv128 3 stages", {"block_kv_dq": 128, "num_stages_dq": 3})],
+    64: [("dkv", "dK/dV ping-pong", {"dkv_ping_pong": True}),
+         ("dkv", "dK/dV q64", {"block_q_dkv": 64}),
+         ("dq", "dQ kv64", {"block_kv_dq": 64})],
     128: [("fwd", "forward sequential", {"overlap_softmax": False}),
-          ("fwd", "forward 3 stages", {"num_stages": 3}),
-          ("fwd", "forward kv192", {"block_kv": 192}),
+          ("dkv", "dK/dV ping-pong", {"dkv_ping_pong": True}),
+          ("dkv", "dK/dV ping-pong 2 st", {"dkv_ping_pong": True, "num_stages_dkv": 2}),
           ("dkv", "dK/dV 2 stages", {"num_stages_dkv": 2})],
 }
 

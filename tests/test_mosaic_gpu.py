@@ -131,10 +131,12 @@ def test_config_defaults_and_validation():
       MosaicGPUBlockSizes(**{stages: True})
   with pytest.raises(ValueError, match="block_q"):
     resolve(MosaicGPUBlockSizes(block_q=128), _spec(128))
-  with pytest.raises(ValueError, match="overlap_softmax"):
-    MosaicGPUBlockSizes(overlap_softmax=1)
+  for switch in ("overlap_softmax", "dkv_ping_pong"):
+    with pytest.raises(ValueError, match=f"{switch} must be a bool or None"):
+      MosaicGPUBlockSizes(**{switch: 1})
   assert resolve(MosaicGPUBlockSizes(overlap_softmax=True), _spec(64)).overlap_softmax
-  assert all(isinstance(default_config(_spec(d)).overlap_softmax, bool) for d in (64, 128, 256))
+  assert all(isinstance(getattr(default_config(_spec(d)), switch), bool)
+             for d in (64, 128, 256) for switch in MosaicGPUBlockSizes.switches)
 
 
 def test_features_served_and_declined(monkeypatch):
@@ -185,11 +187,12 @@ def _feature_kwargs(options, b, t, s):
   return kwargs
 
 
-@pytest.mark.parametrize("overlap_softmax", [False, True], ids=["sequential", "overlapped"])
+@pytest.mark.parametrize("schedules", [False, True], ids=["sequential", "overlapped+ping_pong"])
 @pytest.mark.parametrize("head_dim,options", FEATURE_CALLS, ids=str)
-def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, overlap_softmax):
-  """Forward (both schedules) and backward kernels with offsets, lengths and segment ids
-  lower to Mosaic GPU on any host (no GPU needed: jax.export for the cuda platform)."""
+def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedules):
+  """Forward and backward kernels (each schedule: the forward's `overlap_softmax`, the
+  dK/dV `dkv_ping_pong`) with offsets, lengths and segment ids lower to Mosaic GPU on
+  any host (no GPU needed: jax.export for the cuda platform)."""
   from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
@@ -197,7 +200,7 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, overlap_
   kwargs = _feature_kwargs(options, b, t, s)
   q = jax.ShapeDtypeStruct((b, t, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, s, 2, head_dim), jnp.bfloat16)
-  block_sizes = MosaicGPUBlockSizes(overlap_softmax=overlap_softmax)
+  block_sizes = MosaicGPUBlockSizes(overlap_softmax=schedules, dkv_ping_pong=schedules)
   attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
                                                    block_sizes=block_sizes, **kwargs)
   grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
@@ -295,6 +298,10 @@ def _poisoned(x, lengths, round_to: int, poison: float):
                segment_ids=True, overlap_softmax=False)),
     (64, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
               overlap_softmax=True)),
+    # The dK/dV consumers' ping-pong (off by default), with key tiles past kv_lengths.
+    (64, dict(causal=True, q_offset="array", q_lengths=True, kv_lengths=True,
+              segment_ids=True, dkv_ping_pong=True)),
+    (128, dict(window=(70, 30), q_lengths=True, kv_lengths=True, dkv_ping_pong=True)),
 ], ids=str)
 def test_lengths_offsets_segments_with_poison(head_dim, options):
   """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
@@ -303,8 +310,8 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
   from conftest import assert_accurate
   b, t, s = 2, 300, 460
   kwargs = _feature_kwargs(options, b, t, s)
-  overlap = kwargs.pop("overlap_softmax", None)
-  block_sizes = {"mosaic_gpu": MosaicGPUBlockSizes(overlap_softmax=overlap)}
+  schedules = {name: kwargs.pop(name, None) for name in MosaicGPUBlockSizes.switches}
+  block_sizes = {"mosaic_gpu": MosaicGPUBlockSizes(**schedules)}
   keys = jax.random.split(jax.random.PRNGKey(head_dim + len(options)), 5)
   q = jax.random.normal(keys[0], (b, t, 4, head_dim), jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, s, 2, head_dim), jnp.bfloat16)

@@ -113,6 +113,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   need_dk, need_dv = "dk" in outputs, "dv" in outputs
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
+  ping_pong = config.dkv_ping_pong and wgs == 2
 
   def kernel(*refs):
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
@@ -121,6 +122,12 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
     if segments:
       kv_seg_smem2, q_seg_ring, *barriers = barriers
+    if ping_pong:
+      *barriers, schedule = barriers
+
+    def rendezvous():  # both consumers arrive; neither leaves before the other came
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")
@@ -177,6 +184,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
           if need_dk:
             plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
+          if ping_pong:  # issued: the other consumer may now issue its update
+            rendezvous()
           return tuple(ref[...] for ref in refs)
 
         tile = plgpu.ACC((block_kv, block_q), jnp.float32)
@@ -199,6 +208,13 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           if softcap_grad is not None:
             dst = dst * softcap_grad
           operands["dk"] = (dst.astype(dtype), q_smem)  # dK += dS^T Q (scaled at the end)
+        if ping_pong:
+          # Finish the elementwise step before handing the tensor cores over, then wait
+          # until the other consumer has issued its scores (the forward's schedule).
+          a_tiles = lax.optimization_barrier(tuple(a for a, _ in operands.values()))
+          operands = {name: (a, b) for (name, (_, b)), a in zip(operands.items(), a_tiles)}
+          plgpu.barrier_arrive(schedule)
+          plgpu.barrier_wait(schedule)
 
         def update(refs):  # both accumulations in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
@@ -209,9 +225,13 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         return carry
 
       carry = {name: zeros() for name in outputs}
+      if ping_pong:
+        pl.when(wg == 1)(rendezvous)  # consumer 1 starts half a step behind
       carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
+      if ping_pong:
+        pl.when(wg == 0)(rendezvous)  # matches consumer 1's extra arrival at the start
       staging = {"dk": k_smem, "dv": v_smem}
       for name, out_ref in zip(outputs, out_refs):
         result = carry[name] * spec.scale if name == "dk" else carry[name]
@@ -238,6 +258,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
   scratch += pipeline.ring_barriers(stages, wgs, num_operands=5 if segments else 4)
+  if ping_pong:
+    scratch.append(plgpu.Barrier(num_arrivals=2))  # schedule
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
                    for _ in outputs)

@@ -32,13 +32,19 @@ class MosaicGPUBlockSizes(BlockSizes):
   # Forward schedule: True overlaps each step's softmax with the previous step's PV
   # matmul inside a warpgroup (FlashAttention-3 section 3.2); None: the head-dim default.
   overlap_softmax: bool | None = None
-  switches = ("overlap_softmax",)
+  # dK/dV schedule: True makes its two consumers take turns on the tensor cores (one's
+  # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
+  # ping-pong); None: the head-dim default, off everywhere until the GPU suite has run
+  # it in full (docs/performance_mosaic_gpu.md, v7). One consumer at d256: no effect.
+  dkv_ping_pong: bool | None = None
+  switches = ("overlap_softmax", "dkv_ping_pong")
 
   def __post_init__(self):
     super().__post_init__()
-    if self.overlap_softmax is not None and not isinstance(self.overlap_softmax, bool):
-      raise ValueError(f"{type(self).__name__}.overlap_softmax must be a bool or None, "
-                       f"got {self.overlap_softmax!r}")
+    for name in self.switches:
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{type(self).__name__}.{name} must be a bool or None, got {value!r}")
     for name in STAGE_FIELDS:  # positive ints already (BlockSizes): a ring needs two slots
       value = getattr(self, name)
       if value is not None and value < 2:
@@ -53,16 +59,16 @@ class MosaicGPUBlockSizes(BlockSizes):
 _DEFAULTS = {
     # At d64 each backward step is short: 128-wide streamed blocks halve the steps.
     64: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
-             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2,
+             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=False,
              block_q_dq=64, block_kv_dq=128, num_stages_dq=2),
     # At d128 a third forward slot fits (230536 of 232448 bytes) but did not pay at
     # s16384; the dK/dV ring takes three (v7).
     128: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True,
-              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=3,
+              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=3, dkv_ping_pong=False,
               block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
     # At d256 every kernel's resident tiles and a 2-slot ring fill shared memory.
     256: dict(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True,
-              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2,
+              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=False,
               block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
 }
 
