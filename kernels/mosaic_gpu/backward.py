@@ -124,10 +124,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       kv_seg_smem2, q_seg_ring, *barriers = barriers
     if ping_pong:
       *barriers, schedule = barriers
-
-    def rendezvous():  # both consumers arrive; neither leaves before the other came
-      plgpu.barrier_arrive(schedule)
-      plgpu.barrier_wait(schedule)
+      rendezvous = functools.partial(pipeline.rendezvous, schedule)
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     wg = lax.axis_index("wg")

@@ -24,7 +24,7 @@ STAGE_FIELDS = ("num_stages", "num_stages_dkv", "num_stages_dq")
 class MosaicGPUBlockSizes(BlockSizes):
   """BlockSizes plus each kernel's pipeline depth (shared-memory slots per streamed
   operand: num_stages for the forward, num_stages_dkv and num_stages_dq for the
-  backward's two kernels) and the forward's schedule."""
+  backward's two kernels) and the schedules of the forward and of dK/dV."""
 
   num_stages: int | None = None
   num_stages_dkv: int | None = None

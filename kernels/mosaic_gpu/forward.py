@@ -92,9 +92,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         kv_len=spec.kv_len, **rules.positional)
     num_steps = hi - lo
 
-    def rendezvous():  # both consumers arrive; neither leaves before the other came
-      plgpu.barrier_arrive(schedule)
-      plgpu.barrier_wait(schedule)
+    rendezvous = functools.partial(pipeline.rendezvous, schedule)
 
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _consumer():

@@ -76,6 +76,13 @@ def release(streams: tuple[Stream, ...], slot) -> None:
     plgpu.barrier_arrive(stream.free.at[slot])
 
 
+def rendezvous(barrier) -> None:
+  """Both consumer warpgroups arrive on `barrier` (two arrivals); neither leaves before
+  the other came. The ping-pong schedules hand the tensor cores over with it."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
 def ring_barriers(stages: int, num_consumers: int, num_operands: int = 1):
   """(ready, free) barrier scratch types for one stream of `num_operands` operands."""
   return (plgpu.Barrier(num_arrivals=num_operands, num_barriers=stages),
