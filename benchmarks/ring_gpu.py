@@ -1,7 +1,6 @@
 """Checks and times attention over several GPUs of one host; one mode per process.
 
   python benchmarks/ring_gpu.py check      # ring fwd + grads vs one-device attention
-  python benchmarks/ring_gpu.py time       # ms: one GPU vs the ring over all GPUs, per layout
   python benchmarks/ring_gpu.py overlap    # ring time vs its compute alone and transfers alone
   python benchmarks/ring_gpu.py memory     # compiled bytes per device vs device count
   python benchmarks/ring_gpu.py partition  # batch/head-sharded flash_attention under jit
@@ -11,16 +10,15 @@
 check: the accuracy rule of the suite: error against the float32 reference (HIGHEST
 precision on upcast inputs) at most 2x (forward) / 3x (gradients) the error of the
 same-precision jnp reference, plus a floor. Random inputs; NaN fails.
-time: median of repeats after warm-up, causal bf16, B=1, N=16 heads of 128, the
-sequence split over all local GPUs; "speedup" is one-GPU time / ring time.
 overlap: the ring's forward time against (a) the same per-device compute with no
 transfer (the single-device kernel on the blocks one device computes) and (b) the
 transfers alone (n-1 ppermutes of a K/V block). Perfect overlap: ring ~ max(a, b).
 partition: flash_attention jitted on inputs sharded over batch and heads vs one GPU,
 checked by the accuracy rule; the compiled HLO must have no all-gather.
-scaling: bf16, B=1, N=16 heads of 128, causal (zigzag and contiguous layouts) and full;
+scaling: bf16, B=1, N=16 heads of 128, causal (every layout) and full (contiguous);
 ring output and gradients vs the float32 chunked reference on one GPU, with the
-one-GPU kernel's own error as the same-precision baseline; efficiency = t1 / (n * tn).
+one-GPU kernel's own error as the same-precision baseline; median of repeats after
+warm-up; efficiency = t1 / (n * tn).
 fit: XLA's compiled memory analysis of causal fwd+bwd (bf16 cotangent) against the
 device's allocator limit, doubling T then solving the linear bytes(T) for the largest
 multiple of 16384 that fits; compile only (running T ~ 10^6 would take minutes).
@@ -136,33 +134,6 @@ def check(log, small) -> bool:
   return ok
 
 
-def time_ring(log, small):
-  n = len(jax.local_devices())
-  seqs = (512, 1024) if small else (16384, 32768, 65536, 131072)
-  heads, head_dim = (2, 64) if small else (16, 128)
-  log(f"| T | one GPU fwd / fwd+bwd ms | " + " | ".join(
-      f"{layout} ring x{n} fwd / fwd+bwd ms (speedup)" for layout in
-      flash_jax.ring_layout.LAYOUTS) + " |")
-  log("|---|---|" + "---|" * len(flash_jax.ring_layout.LAYOUTS))
-  for seq in seqs:
-    q, k, v, dout = _inputs(seq, heads, head_dim, jnp.bfloat16)
-    single = functools.partial(flash_jax.flash_attention, causal=True)
-    try:
-      one = (_time(jax.jit(single), q, k, v), _time(_fwd_bwd(single), q, k, v, dout))
-      row = f"| {seq} | {one[0]:.2f} / {one[1]:.2f} |"
-    except Exception as e:  # out of memory on one GPU is a result too
-      one, row = None, f"| {seq} | {type(e).__name__} |"
-    sharding = NamedSharding(_mesh(), P(None, "seq"))
-    args = [jax.device_put(x, sharding) for x in (q, k, v)]
-    for layout in flash_jax.ring_layout.LAYOUTS:
-      ring = _on_ring(_mesh(), layout, causal=True)
-      fwd = _time(jax.jit(ring), *args)
-      fb = _time(_fwd_bwd(ring), *args, jax.device_put(dout, sharding))
-      speed = "" if one is None else f" ({one[0] / fwd:.2f}x / {one[1] / fb:.2f}x)"
-      row += f" {fwd:.2f} / {fb:.2f}{speed} |"
-    log(row)
-
-
 def overlap(log, small):
   """Forward ring vs its parts, zigzag causal (every step: one unmasked half block)."""
   n = len(jax.local_devices())
@@ -263,7 +234,7 @@ def scaling(log, small):
       fwd_1, fwd_bwd_1 = jax.jit(single), _fwd_bwd(single)
       base = [fwd_1(q, k, v)] + list(fwd_bwd_1(q, k, v, dout))
       one = (_time(fwd_1, q, k, v, **timing), _time(fwd_bwd_1, q, k, v, dout, **timing))
-      for layout in (("zigzag", "contiguous") if causal else ("contiguous",)):
+      for layout in (flash_jax.ring_layout.LAYOUTS if causal else ("contiguous",)):
         on_ring = _on_ring(_mesh(), layout, causal=causal)
         fwd_n, fwd_bwd_n = jax.jit(on_ring), _fwd_bwd(on_ring)
         to = lambda x: jax.device_put(flash_jax.to_ring_layout(x, n, layout), sharding)
@@ -327,8 +298,8 @@ def fit(log, small, devices=None, verify=False):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("mode", choices=("check", "time", "overlap", "memory", "partition",
-                                       "scaling", "fit"))
+  parser.add_argument("mode", choices=("check", "overlap", "memory", "partition", "scaling",
+                                       "fit"))
   parser.add_argument("--small", action="store_true", help="CPU-sized smoke test")
   parser.add_argument("--devices", type=int, nargs="+", help="fit: device counts to size")
   parser.add_argument("--verify", action="store_true", help="fit: compile at the answer too")
@@ -338,8 +309,8 @@ def main():
   if len(jax.local_devices()) < 2:
     log("needs at least 2 devices")
     return 1
-  mode = {"check": check, "time": time_ring, "overlap": overlap, "memory": memory,
-          "partition": partition, "scaling": scaling, "fit": fit}[args.mode]
+  mode = {"check": check, "overlap": overlap, "memory": memory, "partition": partition,
+          "scaling": scaling, "fit": fit}[args.mode]
   extra = dict(devices=args.devices, verify=args.verify) if args.mode == "fit" else {}
   result = mode(log, args.small, **extra)
   return 0 if result is None or result else 1
