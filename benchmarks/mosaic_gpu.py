@@ -80,8 +80,7 @@ def check(log, cases=None, block_sizes=None) -> bool:
         ref = _run("xla", up(q), up(k), up(v), kw, dout, dlse)
       cells, ok = [] if deterministic else ["NOT DETERMINISTIC"], deterministic
       for label, g, sp, r in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref):
-        factor = accuracy.FORWARD_FACTOR if label in ("out", "lse") else accuracy.GRADIENT_FACTOR
-        verdict = accuracy.judge(g, sp, r, factor=factor, dtype=dtype)
+        verdict = accuracy.judge(g, sp, r, factor=accuracy.factor_for(label), dtype=dtype)
         ok &= verdict.ok
         cells.append(verdict.describe(label))
       print(f"{'ok  ' if ok else 'FAIL'} {name}: " + ", ".join(cells), file=log, flush=True)

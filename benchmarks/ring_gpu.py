@@ -94,8 +94,7 @@ def _judge(got, base, exact, dtype, names=("out", "dq", "dk", "dv")):
   """
   ok, text = True, ""
   for name, g, b, r in zip(names, got, base, exact):
-    factor = accuracy.FORWARD_FACTOR if name == "out" else accuracy.GRADIENT_FACTOR
-    verdict = accuracy.judge(g, b, r, factor=factor, dtype=jnp.dtype(dtype))
+    verdict = accuracy.judge(g, b, r, factor=accuracy.factor_for(name), dtype=jnp.dtype(dtype))
     ok &= verdict.ok
     text += " " + verdict.describe(name)
   return ok, text

@@ -109,8 +109,7 @@ def check(log, only=None) -> bool:
       cells, ok = [], True
       labels = ("out", "lse", "dq", "dk", "dv", "dbias")
       for label, g, g2, sp, r in zip(labels, got, again, same, ref):
-        factor = accuracy.FORWARD_FACTOR if label in ("out", "lse") else accuracy.GRADIENT_FACTOR
-        verdict = accuracy.judge(g, sp, r, factor=factor, dtype=dtype)
+        verdict = accuracy.judge(g, sp, r, factor=accuracy.factor_for(label), dtype=dtype)
         deterministic = np.array_equal(np.asarray(g), np.asarray(g2))
         ok &= verdict.ok and deterministic
         cells.append(verdict.describe(label) + ("" if deterministic else " NONDET"))

@@ -15,6 +15,7 @@ import numpy as np
 
 FORWARD_FACTOR = 2
 GRADIENT_FACTOR = 3
+FORWARD_RESULTS = ("out", "lse")  # every other result named by a check is a gradient
 FLOOR = {"float32": 2e-5, "float16": 1e-3, "bfloat16": 4e-3}
 
 
@@ -27,6 +28,11 @@ def max_error(x, reference) -> float:
     return float("inf")
   return float(np.max(np.abs(np.where(finite, x, 0.0) - np.where(finite, reference, 0.0)),
                       initial=0.0))
+
+
+def factor_for(name: str) -> int:
+  """The rule's factor for a result named `name` ("out", "lse", "dq", "dbias", ...)."""
+  return FORWARD_FACTOR if name in FORWARD_RESULTS else GRADIENT_FACTOR
 
 
 @dataclasses.dataclass(frozen=True)

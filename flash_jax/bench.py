@@ -173,10 +173,6 @@ def _error_text(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def _error_status(e: Exception) -> str:
-  return f"error: {_error_text(e)}"
-
-
 def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
   """One row per (problem, contender). Per problem, every contender is compiled and warmed
   up first, then all are timed together (`time_interleaved`); inputs rotate between two
@@ -203,7 +199,7 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
       elif isinstance(error, NotImplementedError):
         row.update(status=f"n/a: {error}")
       else:
-        row.update(status=_error_status(error))
+        row.update(status=f"error: {_error_text(error)}")
       rows.append(row)
       print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
             f"{_cell(row)}", file=log, flush=True)

@@ -31,3 +31,8 @@ def test_judge_rejects_nan_and_misplaced_infinities():
   assert not verdict.ok and "non-finite" in verdict.describe("lse")
   # A baseline that misplaces them gives no bound to pass under.
   assert not accuracy.judge(good, finite, reference, factor=2, dtype="float32").ok
+
+
+def test_factor_for_names_forward_results_and_gradients():
+  assert [accuracy.factor_for(n) for n in ("out", "lse")] == [2, 2]
+  assert [accuracy.factor_for(n) for n in ("dq", "dk", "dv", "dbias")] == [3, 3, 3, 3]

@@ -118,7 +118,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       start_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
       start_acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                      compat.wgmma_layout())  # [block_q, H]
-      slot_of = lambda j: lax.rem(j - lo, jnp.int32(stages))
+      slot_of = lambda j: pipeline.slot_of(j - lo, stages)
 
       def online_softmax(qk, j, row_max, row_sum, *, masked: bool, extra_visible=None,
                          active=None):
