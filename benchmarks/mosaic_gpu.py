@@ -121,13 +121,13 @@ def variants(log, head_dims, seqs, configs, modes):
 # docs/performance_mosaic_gpu.md, v7 (the dK/dV ping-pong, and its ring depth at d128)
 # and the alternatives the defaults won against.
 KERNEL_VARIANTS = {
-    64: [("dkv", "dK/dV ping-pong", {"dkv_ping_pong": True}),
+    64: [("dkv", "dK/dV sequential", {"dkv_ping_pong": False}),
          ("dkv", "dK/dV q64", {"block_q_dkv": 64}),
          ("dq", "dQ kv64", {"block_kv_dq": 64})],
     128: [("fwd", "forward sequential", {"overlap_softmax": False}),
-          ("dkv", "dK/dV ping-pong", {"dkv_ping_pong": True}),
-          ("dkv", "dK/dV ping-pong 2 st", {"dkv_ping_pong": True, "num_stages_dkv": 2}),
-          ("dkv", "dK/dV 2 stages", {"num_stages_dkv": 2})],
+          ("dkv", "dK/dV ping-pong 3 st", {"num_stages_dkv": 3}),
+          ("dkv", "dK/dV sequential 3 st", {"dkv_ping_pong": False, "num_stages_dkv": 3}),
+          ("dkv", "dK/dV sequential 2 st", {"dkv_ping_pong": False})],
 }
 
 

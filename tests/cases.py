@@ -47,7 +47,7 @@ CASES = (
     Case(1, 97, 97, 2, 2, 128, "bfloat16", ("segment_ids",)),
     Case(2, 64, 130, 2, 2, 64, "float32", ("bias",), head_dim_v=40),
     Case(1, 33, 130, 4, 4, 40, "bfloat16", ("bias_broadcast", "mask")),
-    Case(2, 97, 97, 2, 1, 64, "float16", ("lengths",)),
+    Case(2, 97, 97, 2, 1, 64, "float16", ("lengths", "scale_negative")),
     Case(1, 65, 65, 2, 2, 256, "bfloat16", ("causal", "softcap")),
     Case(1, 1025, 1025, 2, 1, 64, "bfloat16", ("causal", "window")),
     Case(1, 130, 130, 4, 2, 64, "float32", ("dropout",)),
@@ -57,7 +57,7 @@ CASES = (
          ("causal", "window", "segment_ids", "softcap", "bias", "dropout")),
     Case(1, 1, 97, 4, 2, 64, "bfloat16", ("causal", "decode")),
     Case(1, 256, 256, 2, 2, 16, "float16", ("mask", "dropout")),
-    Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths")),
+    Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths", "scale_large")),
 )
 
 
@@ -91,6 +91,12 @@ def make_inputs(case: Case, seed: int):
     kwargs["q_lengths"] = jax.random.randint(next(keys), (b,), 1, t + 1)
   if "softcap" in f:
     kwargs["softcap"] = 2.5
+  # Scales that kernels folding the scale into exp2 must still handle: a large one makes
+  # MASK_VALUE * scale overflow float32, a negative one flips which logit is the max.
+  if "scale_large" in f:
+    kwargs["scale"] = 1.5
+  if "scale_negative" in f:
+    kwargs["scale"] = -0.2
   if "bias" in f:
     kwargs["bias"] = jax.random.normal(next(keys), (b, case.num_q_heads, t, s), jnp.float32)
   if "bias_broadcast" in f:

@@ -34,8 +34,8 @@ class MosaicGPUBlockSizes(BlockSizes):
   overlap_softmax: bool | None = None
   # dK/dV schedule: True makes its two consumers take turns on the tensor cores (one's
   # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
-  # ping-pong); None: the head-dim default, off everywhere until the GPU suite has run
-  # it in full (docs/performance_mosaic_gpu.md, v7). One consumer at d256: no effect.
+  # ping-pong); None: the head-dim default (on at d64 and d128, v8 in
+  # docs/performance_mosaic_gpu.md). One consumer at d256: no effect.
   dkv_ping_pong: bool | None = None
   switches = ("overlap_softmax", "dkv_ping_pong")
 
@@ -59,12 +59,12 @@ class MosaicGPUBlockSizes(BlockSizes):
 _DEFAULTS = {
     # At d64 each backward step is short: 128-wide streamed blocks halve the steps.
     64: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
-             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=False,
+             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
              block_q_dq=64, block_kv_dq=128, num_stages_dq=2),
     # At d128 a third forward slot fits (230536 of 232448 bytes) but did not pay at
-    # s16384; the dK/dV ring takes three (v7).
+    # s16384; with the dK/dV ping-pong 2 slots beat 3 (v8).
     128: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True,
-              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=3, dkv_ping_pong=False,
+              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
               block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
     # At d256 every kernel's resident tiles and a 2-slot ring fill shared memory.
     256: dict(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True,

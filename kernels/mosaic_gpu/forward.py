@@ -26,7 +26,9 @@ diagonal, window edges, length boundaries, the key tail) apply
 `masking.key_visibility`. With segment ids every visited block is masked: the key
 ids stream through the ring beside K and V, the query ids sit beside Q.
 Both consumers walk the same blocks, so their barrier counts always match.
-Softmax statistics are kept in base 2 (logits times log2(e)) so exp2 does the work.
+Softmax statistics are kept in base 2 (logits times log2(e)) so exp2 does the work; without
+a softcap the row max is taken on q.k^T itself and the scale enters exp2's argument, one
+fused multiply-add per score (`max_units`; -8% forward time at d128 s16384, v8).
 """
 
 from __future__ import annotations
@@ -69,11 +71,28 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   feature_names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   segments = spec.has_segment_ids
 
-  def logits_base2(qk):
-    """float32 q.k^T [block_q, block_kv] -> logits * log2(e) (scale folded in)."""
+  # The online softmax tracks its row max in "max units": q.k^T itself when the logits
+  # are a positive multiple of it (no softcap), so that exp2's argument
+  # s * c - max * c is one fused multiply-add per score (FlashAttention-3's
+  # softmax_scale_log2); the base-2 logits otherwise (softcap or scale <= 0).
+  fold_scale = spec.softcap is None and spec.scale > 0
+  exp2_scale = spec.scale * LOG2E if fold_scale else 1.0
+
+  def max_units(qk):
+    """float32 q.k^T [block_q, block_kv] -> scores in max units (see above)."""
+    if fold_scale:
+      return qk
     if spec.softcap is None:
       return masking.transform_logits(qk, scale=spec.scale * LOG2E)
     return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
+
+  def base2(x):
+    """Max units -> base-2 logits."""
+    return x * exp2_scale if fold_scale else x
+
+  def base2_row_max(row_max):
+    """[block_q] max units -> base 2, kept finite (MASK_VALUE * c may overflow)."""
+    return jnp.maximum(base2(row_max), masking.MASK_VALUE)
 
   def kernel(*refs):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
@@ -125,7 +144,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         """Scores of key block j -> (P [block_q, block_kv] in the input dtype, new row
         max, rescale of the old accumulator, new row sum). FlashAttention-2 section
         3.1.1, in base 2. `active`: see `features.read_ring_slot`."""
-        s = logits_base2(qk)  # [block_q, block_kv]
+        s = max_units(qk)  # [block_q, block_kv]
         visible = None
         if masked:
           read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
@@ -138,8 +157,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        new_max_base2 = base2_row_max(new_max)
+        rescale = jnp.exp2(base2_row_max(row_max) - new_max_base2)
+        p = jnp.exp2(base2(s) - lax.broadcast_in_dim(new_max_base2, s.shape, [0]))
         if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
@@ -281,7 +301,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
                       acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
       q_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
-      lse_smem[...] = jnp.where(seen, (row_max + jnp.log2(safe_sum)) * LN2, -jnp.inf)
+      lse_smem[...] = jnp.where(seen, (base2(row_max) + jnp.log2(safe_sum)) * LN2, -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_lo, block_q)])
