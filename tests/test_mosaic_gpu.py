@@ -135,8 +135,13 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError, match=f"{switch} must be a bool or None"):
       MosaicGPUBlockSizes(**{switch: 1})
   assert resolve(MosaicGPUBlockSizes(overlap_softmax=True), _spec(64)).overlap_softmax
-  assert all(isinstance(getattr(default_config(_spec(d)), switch), bool)
-             for d in (64, 128, 256) for switch in MosaicGPUBlockSizes.switches)
+  assert all(isinstance(getattr(default_config(_spec(d, causal=causal)), switch), bool)
+             for d in (64, 128, 256) for causal in (False, True)
+             for switch in MosaicGPUBlockSizes.switches)
+  # The causal d128 default keeps the sequential dK/dV; the rest of its config is shared.
+  causal_128 = default_config(_spec(128, causal=True))
+  assert default_config(_spec(128)).dkv_ping_pong and not causal_128.dkv_ping_pong
+  assert dataclasses.replace(causal_128, dkv_ping_pong=True) == default_config(_spec(128))
 
 
 def test_features_served_and_declined(monkeypatch):
