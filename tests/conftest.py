@@ -61,7 +61,9 @@ def upcast(tree):
       if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def assert_accurate(name, x, same_precision, reference, *, factor, dtype):
-  """`flash_jax.accuracy`'s rule: error(x) <= factor * error(same precision) + floor."""
-  verdict = accuracy.judge(x, same_precision, reference, factor=factor, dtype=dtype)
+def assert_accurate(name, x, same_precision, reference, *, dtype):
+  """`flash_jax.accuracy`'s rule: error(x) <= factor * error(same precision) + floor, the
+  factor of a forward result or a gradient by `name` ("out", "lse", "dq", ...)."""
+  verdict = accuracy.judge(x, same_precision, reference, factor=accuracy.factor_for(name),
+                           dtype=dtype)
   assert verdict.ok, verdict.describe(name)

@@ -38,8 +38,10 @@ def random_mask(seed, shape):
   return mask.at[..., 0].set(True)
 
 
-def assert_accurate(name, ours, flax_same_dtype, reference, dtype, factor):
-  """`flash_jax.accuracy`'s rule, with Flax in the same dtype as the baseline."""
+def assert_accurate(name, ours, flax_same_dtype, reference, dtype):
+  """`flash_jax.accuracy`'s rule, with Flax in the same dtype as the baseline; `name`
+  ends in "output" (the forward's factor) or "grads" (the gradients')."""
+  factor = accuracy.FORWARD_FACTOR if name.endswith("output") else accuracy.GRADIENT_FACTOR
   for o, f, r in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_same_dtype),
                      jax.tree.leaves(reference)):
     verdict = accuracy.judge(o, f, r, factor=factor, dtype=dtype)
@@ -65,8 +67,8 @@ def compare(name, ours_fn, flax_fn, args, dtype):
   flax_same = value_and_grads(flax_fn, args)
   with jax.default_matmul_precision("highest"):
     reference = value_and_grads(flax_fn, upcast(args))
-  assert_accurate(f"{name} output", ours[0], flax_same[0], reference[0], dtype, factor=2)
-  assert_accurate(f"{name} grads", ours[1], flax_same[1], reference[1], dtype, factor=3)
+  assert_accurate(f"{name} output", ours[0], flax_same[0], reference[0], dtype)
+  assert_accurate(f"{name} grads", ours[1], flax_same[1], reference[1], dtype)
 
 
 def params_equal(a, b):
@@ -264,8 +266,8 @@ def _nnx_compare(name, ours, theirs, call_ours, call_theirs=None, dtype="float32
   mine, same = loss_and_grads(ours, call_ours), loss_and_grads(theirs, call_theirs)
   with jax.default_matmul_precision("highest"):
     ref = loss_and_grads(theirs if reference is None else reference, call_theirs)
-  assert_accurate(f"{name} output", mine[0], same[0], ref[0], dtype, factor=2)
-  assert_accurate(f"{name} grads", mine[1], same[1], ref[1], dtype, factor=3)
+  assert_accurate(f"{name} output", mine[0], same[0], ref[0], dtype)
+  assert_accurate(f"{name} grads", mine[1], same[1], ref[1], dtype)
 
 
 def test_nnx_multi_head_attention_with_our_attention_fn():
@@ -297,8 +299,8 @@ def test_linen_multi_head_attention_with_our_attention_fn():
   mine, same = run(ours, params), run(theirs, params)
   with jax.default_matmul_precision("highest"):
     reference = run(theirs, params)
-  assert_accurate("linen output", mine[0], same[0], reference[0], "float32", factor=2)
-  assert_accurate("linen grads", mine[1], same[1], reference[1], "float32", factor=3)
+  assert_accurate("linen output", mine[0], same[0], reference[0], "float32")
+  assert_accurate("linen grads", mine[1], same[1], reference[1], "float32")
   with pytest.raises(NotImplementedError, match="sow"):
     ours.apply(params, x, y, sow_weights=True)
 
@@ -414,8 +416,8 @@ def test_linen_flash_attention_matches_multi_head_attention(case):
   mine, same = run(ours, ours_call, params), run(theirs, theirs_call, params)
   with jax.default_matmul_precision("highest"):
     reference = run(theirs.clone(dtype=None), theirs_call, params)
-  assert_accurate(f"{case} output", mine[0], same[0], reference[0], dtype, factor=2)
-  assert_accurate(f"{case} grads", mine[1], same[1], reference[1], dtype, factor=3)
+  assert_accurate(f"{case} output", mine[0], same[0], reference[0], dtype)
+  assert_accurate(f"{case} grads", mine[1], same[1], reference[1], dtype)
 
 
 def test_linen_flash_attention_gqa_and_dropout():

@@ -96,8 +96,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
 
   def kernel(*refs):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
-    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, v_ready,
-     k_free, v_free, schedule, turn, *segment_scratch) = refs
+    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, k_free,
+     v_ready, v_free, schedule, turn, *segment_scratch) = refs
     if segments:
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -323,10 +323,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
       plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=NUM_COMPUTE_WGS),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
+      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),  # K: ready, free
+      *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),  # V: ready, free
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),  # schedule (sequential ping-pong)
       plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),  # turn[w] (overlapped ping-pong)
   ]
