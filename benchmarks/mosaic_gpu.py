@@ -119,13 +119,15 @@ def variants(log, head_dims, seqs, configs, modes):
 # `kernels --sweep`: configs timed beside the defaults, per head dim, as (kernel, label,
 # fields replaced in the default config): the alternatives the defaults won against in
 # docs/performance_mosaic_gpu.md, v8 (the dK/dV schedule and ring depth; at d128 the
-# non-causal default is ping-pong, the causal one sequential, both with 2 slots).
+# non-causal default is ping-pong, the causal one sequential, both with 2 slots). A
+# variant equal to a call's default is not timed twice.
 KERNEL_VARIANTS = {
     64: [("dkv", "dK/dV sequential", {"dkv_ping_pong": False}),
          ("dkv", "dK/dV q64", {"block_q_dkv": 64}),
          ("dq", "dQ kv64", {"block_kv_dq": 64})],
     128: [("fwd", "forward sequential", {"overlap_softmax": False}),
-          ("dkv", "dK/dV ping-pong 3 st", {"num_stages_dkv": 3}),
+          ("dkv", "dK/dV ping-pong 2 st", {"dkv_ping_pong": True}),
+          ("dkv", "dK/dV ping-pong 3 st", {"dkv_ping_pong": True, "num_stages_dkv": 3}),
           ("dkv", "dK/dV sequential 3 st", {"dkv_ping_pong": False, "num_stages_dkv": 3}),
           ("dkv", "dK/dV sequential 2 st", {"dkv_ping_pong": False})],
 }
@@ -173,9 +175,11 @@ def kernels(log, head_dims, seqs, sweep=False):
       runs += KERNEL_VARIANTS.get(h, []) if sweep else []
       parts = {}  # label -> (jitted call, operands, FLOPs of the matmuls it issues)
       for kernel, label, fields in runs:
+        variant = dataclasses.replace(config, **fields)
+        if fields and variant == config:  # this call's default already (e.g. causal d128)
+          continue
         make, operands = kernel_calls[kernel]
-        parts[label] = (make(dataclasses.replace(config, **fields)), operands,
-                        matmuls[kernel] * flops)
+        parts[label] = (make(variant), operands, matmuls[kernel] * flops)
       parts["fwd+bwd call"] = (jax.jit(whole), (q, k, v), sum(matmuls.values()) * flops)
       seconds, failed = bench.time_contenders(
           {label: lambda fn=fn, args=args: fn(*args) for label, (fn, args, _) in parts.items()},
