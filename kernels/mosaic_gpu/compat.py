@@ -1,7 +1,8 @@
 """The few Pallas Mosaic GPU spellings that differ between the JAX versions we support.
 
-flash_jax runs on JAX 0.10.2 (CPU, where these kernels only trace) and 0.11.2 (the
-Hopper GPU). Everything version-sensitive the kernels touch goes through here.
+flash_jax supports JAX 0.10.2 to 0.12.x (the GPU machines run 0.11.2). Everything
+version-sensitive the kernels touch goes through here, probed by feature, not by
+version number.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def layout_cast(x, layout):
 
 
 def load(ref, layout):
-  """Loads a whole SMEM ref into registers with `layout` (0.11.2 deprecates passing the
-  index separately; 0.10.2 requires it)."""
-  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+  """Loads a whole SMEM ref into registers with `layout`. The index argument was
+  required (0.10.2), then optional and deprecated (0.11.2), then removed (0.12)."""
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout)
   return plgpu.load(ref, layout=layout)
 
