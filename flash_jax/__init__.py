@@ -3,9 +3,11 @@
 Importing this package imports no GPU- or TPU-only module: kernels load on first use.
 """
 
-from flash_jax.api import dot_product_attention, flash_attention, which_implementation
+from flash_jax.api import (dot_product_attention, flash_attention, paged_attention,
+                           which_implementation)
 from flash_jax.config import BlockSizes
 from flash_jax.dispatch import implementation_names
+from flash_jax.paged import write_kv_pages
 from flash_jax.ring import ring_attention, sharded_ring_attention
 from flash_jax.ring_layout import from_ring_layout, to_ring_layout
 from flash_jax.spec import AttentionSpec
@@ -17,9 +19,11 @@ __all__ = [
     "flash_attention",
     "from_ring_layout",
     "implementation_names",
+    "paged_attention",
     "ring_attention",
     "sharded_ring_attention",
     "to_ring_layout",
     "which_implementation",
+    "write_kv_pages",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import dispatch, sharding, spec as spec_lib
+from flash_jax import dispatch, paged, sharding, spec as spec_lib
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
@@ -57,11 +57,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
       dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths)
   # Under jit with sharded inputs, each device runs the implementation on its shard.
   impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
-  if block_sizes is None:
-    config = impl.default_config(spec)
-  else:
-    impl.check_config(block_sizes)
-    config = block_sizes
+  config = _config(impl, spec, block_sizes)
   out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays)
   return (out, lse) if return_lse else out
 
@@ -74,6 +70,71 @@ def _named_call(impl, spec, config, interpret):
     return impl(q, k, v, bias, arrays, spec, config, interpret)
   call.__name__ = f"flash_jax_{impl.name}"
   return jax.jit(call)
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, kv_lengths, *, causal=True,
+                    q_offset=None, scale=None, window=None, softcap=None, return_lse=False,
+                    implementation=None, block_sizes=None, interpret=False):
+  """Attention of new query tokens over a paged K/V cache (decoding, chunked prefill).
+
+  Args:
+    q: [B, T, Nq, H], the T newest tokens of each sequence (T = 1 when decoding).
+    k_pages: [P, page_size, Nkv, H], v_pages: [P, page_size, Nkv, Hv]: the page pool,
+      token-major. Nq must be a multiple of Nkv (GQA/MQA as in flash_attention).
+    block_tables: int32 [B, pages_per_seq]: key j of sequence b lives at
+      k_pages[block_tables[b, j // page_size], j % page_size]. Entries past a
+      sequence's last page may hold anything (unused, out of range): never read.
+    kv_lengths: int32 [B]: tokens in each sequence's cache, the new ones included.
+      Whatever lies past them (NaN, inf, stale tokens) never reaches the output;
+      kv_lengths[b] == 0 gives zeros.
+    causal: query i sees key j <= i + q_offset.
+    q_offset: int or int [B]; default kv_lengths - T (bottom-right alignment: the T
+      queries are the newest T tokens, already written to the cache):
+
+        T=2, kv_lengths=5 (q_offset 3)   keys 0 1 2 3 4
+                              q0 (p=3)        x x x x .
+                              q1 (p=4)        x x x x x
+    scale, window, softcap: as in flash_attention.
+    return_lse: also return lse [B, Nq, T] float32.
+    implementation: None (the fastest that serves the call) or a name; block_sizes,
+      interpret: as in flash_attention.
+
+  Returns out [B, T, Nq, Hv] in q's dtype (and lse). Forward only: differentiating it
+  raises. Write new tokens with `write_kv_pages` first.
+  """
+  spec, q, k_pages, v_pages, arrays = paged.normalize_paged(
+      q, k_pages, v_pages, block_tables, kv_lengths, causal=causal, q_offset=q_offset,
+      scale=scale, window=window, softcap=softcap)
+  impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
+  config = _config(impl, spec, block_sizes)
+  out, lse = _forward_only_call(impl, spec, config, interpret)(q, k_pages, v_pages, arrays)
+  return (out, lse) if return_lse else out
+
+
+def _config(impl, spec, block_sizes):
+  if block_sizes is None:
+    return impl.default_config(spec)
+  impl.check_config(block_sizes)
+  return block_sizes
+
+
+@functools.cache
+def _forward_only_call(impl, spec, config, interpret):
+  """`impl`'s forward under a jit named flash_jax_paged_<implementation>; any attempt to
+  differentiate it raises (its jvp rule is the error)."""
+  @jax.custom_jvp
+  def call(q, k_pages, v_pages, arrays):
+    return impl.forward_only(q, k_pages, v_pages, None, arrays, spec, config, interpret)
+
+  @call.defjvp
+  def _no_derivatives(primals, tangents):
+    raise TypeError("flash_jax.paged_attention is forward-only (inference over a paged K/V "
+                    "cache): it has no gradients; differentiate flash_attention on "
+                    "contiguous K/V instead")
+
+  named = lambda *args: call(*args)
+  named.__name__ = f"flash_jax_paged_{impl.name}"
+  return jax.jit(named)
 
 
 def which_implementation(q, k, v, *, implementation=None, interpret=False, **kwargs) -> str:

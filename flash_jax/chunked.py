@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from flash_jax import masking, tiles
+from flash_jax import masking, paged, tiles
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation
 from flash_jax.spec import AttentionArrays, AttentionSpec
@@ -36,10 +36,16 @@ class _Chunks:
   mask5: jax.Array | None  # same frame, bool
   arrays: AttentionArrays  # kv_segment_ids padded to S_pad
   kv_bound: int | None  # S when padding was added, so padded columns stay hidden
+  page_size: int | None = None  # paged K/V: k, v are page pools, a chunk is whole pages
 
   def columns(self, index):
     start = index * self.width
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, self.width, axis=1)
+    if self.page_size is not None:  # this chunk's pages, gathered: [B, width, Nkv, H]
+      pages = self.width // self.page_size
+      take = lambda x: paged.gather_keys(x, self.arrays.block_tables, self.arrays.kv_lengths,
+                                         index * pages, pages)
+    else:
+      take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, self.width, axis=1)
     return start, take(self.k), take(self.v), tiles.columns(self.bias5, start, self.width)
 
 
@@ -52,8 +58,16 @@ def _pad_axis(x, axis, size, value=0):
 
 def _chunk_inputs(k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config) -> _Chunks:
   width = min(config.block_kv, spec.kv_len)
+  if spec.paged:  # whole pages per chunk; the table is padded with entries never read
+    width = tiles.round_up(width, spec.page_size)
   count = -(-spec.kv_len // width)
   padded = count * width
+  if spec.paged:
+    tables = tiles.pad_axis(arrays.block_tables, 1, padded // spec.page_size)
+    return _Chunks(width=width, count=count, k=k, v=v, bias5=None, mask5=None,
+                   arrays=dataclasses.replace(arrays, block_tables=tables),
+                   kv_bound=spec.kv_len if padded > spec.kv_len else None,
+                   page_size=spec.page_size)
   bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
   mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
   arrays = dataclasses.replace(arrays, kv_segment_ids=_pad_axis(arrays.kv_segment_ids, 1, padded))

@@ -4,7 +4,8 @@ Dispatch is data: each entry names an implementation, the platforms it runs on, 
 where it lives. Modules load lazily, so importing flash_jax never imports a GPU- or
 TPU-only module. `implementation=None` takes the first entry for the current platform
 whose `check` passes; a named implementation that cannot serve a call raises
-`NotImplementedError` from its `check`, never falling back silently.
+`NotImplementedError` from its `check`, never falling back silently. Decode-shaped
+calls (`split_kv.decode_shaped`) try implementations with split-KV kernels first.
 Adding a backend means adding one line here.
 """
 
@@ -17,6 +18,7 @@ import logging
 
 import jax
 
+from flash_jax import split_kv
 from flash_jax.implementation import Implementation
 from flash_jax.spec import AttentionSpec
 
@@ -65,10 +67,11 @@ def select(spec: AttentionSpec, implementation: str | None, *, interpret: bool =
     impl.check(spec, platform=platform, interpret=interpret)
     return impl
   reasons = []
-  for entry in REGISTRY:
-    if platform not in entry.platforms:
-      continue
-    impl = get_implementation(entry.name)
+  candidates = [get_implementation(entry.name) for entry in REGISTRY
+                if platform in entry.platforms]
+  if split_kv.decode_shaped(spec):  # split-KV kernels first, in registry order otherwise
+    candidates.sort(key=lambda impl: not impl.split_kv_kernels)
+  for impl in candidates:
     try:
       impl.check(spec, platform=platform, interpret=False)
     except NotImplementedError as e:

@@ -27,6 +27,9 @@ class Implementation(abc.ABC):
   platforms: ClassVar[tuple[str, ...]]  # jax platform names it runs on natively
   interpretable: ClassVar[bool] = False  # can run on CPU with interpret=True
   config_type: ClassVar[type] = BlockSizes
+  # Has split-KV kernels for decode-shaped calls (`split_kv.decode_shaped`): dispatch
+  # prefers it for them over implementations listed earlier.
+  split_kv_kernels: ClassVar[bool] = False
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     """Raises NotImplementedError when this implementation cannot serve the call."""
@@ -54,6 +57,10 @@ class Implementation(abc.ABC):
                interpret: bool):
     """-> (out [B, T, Nq, Hv] in q.dtype, lse [B, Nq, T] float32). Differentiable."""
 
+  def forward_only(self, q, k, v, bias, arrays, spec, config, interpret):
+    """(out, lse) for a call that is never differentiated (paged K/V)."""
+    return self(q, k, v, bias, arrays, spec, config, interpret)
+
   def __repr__(self):
     return f"<flash_jax implementation {self.name!r}>"
 
@@ -79,6 +86,9 @@ class BlockwiseImplementation(Implementation):
 
   def __call__(self, q, k, v, bias, arrays, spec, config, interpret):
     return _blockwise_attention(q, k, v, bias, arrays, self, spec, config, interpret)
+
+  def forward_only(self, q, k, v, bias, arrays, spec, config, interpret):
+    return self.forward(q, k, v, bias, arrays, spec, config, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

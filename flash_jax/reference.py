@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flash_jax import masking, tiles
+from flash_jax import masking, paged, tiles
 from flash_jax.implementation import Implementation
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
@@ -51,6 +51,8 @@ class XlaImplementation(Implementation):
   platforms = ("cpu", "gpu", "tpu")
 
   def __call__(self, q, k, v, bias, arrays, spec, config, interpret):
+    if spec.paged:  # the whole cache gathered: the reference may, the kernels never do
+      k, v, arrays, spec = paged.gather_all(k, v, arrays, spec)
     return reference_attention(q, k, v, bias, arrays, spec)
 
 

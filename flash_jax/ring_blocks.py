@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flash_jax import dispatch, masking, spec as spec_lib
+from flash_jax import dispatch, masking, spec as spec_lib, split_kv
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation
 from flash_jax.ring_layout import Piece, pieces
@@ -161,17 +161,10 @@ def merge(out_a, lse_a, out_b, lse_b):
 
   out [B, L, Nq, Hv] (normalized), lse [B, Nq, L]; lse -inf (no key seen) weighs 0.
   """
-  top = jnp.maximum(lse_a, lse_b)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - top), 0.0)  # [B, Nq, L]
-  w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - top), 0.0)
-  total = w_a + w_b
-  seen = total > 0
-  total = jnp.where(seen, total, 1.0)
-  lse = jnp.where(seen, top + jnp.log(total), -jnp.inf)
-  as_rows = lambda w: jnp.swapaxes(w / total, 1, 2)[..., None]  # -> [B, L, Nq, 1]
-  out = out_a.astype(jnp.float32) * as_rows(w_a) + out_b.astype(jnp.float32) * as_rows(w_b)
-  return out, lse
+  rows = lambda lse: jnp.swapaxes(lse, 1, 2)  # [B, Nq, L] -> [B, L, Nq], as out's rows
+  out, lse = split_kv.merge(jnp.stack([out_a.astype(jnp.float32), out_b.astype(jnp.float32)]),
+                            jnp.stack([rows(lse_a), rows(lse_b)]))
+  return out, rows(lse)
 
 
 def _for_each_pair(plan: RingPlan, q_shard, kv_shard, body, carry):

@@ -48,6 +48,24 @@ class AttentionSpec:
   has_q_lengths: bool = False
   has_kv_lengths: bool = False
   dropout_rate: float = 0.0
+  # Paged K/V (paged_attention): k/v are pools of pages [num_pages, page_size, Nkv, H]
+  # and kv_len is the longest sequence a block table can address (pages_per_seq * page_size).
+  page_size: int | None = None
+  num_pages: int | None = None
+
+  @property
+  def paged(self) -> bool:
+    return self.page_size is not None
+
+  @property
+  def pages_per_seq(self) -> int:
+    return self.kv_len // self.page_size
+
+  @property
+  def packed_rows(self) -> int:
+    """Query rows that share one key/value head: T * G. Decode kernels pack them into
+    the rows of one tile, so each K/V tile is read once per K/V head (GQA packing)."""
+    return self.q_len * self.group_size
 
   @property
   def group_size(self) -> int:
@@ -84,7 +102,7 @@ class AttentionSpec:
         "q_offset": self.has_q_offset, "segment_ids": self.has_segment_ids,
         "q_lengths": self.has_q_lengths, "kv_lengths": self.has_kv_lengths,
         "dropout": self.has_dropout,
-        "gqa": self.num_q_heads != self.num_kv_heads,
+        "gqa": self.num_q_heads != self.num_kv_heads, "paged": self.paged,
     }
     return tuple(name for name, used in names.items() if used)
 
@@ -101,10 +119,17 @@ class AttentionArrays:
   kv_lengths: jax.Array | None = None  # [B] int32: keys >= length are hidden
   mask: jax.Array | None = None  # bool, 4-D, broadcastable to [B, Nq, T, S]
   dropout_seed: jax.Array | None = None  # [] uint32
+  block_tables: jax.Array | None = None  # [B, pages_per_seq] int32 page ids (paged K/V)
 
 
-def _shape_str(x: Any) -> str:
-  return str(tuple(np.shape(x)))
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(x.shape) if isinstance(x, jax.ShapeDtypeStruct) else tuple(np.shape(x))
+
+
+def _as_array(x: Any):
+  """jnp.asarray, except that a ShapeDtypeStruct stands for k/v described only by shape
+  (paged_attention's logical [B, S, Nkv, H] view of its pages)."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
 
 
 def _as_4d(name: str, x: Any, target: tuple[int, int, int, int]) -> jax.Array:
@@ -156,9 +181,9 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
               q_lengths=None, kv_lengths=None):
   """Validates a call; returns (spec, q, k, v, bias, arrays). Raises before any tracing."""
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if np.ndim(x) != 4:
-      raise ValueError(f"{name} must be 4-D [batch, length, heads, head_dim], got shape {_shape_str(x)}")
-  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if len(_shape(x)) != 4:
+      raise ValueError(f"{name} must be 4-D [batch, length, heads, head_dim], got shape {_shape(x)}")
+  q, k, v = _as_array(q), _as_array(k), _as_array(v)
   batch, q_len, num_q_heads, head_dim = q.shape
   kb, kv_len, num_kv_heads, k_head_dim = k.shape
   if q.dtype not in SUPPORTED_DTYPES:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 
-import jax
 import jax.numpy as jnp
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from flash_jax import device
 
 SWIZZLE_BYTES = 128  # the widest TMA/wgmma swizzle: conflict-free rows of 128 bytes
 
@@ -84,8 +85,4 @@ def compiler_params():
 
 def is_hopper() -> bool:
   """True when the default device is an sm90 GPU (H100/H200)."""
-  try:
-    device = jax.devices()[0]
-  except RuntimeError:
-    return False
-  return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+  return device.compute_capability() == (9, 0)

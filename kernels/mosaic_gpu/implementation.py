@@ -18,7 +18,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Features whose arrays the kernels do not read yet. (q_offset, segment ids and the
 # per-batch lengths reach the kernels through `features`.)
-UNSUPPORTED_FEATURES = ("bias", "mask", "dropout")
+UNSUPPORTED_FEATURES = ("bias", "mask", "dropout", "paged")
 
 
 class MosaicGPUImplementation(BlockwiseImplementation):

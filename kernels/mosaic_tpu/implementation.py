@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from flash_jax import tiles
 from flash_jax.config import BlockSizes
-from flash_jax.implementation import BlockwiseImplementation
+from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 
 from flash_jax.kernels.mosaic_tpu import backward as backward_kernels
@@ -37,6 +37,10 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   platforms = ("tpu",)
   interpretable = True
   config_type = MosaicTpuBlockSizes
+
+  def check_spec(self, spec: AttentionSpec) -> None:
+    if spec.paged:
+      raise unsupported(self.name, "paged K/V (paged_attention)")
 
   def check_config(self, config) -> None:
     """Any `BlockSizes` is accepted; its set block sizes must be multiples of 128."""

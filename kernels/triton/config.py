@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
+from flash_jax import device, split_kv
 from flash_jax.config import BlockSizes, next_power_of_two
 from flash_jax.spec import AttentionSpec
 
@@ -28,6 +27,9 @@ class TritonConfig(BlockSizes):
   Forward: block_q x block_kv, num_warps, num_stages.
   dK/dV:   a key block of block_kv_dkv walks query blocks of block_q_dkv.
   dQ:      a query block of block_q_dq walks key blocks of block_kv_dq.
+  Split-KV forward (decode-shaped and paged calls, split_kv.py): a tile of block_q_split
+           packed query rows walks key blocks of block_kv_split over one of num_splits
+           ranges of a row's keys.
   """
 
   num_warps: int | None = None
@@ -36,20 +38,30 @@ class TritonConfig(BlockSizes):
   num_stages_dkv: int | None = None
   num_warps_dq: int | None = None
   num_stages_dq: int | None = None
+  block_q_split: int | None = None
+  block_kv_split: int | None = None
+  num_warps_split: int | None = None
+  num_stages_split: int | None = None
+  num_splits: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
-    for name, value in self.block_fields().items():
+    blocks = dict(self.block_fields(), block_q_split=self.block_q_split,
+                  block_kv_split=self.block_kv_split)
+    for name, value in blocks.items():
       if value is not None and (value < MIN_BLOCK or value & (value - 1)):
         raise ValueError(f"TritonConfig.{name}={value} must be a power of two >= {MIN_BLOCK}")
-    for name in ("num_warps", "num_warps_dkv", "num_warps_dq"):
+    for name in ("num_warps", "num_warps_dkv", "num_warps_dq", "num_warps_split"):
       value = getattr(self, name)
       if value is not None and value not in ALLOWED_WARPS:
         raise ValueError(f"TritonConfig.{name}={value} must be one of {ALLOWED_WARPS}")
-    for name in ("num_stages", "num_stages_dkv", "num_stages_dq"):
+    for name in ("num_stages", "num_stages_dkv", "num_stages_dq", "num_stages_split"):
       value = getattr(self, name)
       if value is not None and value > MAX_STAGES:
         raise ValueError(f"TritonConfig.{name}={value} must be at most {MAX_STAGES}")
+    if self.num_splits is not None and self.num_splits > split_kv.MAX_SPLITS:
+      raise ValueError(f"TritonConfig.num_splits={self.num_splits} must be at most "
+                       f"{split_kv.MAX_SPLITS}")
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -57,21 +69,8 @@ def padded_head_dim(head_dim: int) -> int:
   return max(MIN_BLOCK, next_power_of_two(head_dim))
 
 
-def _compute_capability() -> tuple[int, int] | None:
-  """(major, minor) of the default device ((9, 0) on Hopper), None off GPU."""
-  try:
-    device = jax.devices()[0]
-  except RuntimeError:
-    return None
-  capability = getattr(device, "compute_capability", None)
-  if device.platform != "gpu" or capability is None:
-    return None
-  major, _, minor = str(capability).partition(".")
-  return int(major), int(minor or 0)
-
-
 def gpu_major_version() -> int | None:
-  capability = _compute_capability()
+  capability = device.compute_capability()
   return None if capability is None else capability[0]
 
 
@@ -81,7 +80,7 @@ _SHARED_MEMORY_DEFAULT = 101376  # sm_86 / sm_89
 
 
 def shared_memory_budget() -> int:
-  capability = _compute_capability() or (9, 0)  # interpret mode: plan as for Hopper
+  capability = device.compute_capability() or (9, 0)  # interpret mode: plan as for Hopper
   if capability[0] >= 9:
     return _SHARED_MEMORY[(9, 0)]
   return _SHARED_MEMORY.get(capability, _SHARED_MEMORY_DEFAULT)
@@ -162,11 +161,33 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
     fwd = dict(block_q=128, block_kv=64, num_warps=8, num_stages=2)
     dkv = dict(block_q_dkv=64, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=2)
     dq = dict(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=2)
-  config = {**fwd, **dkv, **dq}
+  config = {**fwd, **dkv, **dq, **split_kv_config(spec)}
   if spec.jnp_dtype.itemsize == 4:  # float32 tiles take twice the registers
     for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
       config[name] = max(MIN_BLOCK, config[name] // 2)
   return fit_shared_memory(TritonConfig(**config), spec)
+
+
+# The split-KV kernel streams K/V and computes little: its blocks and the programs in
+# flight are chosen for bandwidth (docs/performance_triton.md, "Decode").
+SPLIT_KV_ROWS = 64  # packed query rows per tile at most (GQA 32/8 with T = 16)
+SPLIT_KV_WAVES = 4  # programs in flight per multiprocessor the splits aim for
+SPLIT_KV_MIN_BLOCKS = 4  # key blocks a split streams at least
+DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan in interpret mode
+
+
+def split_kv_config(spec: AttentionSpec) -> dict:
+  """The split-KV kernel's fields: blocks, warps, stages and the number of splits."""
+  head_dim = padded_head_dim(max(spec.head_dim, spec.head_dim_v))
+  rows = min(SPLIT_KV_ROWS, max(MIN_BLOCK, next_power_of_two(spec.packed_rows)))
+  block_kv = _fit(64 if head_dim <= 128 else 32, spec.kv_len)
+  row_blocks = -(-spec.packed_rows // rows)
+  splits = split_kv.num_splits(
+      programs=spec.batch * spec.num_kv_heads * row_blocks, kv_blocks=-(-spec.kv_len // block_kv),
+      multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
+      waves=SPLIT_KV_WAVES, min_blocks_per_split=SPLIT_KV_MIN_BLOCKS)
+  return dict(block_q_split=rows, block_kv_split=block_kv,
+              num_warps_split=4 if head_dim <= 128 else 8, num_stages_split=3, num_splits=splits)
 
 
 def _fit(block: int, length: int) -> int:
@@ -181,7 +202,9 @@ def resolve(config: TritonConfig | BlockSizes, spec: AttentionSpec) -> TritonCon
   default = heuristic_config(spec)
   config = config.fill(**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)})
   t, s = spec.q_len, spec.kv_len
+  block_kv_split = _fit(config.block_kv_split, s)
   return dataclasses.replace(
       config, block_q=_fit(config.block_q, t), block_kv=_fit(config.block_kv, s),
       block_q_dkv=_fit(config.block_q_dkv, t), block_kv_dkv=_fit(config.block_kv_dkv, s),
-      block_q_dq=_fit(config.block_q_dq, t), block_kv_dq=_fit(config.block_kv_dq, s))
+      block_q_dq=_fit(config.block_q_dq, t), block_kv_dq=_fit(config.block_kv_dq, s),
+      block_q_split=_fit(config.block_q_split, spec.packed_rows), block_kv_split=block_kv_split)

@@ -1,6 +1,7 @@
 """The "triton" implementation: Pallas kernels lowered through Triton, NVIDIA GPUs from Ampere.
 
-Forward (forward.py), dK/dV (backward_dkv.py) and dQ (backward_dq.py) kernels, wired
+Forward (forward.py; split_kv.py for decode-shaped and paged calls), dK/dV
+(backward_dkv.py) and dQ (backward_dq.py) kernels, wired
 into one jax.custom_vjp by `BlockwiseImplementation`, whose residuals are q, k, v, the
 mask arrays, out and lse (nothing of size T x S) and which computes
 delta = rowsum(dO * O) - dlse in XLA before the backward kernels run.
@@ -11,7 +12,7 @@ registry line in flash_jax/dispatch.py, so retiring the Triton lowering deletes 
 
 from __future__ import annotations
 
-from flash_jax import tiles
+from flash_jax import split_kv, tiles
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
@@ -21,6 +22,7 @@ from flash_jax.kernels.triton.backward_dkv import backward_dkv
 from flash_jax.kernels.triton.backward_dq import backward_dq
 from flash_jax.kernels.triton.config import TritonConfig
 from flash_jax.kernels.triton.forward import forward
+from flash_jax.kernels.triton.split_kv import split_kv_forward
 
 MAX_GRID_DIM = 65535  # CUDA's limit on the grid's y and z (batch and heads here)
 MIN_COMPUTE_CAPABILITY = 8  # Ampere: bf16 tensor cores, cp.async
@@ -30,6 +32,7 @@ class TritonImplementation(BlockwiseImplementation):
   name = "triton"
   platforms = ("gpu",)
   interpretable = True
+  split_kv_kernels = True
   config_type = TritonConfig
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
@@ -55,7 +58,10 @@ class TritonImplementation(BlockwiseImplementation):
     return config_lib.heuristic_config(spec)
 
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
-    return forward(q, k, v, bias, arrays, spec, config_lib.resolve(config, spec), interpret)
+    config = config_lib.resolve(config, spec)
+    if split_kv.decode_shaped(spec):
+      return split_kv_forward(q, k, v, arrays, spec, config, interpret)
+    return forward(q, k, v, bias, arrays, spec, config, interpret)
 
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     config = config_lib.resolve(config, spec)

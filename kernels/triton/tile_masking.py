@@ -94,6 +94,16 @@ class TileRange:
   full_hi: Any
   hi: Any
 
+  def part(self, index, parts: int) -> "TileRange":
+    """Part `index` of `parts` near-equal runs of whole tiles (split-KV); may be empty."""
+    if parts == 1:
+      return self
+    share = cdiv(self.hi - self.lo, parts)
+    lo = jnp.minimum(self.lo + index * share, self.hi)
+    hi = jnp.minimum(lo + share, self.hi)
+    full_lo = jnp.clip(self.full_lo, lo, hi)
+    return TileRange(lo, full_lo, jnp.clip(self.full_hi, full_lo, hi), hi)
+
 
 def visit_tiles(tiles: TileRange, make_step, carry):
   """Runs the masked, unmasked and masked parts of `tiles`; make_step(masked) -> body."""
