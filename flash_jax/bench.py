@@ -165,11 +165,11 @@ def compare_lines(fns, arg_sets, *, flops: float, describe: str, warmup: int, re
       lines.append(f"{describe} {name:>{width}}: {tflops:7.1f} TFLOP/s "
                    f"{seconds[name] * 1e3:8.3f} ms {ratio}")
     else:
-      lines.append(f"{describe} {name:>{width}}: ERR {_error_text(failed[name])}")
+      lines.append(f"{describe} {name:>{width}}: ERR {error_text(failed[name])}")
   return lines
 
 
-def _error_text(e: Exception) -> str:
+def error_text(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
@@ -199,7 +199,7 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
       elif isinstance(error, NotImplementedError):
         row.update(status=f"n/a: {error}")
       else:
-        row.update(status=f"error: {_error_text(error)}")
+        row.update(status=f"error: {error_text(error)}")
       rows.append(row)
       print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
             f"{_cell(row)}", file=log, flush=True)
@@ -259,7 +259,11 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
   parser.add_argument("--repeats", type=int, default=3 if on_cpu else 20)
   parser.add_argument("--json", default="bench_results.json", help="where to write all rows")
+  parser.add_argument("--decode", action="store_true",
+                      help="the decode benchmark instead (flash_jax/bench_decode.py)")
   args = parser.parse_args(argv)
+  if args.decode:
+    return _main_decode(args, platform)
 
   names = args.implementations or [e.name for e in dispatch.REGISTRY if platform in e.platforms]
   causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
@@ -273,6 +277,22 @@ def main(argv=None):
     json.dump(dict(device=device.device_kind, platform=platform, jax=jax.__version__,
                    rows=rows), f, indent=1)
   print(table(rows))
+  print(f"(rows written to {args.json})")
+
+
+def _main_decode(args, platform):
+  from flash_jax import bench_decode  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  problems = bench_decode.CPU_PROBLEMS if platform == "cpu" else bench_decode.DEFAULT_PROBLEMS
+  print(f"flash_jax {flash_jax.__version__} decode on {device.device_kind} ({platform}), "
+        f"jax {jax.__version__}; {len(problems)} problems", flush=True)
+  rows = bench_decode.measure(problems, bench_decode.contenders(platform),
+                              warmup=args.warmup, repeats=args.repeats,
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+  with open(args.json, "w") as f:
+    json.dump(dict(device=device.device_kind, platform=platform, jax=jax.__version__,
+                   mode="decode", rows=rows), f, indent=1)
+  print(bench_decode.table(rows, device.device_kind))
   print(f"(rows written to {args.json})")
 
 

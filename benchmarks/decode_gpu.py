@@ -1,0 +1,152 @@
+"""Decode kernels on a GPU in one call: correctness checks, a config sweep, the HLO check.
+
+  python benchmarks/decode_gpu.py check [--implementation triton]
+  python benchmarks/decode_gpu.py sweep [--problems 0 1 2]
+  python benchmarks/decode_gpu.py hlo
+
+`check` runs contiguous and paged decode (bf16) against the float32 reference under the
+accuracy rule, with NaN/inf poison in unused pages and past the lengths, over T in
+{1, 2, 7, 16}, odd S, lengths 0 and 1, page sizes 16/64/128, window, softcap, GQA/MQA.
+`sweep` times split-KV configs of the Triton kernel beside cuDNN on the benchmark's
+problems (the loop protocol of flash_jax.bench_decode). `hlo` checks that no compiled
+paged call gathers a contiguous copy of the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flash_jax
+from flash_jax import accuracy, bench, bench_decode
+
+CHECKS = [
+    # (B, T, Nq, Nkv, H, page_size, pages_per_seq, extra kwargs)
+    (4, 1, 32, 8, 128, 64, 9, {}),
+    (3, 2, 16, 1, 128, 16, 31, {}),
+    (2, 7, 8, 8, 64, 128, 3, {"window": (100, 0)}),
+    (3, 16, 32, 8, 128, 64, 5, {"softcap": 30.0}),
+    (2, 1, 8, 2, 256, 16, 7, {}),
+    (5, 3, 12, 4, 96, 64, 4, {"scale": 0.3}),
+]
+
+
+def _case(b, t, nq, nkv, h, page_size, pages_per_seq, seed):
+  """Caches whose lengths include 0, 1 and an odd length; junk everywhere unused."""
+  rng = np.random.RandomState(seed)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  s = page_size * pages_per_seq
+  lengths = rng.randint(t, s + 1, b)
+  lengths[0] = s - 3 if s > 3 else s  # odd, ends inside a page
+  if b > 2:
+    lengths[1], lengths[2] = 0, 1
+  q = jax.random.normal(keys[0], (b, t, nq, h), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (b, s, nkv, h), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (b, s, nkv, h), jnp.bfloat16)
+  stored = (np.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+  k = jnp.where(stored, k, jnp.nan)
+  v = jnp.where(stored, v, jnp.inf)
+  pool = b * pages_per_seq + 3
+  tables = rng.permutation(pool)[:b * pages_per_seq].reshape(b, pages_per_seq)
+  used = -(-lengths // page_size)
+  tables = np.where(np.arange(pages_per_seq)[None, :] < used[:, None], tables, 10**6 + 7)
+  k_pages = jnp.full((pool, page_size, nkv, h), jnp.nan, jnp.bfloat16)
+  v_pages = jnp.full((pool, page_size, nkv, h), -jnp.inf, jnp.bfloat16)
+  k_pages, v_pages = flash_jax.write_kv_pages(k_pages, v_pages, tables, 0, k, v,
+                                              lengths=jnp.asarray(lengths, jnp.int32))
+  return q, k, v, jnp.asarray(lengths, jnp.int32), k_pages, v_pages, jnp.asarray(tables, jnp.int32)
+
+
+def check(implementation: str) -> bool:
+  ok = True
+  for n, (b, t, nq, nkv, h, ps, pps, extra) in enumerate(CHECKS):
+    q, k, v, lengths, k_pages, v_pages, tables = _case(b, t, nq, nkv, h, ps, pps, seed=n)
+    kwargs = dict(causal=True, **extra)
+    up = lambda x: x.astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+      exact, exact_lse = flash_jax.paged_attention(up(q), up(k_pages), up(v_pages), tables,
+                                                   lengths, implementation="xla",
+                                                   return_lse=True, **kwargs)
+    same, same_lse = flash_jax.paged_attention(q, k_pages, v_pages, tables, lengths,
+                                               implementation="xla", return_lse=True, **kwargs)
+    results = {
+        "paged": flash_jax.paged_attention(q, k_pages, v_pages, tables, lengths,
+                                           implementation=implementation, return_lse=True,
+                                           **kwargs),
+        "contiguous": flash_jax.flash_attention(q, k, v, kv_lengths=lengths,
+                                                q_offset=lengths - t, return_lse=True,
+                                                implementation=implementation, **kwargs),
+    }
+    for layout, (out, lse) in results.items():
+      for name, x, s, r in (("out", out, same, exact), ("lse", lse, same_lse, exact_lse)):
+        verdict = accuracy.judge(x, s, r, factor=accuracy.factor_for(name), dtype="bfloat16")
+        ok &= verdict.ok
+        print(f"check {n} B={b} T={t} {nq}/{nkv} d{h} page{ps} {extra} {layout:10} "
+              f"{verdict.describe(name)}", flush=True)
+  print("CHECK", "PASSED" if ok else "FAILED", flush=True)
+  return ok
+
+
+def sweep(problem_indices, repeats: int):
+  from flash_jax.kernels.triton import TritonConfig, config as config_lib
+  problems = [bench_decode.DEFAULT_PROBLEMS[i] for i in problem_indices]
+  for problem in problems:
+    variants = {"cudnn": None, "default": TritonConfig()}
+    for block_kv, stages in itertools.product((32, 64, 128), (2, 3, 4)):
+      variants[f"bk{block_kv} st{stages}"] = TritonConfig(block_kv_split=block_kv,
+                                                          num_stages_split=stages)
+    for splits in (8, 16, 32, 64, 128):
+      variants[f"splits{splits}"] = TritonConfig(num_splits=splits)
+    variants["warps8"] = TritonConfig(num_warps_split=8)
+    fns = {}
+    for name, config in variants.items():
+      if config is None:
+        fns[name] = bench_decode.contenders("gpu")["jax.nn[cudnn]"]
+      else:
+        fns[name] = bench_decode.contenders("gpu", "triton", config)["flash_jax"]
+    fns["paged default"] = bench_decode.contenders("gpu", "triton")["flash_jax paged"]
+    rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
+    best = sorted((r["us"], r["implementation"]) for r in rows if "us" in r)
+    print(f"SWEEP {problem.label}: best {best[:4]}", flush=True)
+
+
+def hlo_check() -> bool:
+  problem = bench_decode.DecodeProblem(8, 32768, 1, 32, 8, 128)
+  x = bench_decode.make_inputs(problem, 0)
+  fn = jax.jit(lambda x: flash_jax.paged_attention(x.q, x.k_pages, x.v_pages, x.block_tables,
+                                                   x.lengths))
+  text = fn.lower(x).compile().as_text()
+  # A contiguous copy would be a gather (or fusion output) holding B x S x Nkv x H elements.
+  big = problem.batch * problem.kv_len * problem.num_kv_heads * problem.head_dim
+  sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
+           for dims in re.findall(r"bf16\[([\d,]+)\][^\n]*gather", text)]
+  ok = all(size < big for size in sizes)
+  print(f"HLO gathers of bf16: {sizes[:8]} (a copy would be {big}): "
+        f"{'PASSED' if ok else 'FAILED'}", flush=True)
+  return ok
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["check", "sweep", "hlo"])
+  parser.add_argument("--implementation", default="triton")
+  parser.add_argument("--problems", type=int, nargs="+", default=list(range(6)))
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  if args.mode == "check":
+    sys.exit(0 if check(args.implementation) else 1)
+  if args.mode == "hlo":
+    sys.exit(0 if hlo_check() else 1)
+  sweep(args.problems, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
