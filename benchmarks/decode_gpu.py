@@ -117,6 +117,34 @@ def sweep(problem_indices, repeats: int):
     print(f"SWEEP {problem.label}: best {best[:4]}", flush=True)
 
 
+def splits_sweep(problem_indices, repeats: int, split_counts=(1, 2, 4, 8, 16, 32, 64)):
+  """Contiguous and paged at each split count, cuDNN twice (its spread is the noise)."""
+  from flash_jax.kernels.triton import TritonConfig
+  for i in problem_indices:
+    problem = bench_decode.DEFAULT_PROBLEMS[i]
+    cudnn = bench_decode.contenders("gpu")["jax.nn[cudnn]"]
+    fns = {"cudnn": cudnn, "cudnn again": cudnn}
+    for layout, key in (("contig", "flash_jax"), ("paged", "flash_jax paged")):
+      fns[f"{layout} default"] = bench_decode.contenders("gpu", "triton")[key]
+      for n in split_counts:
+        fns[f"{layout} splits{n}"] = bench_decode.contenders(
+            "gpu", "triton", TritonConfig(num_splits=n))[key]
+    rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
+    best = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
+    print(f"SPLITS {problem.label}: {best[:6]}", flush=True)
+
+
+def bandwidth():
+  """The card's read and copy bandwidth through XLA (the ceiling decode aims at)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2**31,), jnp.bfloat16)  # 4 GiB
+  read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+  copy = jax.jit(lambda x: x * jnp.bfloat16(1.5))
+  for name, fn, moved in (("read", read, x.nbytes), ("copy", copy, 2 * x.nbytes)):
+    seconds = bench.time_one(fn, [(x,)], warmup=3, repeats=20)
+    print(f"BANDWIDTH {name}: {moved / seconds / 1e12:.2f} TB/s ({seconds * 1e3:.3f} ms)",
+          flush=True)
+
+
 def hlo_check() -> bool:
   problem = bench_decode.DecodeProblem(8, 32768, 1, 32, 8, 128)
   x = bench_decode.make_inputs(problem, 0)
@@ -135,7 +163,7 @@ def hlo_check() -> bool:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["check", "sweep", "hlo"])
+  parser.add_argument("mode", choices=["check", "sweep", "splits", "bandwidth", "hlo"])
   parser.add_argument("--implementation", default="triton")
   parser.add_argument("--problems", type=int, nargs="+", default=list(range(6)))
   parser.add_argument("--repeats", type=int, default=10)
@@ -145,6 +173,10 @@ def main():
     sys.exit(0 if check(args.implementation) else 1)
   if args.mode == "hlo":
     sys.exit(0 if hlo_check() else 1)
+  if args.mode == "bandwidth":
+    return bandwidth()
+  if args.mode == "splits":
+    return splits_sweep(args.problems, args.repeats)
   sweep(args.problems, args.repeats)
 
 

@@ -52,10 +52,12 @@ def _kv_tile(ref, masks: TileMasking, spec: AttentionSpec, k_lo, block_kv: int, 
       mask = stored if mask is None else jnp.logical_and(mask, stored)
     return load(ref.at[pl.ds(k_lo, block_kv), :], mask)
   page_size = spec.page_size
-  stored = jnp.logical_and(k_idx < masks.kv_length, k_idx < spec.kv_len)  # [bk]
-  mask = stored[:, None]
-  if width != padded_width:
-    mask = jnp.logical_and(mask, (iota(padded_width) < width)[None, :])
+  # Unmasked tiles lie wholly below the length (`tile_fully_visible`): no row mask.
+  stored = (jnp.logical_and(k_idx < masks.kv_length, k_idx < spec.kv_len) if masked
+            else None)  # [bk]
+  mask = tile_mask(k_lo, block_kv, block_kv, width, padded_width)  # head-dim padding only
+  if stored is not None:
+    mask = stored[:, None] if mask is None else jnp.logical_and(mask, stored[:, None])
   tables = masks.refs.block_tables
   if page_size % block_kv == 0:  # the tile is a slice of one page
     page = tables[masks.batch, floor_div(k_lo, page_size)]
