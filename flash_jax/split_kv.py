@@ -36,17 +36,20 @@ def merge(outs, lses, axis: int = 0):
   return out, jnp.squeeze(lse, axis)
 
 
-def num_splits(*, programs: int, kv_blocks: int, multiprocessors: int, waves: float,
+def num_splits(*, programs: int, kv_blocks: int, multiprocessors: int, per_multiprocessor: int,
                min_blocks_per_split: int) -> int:
-  """Splits per (batch row, K/V head) so that about `waves` x `multiprocessors` programs run.
+  """Splits per (batch row, K/V head): about `per_multiprocessor` programs per multiprocessor.
 
   programs: the programs of one split (batch x K/V heads x query-row tiles); kv_blocks:
-  key/value blocks of the longest row. Each split keeps at least `min_blocks_per_split`
-  blocks, so that its query tile load and epilogue stay small beside its streaming.
+  key/value blocks of the longest row. The count is a power of two (the largest at or
+  under the target), at least 1, and leaves each split `min_blocks_per_split` blocks, so
+  that its query tile and epilogue stay small beside its streaming.
   """
-  wanted = -(-int(waves * multiprocessors) // max(programs, 1))
-  most = max(1, min(MAX_SPLITS, kv_blocks // max(min_blocks_per_split, 1)))
-  return max(1, min(wanted, most))
+  wanted = per_multiprocessor * multiprocessors / max(programs, 1)
+  splits = 1
+  while splits * 2 <= min(wanted, MAX_SPLITS, kv_blocks / max(min_blocks_per_split, 1)):
+    splits *= 2
+  return splits
 
 
 # Query rows per K/V head (T x G) up to which a call is decode-shaped: one packed tile.

@@ -58,6 +58,10 @@ CASES = (
     Case(1, 1, 97, 4, 2, 64, "bfloat16", ("causal", "decode")),
     Case(1, 256, 256, 2, 2, 16, "float16", ("mask", "dropout")),
     Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths", "scale_large")),
+    # Decode-shaped (split-KV kernels): new tokens at the end of ragged caches.
+    Case(3, 1, 300, 8, 2, 64, "bfloat16", ("causal", "decode_lengths")),
+    Case(2, 16, 257, 8, 2, 128, "float16", ("causal", "decode_lengths", "softcap")),
+    Case(3, 7, 160, 4, 1, 40, "float32", ("causal", "decode_lengths", "window")),
 )
 
 
@@ -106,6 +110,13 @@ def make_inputs(case: Case, seed: int):
   if "dropout" in f:
     kwargs["dropout_rate"] = 0.25
     kwargs["dropout_rng"] = next(keys)
+  if "decode_lengths" in f:
+    # Ragged caches with the T new tokens last; lengths 0 and 1 where the batch allows.
+    lengths = jax.random.randint(next(keys), (b,), t, s + 1).at[0].set(s)
+    if b > 2:
+      lengths = lengths.at[1].set(0).at[2].set(1)
+    kwargs["kv_lengths"] = lengths
+    kwargs["q_offset"] = lengths - t
   if "empty_rows" in f:
     # Query segments 0..2, key segments 1..2 only: rows of segment 0 see no key.
     q_ids = jnp.where(jnp.arange(t) < t // 4, 0, 1 + (jnp.arange(t) % 2))
@@ -118,3 +129,79 @@ def make_inputs(case: Case, seed: int):
 def visible_rows(lse) -> np.ndarray:
   """Bool [B, T, Nq]: rows that see at least one key (finite lse [B, Nq, T])."""
   return np.isfinite(np.asarray(lse)).transpose(0, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedCase:
+  """A paged-cache call: T new tokens per sequence over pages of `page_size` tokens."""
+
+  batch: int
+  q_len: int
+  num_q_heads: int
+  num_kv_heads: int
+  head_dim: int
+  page_size: int
+  pages_per_seq: int
+  dtype: str
+  features: tuple[str, ...] = ()
+  head_dim_v: int | None = None
+
+  @property
+  def kv_len(self) -> int:
+    return self.page_size * self.pages_per_seq
+
+  @property
+  def tokens(self) -> int:
+    return self.q_len * self.kv_len
+
+  @property
+  def id(self) -> str:
+    hv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
+    return (f"b{self.batch}-t{self.q_len}-h{self.num_q_heads}x{self.num_kv_heads}-"
+            f"d{self.head_dim}{hv}-page{self.page_size}x{self.pages_per_seq}-{self.dtype}-"
+            f"{'+'.join(self.features) or 'plain'}")
+
+
+PAGED_CASES = (
+    PagedCase(3, 1, 8, 2, 64, 16, 9, "bfloat16"),
+    PagedCase(3, 7, 4, 1, 40, 8, 7, "float32", ("window",)),
+    PagedCase(4, 16, 8, 8, 128, 64, 3, "float16", ("softcap",)),
+    PagedCase(3, 2, 6, 2, 72, 128, 2, "bfloat16", ("scale",), head_dim_v=40),
+    PagedCase(2, 3, 4, 2, 32, 5, 9, "float32", ("not_causal",)),  # a page size of 5
+)
+
+
+def make_paged_inputs(case: PagedCase, seed: int):
+  """q, the page pools, tables, lengths, paged_attention kwargs and the contiguous
+  caches (k, v [B, S, Nkv, H]) holding the same tokens. Lengths are ragged (0 and 1
+  where the batch allows); unused pages hold NaN/-inf and unused table entries point
+  outside the pool, so that a stray read shows."""
+  import flash_jax  # pylint: disable=import-outside-toplevel
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+  rng = np.random.RandomState(seed)
+  dtype = jnp.dtype(case.dtype)
+  b, t, s, ps = case.batch, case.q_len, case.kv_len, case.page_size
+  hv = case.head_dim_v or case.head_dim
+  q = jax.random.normal(next(keys), (b, t, case.num_q_heads, case.head_dim), dtype)
+  k = jax.random.normal(next(keys), (b, s, case.num_kv_heads, case.head_dim), dtype)
+  v = jax.random.normal(next(keys), (b, s, case.num_kv_heads, hv), dtype)
+  lengths = rng.randint(t, s + 1, b)
+  lengths[0] = s - 1  # ends inside the last page
+  if b > 2:
+    lengths[1], lengths[2] = 0, 1
+  pool = b * case.pages_per_seq + 2
+  tables = rng.permutation(pool)[:b * case.pages_per_seq].reshape(b, case.pages_per_seq)
+  used = -(-lengths // ps)
+  tables = np.where(np.arange(case.pages_per_seq)[None, :] < used[:, None], tables, pool + 9)
+  lengths, tables = jnp.asarray(lengths, jnp.int32), jnp.asarray(tables, jnp.int32)
+  k_pages = jnp.full((pool, ps, case.num_kv_heads, case.head_dim), jnp.nan, dtype)
+  v_pages = jnp.full((pool, ps, case.num_kv_heads, hv), -jnp.inf, dtype)
+  k_pages, v_pages = flash_jax.write_kv_pages(k_pages, v_pages, tables, 0, k, v, lengths=lengths)
+  kwargs = {"causal": "not_causal" not in case.features}
+  if "window" in case.features:
+    kwargs["window"] = (11, 0)
+  if "softcap" in case.features:
+    kwargs["softcap"] = 2.5
+  if "scale" in case.features:
+    kwargs["scale"] = 0.3
+  return q, k_pages, v_pages, tables, lengths, kwargs, (k, v)

@@ -67,3 +67,15 @@ def assert_accurate(name, x, same_precision, reference, *, dtype):
   verdict = accuracy.judge(x, same_precision, reference, factor=accuracy.factor_for(name),
                            dtype=dtype)
   assert verdict.ok, verdict.describe(name)
+
+
+def attend_paged(target: Target, *args, **kwargs):
+  """flash_jax.paged_attention through `target`, skipping where a kernel declines."""
+  try:
+    return flash_jax.paged_attention(*args, implementation=target.name,
+                                     interpret=target.interpret,
+                                     block_sizes=target.block_sizes, **kwargs)
+  except NotImplementedError as e:
+    if target.name in JNP_IMPLEMENTATIONS:
+      raise
+    pytest.skip(f"{target.id}: {e}")

@@ -169,9 +169,13 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
 
 
 # The split-KV kernel streams K/V and computes little: its blocks and the programs in
-# flight are chosen for bandwidth (docs/performance_triton.md, "Decode").
+# flight are chosen for bandwidth. Measured on an H200 (bf16, 2026-11-30, the decode
+# benchmark's problems, split counts 1..64; docs/performance.md, "Decode"): about two
+# programs per multiprocessor was fastest or within the noise (cuDNN's own spread, 1-4%)
+# from B=1 S=131072 (32 splits) to B=64 S=4096 (1 split), T=16 and MQA/MHA included;
+# 64-key blocks with 3 stages were as fast as any (32 and 128, 2-4 stages).
 SPLIT_KV_ROWS = 64  # packed query rows per tile at most (GQA 32/8 with T = 16)
-SPLIT_KV_WAVES = 4  # programs in flight per multiprocessor the splits aim for
+SPLIT_KV_PER_MULTIPROCESSOR = 2  # programs per multiprocessor the splits aim for
 SPLIT_KV_MIN_BLOCKS = 4  # key blocks a split streams at least
 DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan in interpret mode
 
@@ -185,7 +189,7 @@ def split_kv_config(spec: AttentionSpec) -> dict:
   splits = split_kv.num_splits(
       programs=spec.batch * spec.num_kv_heads * row_blocks, kv_blocks=-(-spec.kv_len // block_kv),
       multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
-      waves=SPLIT_KV_WAVES, min_blocks_per_split=SPLIT_KV_MIN_BLOCKS)
+      per_multiprocessor=SPLIT_KV_PER_MULTIPROCESSOR, min_blocks_per_split=SPLIT_KV_MIN_BLOCKS)
   return dict(block_q_split=rows, block_kv_split=block_kv,
               num_warps_split=4 if head_dim <= 128 else 8, num_stages_split=3, num_splits=splits)
 
