@@ -300,14 +300,18 @@ def test_race_detector_is_live():
   def kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
 
-  pl.pallas_call(
-      kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
-      out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
-  )(jnp.ones((16, 128))).block_until_ready()
-  assert detector.races.races_found
+  try:
+    pl.pallas_call(
+        kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+    )(jnp.ones((16, 128))).block_until_ready()
+  except Exception as e:  # pylint: disable=broad-except
+    assert "RACE DETECTED" in str(e)  # JAX 0.12 raises at the first race ...
+    return
+  assert detector.races.races_found  # ... where 0.10 and 0.11 record it
 
 
 def test_vmap_matches_per_element_calls():
@@ -370,7 +374,9 @@ def test_lowers_to_mosaic_for_tpu(kind):
   q, k, v, kwargs = _all_features()
   fn, args = _grad_of_kernels(q, k, v, kwargs, interpret=False)
   device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  # Auto axes, as every JAX release before 0.12 defaults to (0.12 defaults to Explicit).
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
   assert exported.mlir_module().count("tpu_custom_call") == 3
@@ -391,7 +397,9 @@ def test_compiled_calls_lower_under_vmap_and_checkpoint():
 
   fn = jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))
   device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  # Auto axes, as every JAX release before 0.12 defaults to (0.12 defaults to Explicit).
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, v, offsets)
   assert exported.mlir_module().count("tpu_custom_call") >= 3
