@@ -125,3 +125,29 @@ def test_importing_flash_jax_imports_no_kernel_module():
           "('flash_jax.kernels.', 'jax.experimental.pallas', 'jax._src.pallas', 'triton', "
           "'flax'))]; assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_kernel_that_breaks_under_this_jax_names_the_version(monkeypatch):
+  """A Pallas API drift (here: a KeyError inside the kernel) surfaces as an error that
+  names the backend and the JAX version, not as the bare KeyError."""
+  from flash_jax import versions
+  from flash_jax.kernels.triton import implementation as triton_impl
+
+  def drifted(*args, **kwargs):
+    raise KeyError("idx")
+
+  monkeypatch.setattr(triton_impl, "forward", drifted)
+  monkeypatch.setattr(triton_impl, "split_kv_forward", drifted)
+  q, k, v = _qkv()
+  with pytest.raises(versions.UnsupportedJaxError, match=rf"'triton'.*JAX {jax.__version__}"):
+    flash_jax.flash_attention(q, k, v, implementation="triton", interpret=True)
+
+
+def test_mosaic_gpu_declines_a_jax_without_its_pallas_api(monkeypatch):
+  from flash_jax.kernels.mosaic_gpu import IMPLEMENTATION, compat
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(compat, "missing_api", lambda: ("plgpu.wgmma",))
+  q, k, v = _qkv(jnp.bfloat16, q=(B, T, N, 64), k=(B, S, K, 64), v=(B, S, K, 64))
+  spec = flash_jax.spec.normalize(q, k, v)[0]
+  with pytest.raises(NotImplementedError, match=rf"JAX {jax.__version__}.*plgpu.wgmma"):
+    IMPLEMENTATION.check_spec(spec)

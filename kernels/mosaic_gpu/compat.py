@@ -83,6 +83,25 @@ def compiler_params():
   return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 
+# Everything the kernels take from Pallas Mosaic GPU, checked before a call is accepted, so
+# that a JAX without one is declined (dispatch moves on) instead of failing mid-trace.
+_PLGPU_API = ("SMEM", "Barrier", "ACC", "Layout", "TilingTransform", "SwizzleTransform",
+              "CompilerParams", "kernel", "barrier_wait", "barrier_arrive", "wgmma",
+              "wgmma_accumulator_load", "copy_gmem_to_smem", "copy_smem_to_gmem",
+              "wait_smem_to_gmem", "commit_smem", "set_max_registers", "load", "layout_cast",
+              "broadcasted_iota")
+_PL_API = ("ds", "when", "run_state", "run_scoped", "loop")
+
+
+def missing_api() -> tuple[str, ...]:
+  """The Pallas names these kernels use that the installed JAX lacks (empty when none)."""
+  missing = tuple(f"plgpu.{name}" for name in _PLGPU_API if not hasattr(plgpu, name))
+  missing += tuple(f"pl.{name}" for name in _PL_API if not hasattr(pl, name))
+  if hasattr(plgpu, "Layout") and not hasattr(plgpu.Layout, "WGMMA"):
+    missing += ("plgpu.Layout.WGMMA",)
+  return missing
+
+
 def is_hopper() -> bool:
   """True when the default device is an sm90 GPU (H100/H200)."""
   return device.compute_capability() == (9, 0)

@@ -8,6 +8,9 @@ implementation=None moves on to the next implementation (Triton, chunked).
 
 from __future__ import annotations
 
+import jax
+
+from flash_jax import versions
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
@@ -30,6 +33,10 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   def check_spec(self, spec: AttentionSpec) -> None:
     if not compat.is_hopper():
       raise unsupported(self.name, "devices other than sm90 (Hopper) GPUs")
+    missing = compat.missing_api()
+    if missing:
+      raise unsupported(self.name, f"JAX {jax.__version__}, whose Pallas lacks "
+                        f"{', '.join(missing)}")
     for feature in spec.features():
       if feature in UNSUPPORTED_FEATURES:
         raise unsupported(self.name, feature)
@@ -48,10 +55,12 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   def default_config(self, spec: AttentionSpec) -> config_lib.MosaicGPUBlockSizes:
     return config_lib.default_config(spec)
 
+  @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     del bias, interpret  # check_spec rejected bias
     return forward_kernel.forward(q, k, v, arrays, spec, config_lib.resolve(config, spec))
 
+  @versions.names_jax_version
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     del bias, out, interpret
     dq, dk, dv = backward_kernels.backward(q, k, v, lse, dout, delta, arrays, spec,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from flash_jax import tiles
+from flash_jax import tiles, versions
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
@@ -52,6 +52,7 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   def default_config(self, spec: AttentionSpec) -> MosaicTpuBlockSizes:
     return config_lib.default_block_sizes(spec)
 
+  @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     config = config_lib.resolve(config, spec)
     geo = Geometry(spec, config.block_q, config.block_kv)
@@ -60,6 +61,7 @@ class MosaicTpuImplementation(BlockwiseImplementation):
                                       vmem_limit_bytes=config.vmem_limit_bytes)
     return out.astype(q.dtype), lse
 
+  @versions.names_jax_version
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     config = config_lib.resolve(config, spec)
     cq, ck, cv, cdout = _to_compute(spec, q, k, v, dout)

@@ -12,7 +12,7 @@ registry line in flash_jax/dispatch.py, so retiring the Triton lowering deletes 
 
 from __future__ import annotations
 
-from flash_jax import split_kv, tiles
+from flash_jax import split_kv, tiles, versions
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
@@ -57,12 +57,14 @@ class TritonImplementation(BlockwiseImplementation):
   def default_config(self, spec: AttentionSpec) -> TritonConfig:
     return config_lib.heuristic_config(spec)
 
+  @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     config = config_lib.resolve(config, spec)
     if split_kv.decode_shaped(spec):
       return split_kv_forward(q, k, v, arrays, spec, config, interpret)
     return forward(q, k, v, bias, arrays, spec, config, interpret)
 
+  @versions.names_jax_version
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     config = config_lib.resolve(config, spec)
     dq, dbias = backward_dq(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
