@@ -50,8 +50,26 @@ def get_implementation(name: str) -> Implementation:
   for entry in REGISTRY:
     if entry.name == name:
       module, attribute = entry.target.split(":")
-      return getattr(importlib.import_module(module), attribute)
+      try:
+        return getattr(importlib.import_module(module), attribute)
+      except ImportError as e:  # e.g. a Pallas lowering that this JAX no longer ships
+        return _Unavailable(entry, f"{type(e).__name__}: {e}")
   raise ValueError(f"implementation must be None or one of {implementation_names()}, got {name!r}")
+
+
+class _Unavailable(Implementation):
+  """A registered backend whose module cannot be imported with the installed JAX: it
+  declines every call (NotImplementedError naming the reason), so dispatch moves on."""
+
+  def __init__(self, entry: RegistryEntry, reason: str):
+    self.name, self.platforms, self._reason = entry.name, entry.platforms, reason
+
+  def check(self, spec, *, platform, interpret):
+    raise NotImplementedError(f"implementation {self.name!r} is unavailable with JAX "
+                              f"{jax.__version__}: {self._reason}")
+
+  def __call__(self, *args):
+    raise NotImplementedError(self._reason)
 
 
 def current_platform() -> str:

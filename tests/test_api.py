@@ -151,3 +151,19 @@ def test_mosaic_gpu_declines_a_jax_without_its_pallas_api(monkeypatch):
   spec = flash_jax.spec.normalize(q, k, v)[0]
   with pytest.raises(NotImplementedError, match=rf"JAX {jax.__version__}.*plgpu.wgmma"):
     IMPLEMENTATION.check_spec(spec)
+
+
+def test_a_backend_this_jax_cannot_import_is_declined(monkeypatch):
+  """A registered backend whose module fails to import (a Pallas lowering a future JAX
+  drops) declines calls with the reason, and implementation=None moves past it."""
+  entry = dispatch.RegistryEntry("triton", ("cpu",), "flash_jax.kernels.no_such_backend:X")
+  monkeypatch.setattr(dispatch, "REGISTRY", (entry,) + tuple(
+      e for e in dispatch.REGISTRY if e.name != "triton"))
+  dispatch.get_implementation.cache_clear()
+  try:
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=rf"unavailable with JAX {jax.__version__}"):
+      flash_jax.flash_attention(q, k, v, implementation="triton")
+    assert flash_jax.which_implementation(q, k, v) == "chunked"
+  finally:
+    dispatch.get_implementation.cache_clear()
