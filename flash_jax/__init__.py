@@ -22,4 +22,4 @@ __all__ = [
     "to_ring_layout",
     "which_implementation",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it at build time
