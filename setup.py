@@ -12,4 +12,6 @@ kernel_packages = ["flash_jax.kernels"] + [
 setup(
     packages=find_packages(include=["flash_jax", "flash_jax.*"]) + kernel_packages,
     package_dir={"flash_jax.kernels": "kernels"},
+    # PEP 561: flash_jax ships its type annotations (covers flash_jax.kernels too).
+    package_data={"flash_jax": ["py.typed"]},
 )

@@ -117,8 +117,8 @@ def variants(log, head_dims, seqs, configs, modes):
 
 
 # `kernels --sweep`: configs timed beside the defaults, per head dim, as (kernel, label,
-# fields replaced in the default config): the alternatives the defaults won against in
-# docs/performance_mosaic_gpu.md, v8 (the dK/dV schedule and ring depth; at d128 the
+# fields replaced in the default config): the alternatives the defaults won against
+# (docs/performance.md, "Why these defaults": the dK/dV schedule and ring depth; at d128 the
 # non-causal default is ping-pong, the causal one sequential, both with 2 slots). A
 # variant equal to a call's default is not timed twice.
 KERNEL_VARIANTS = {

@@ -26,4 +26,4 @@ __all__ = [
     "which_implementation",
     "write_kv_pages",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it at build time

@@ -34,8 +34,8 @@ class MosaicGPUBlockSizes(BlockSizes):
   overlap_softmax: bool | None = None
   # dK/dV schedule: True makes its two consumers take turns on the tensor cores (one's
   # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
-  # ping-pong); None: the default (on at d64 and at non-causal d128, v8 in
-  # docs/performance_mosaic_gpu.md). One consumer at d256: no effect.
+  # ping-pong); None: the default (on at d64 and at non-causal d128; docs/performance.md,
+  # "Why these defaults"). One consumer at d256: no effect.
   dkv_ping_pong: bool | None = None
   switches = ("overlap_softmax", "dkv_ping_pong")
 
@@ -54,15 +54,15 @@ class MosaicGPUBlockSizes(BlockSizes):
 
 # Heuristic defaults per head dim, chosen so that the float32 accumulators of one
 # warpgroup (block_q x H for O, block_q x block_kv for S) fit in 232 registers per
-# thread and the resident tiles + each ring fit in 227 KiB of shared memory. See
-# docs/performance_mosaic_gpu.md for the measurements behind them.
+# thread and the resident tiles + each ring fit in 227 KiB of shared memory. The
+# measurements behind them: docs/performance.md, "Why these defaults".
 _DEFAULTS = {
     # At d64 each backward step is short: 128-wide streamed blocks halve the steps.
     64: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
              block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
              block_q_dq=64, block_kv_dq=128, num_stages_dq=2),
     # At d128 a third forward slot fits (230536 of 232448 bytes) but did not pay at
-    # s16384; with the dK/dV ping-pong 2 slots beat 3 (v8). Causal: _CAUSAL_DEFAULTS.
+    # s16384; with the dK/dV ping-pong 2 slots beat 3. Causal: _CAUSAL_DEFAULTS.
     128: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True,
               block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
               block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
@@ -74,7 +74,7 @@ _DEFAULTS = {
 
 
 # Causal calls at d128 keep the sequential dK/dV: faster than the ping-pong in 3 of 4
-# causal timings (v8), where the ping-pong won all 4 non-causal ones.
+# causal timings, where the ping-pong won all 4 non-causal ones.
 _CAUSAL_DEFAULTS = {128: dict(dkv_ping_pong=False)}
 
 

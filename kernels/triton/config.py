@@ -142,7 +142,7 @@ def fit_shared_memory(config: TritonConfig, spec: AttentionSpec) -> TritonConfig
 
 
 def heuristic_config(spec: AttentionSpec) -> TritonConfig:
-  """Defaults per head dim, dtype and GPU (measured: docs/performance_triton.md).
+  """Defaults per head dim, dtype and GPU (measured: docs/performance.md, triton).
 
   The table holds the H100's best bf16 configs of a per-kernel sweep. float32 halves
   the blocks (registers), and `fit_shared_memory` shrinks stages and streamed blocks
