@@ -76,6 +76,7 @@ class _Split:
   heads: tuple[str, ...] = ()  # query heads; K/V heads too when `kv_heads_split`
   q_seq: tuple[str, ...] = ()
   kv_heads_split: bool = True
+  paged: bool = False  # k/v are page pools [P, page_size, Nkv, H]: split by heads only
 
   def _sizes(self, mesh):
     count = lambda axes: math.prod(mesh.shape[a] for a in axes)
@@ -91,6 +92,8 @@ class _Split:
     kv_h = h if self.kv_heads_split else None
     if name in ("q", "out", "dout", "dq"):
       return PartitionSpec(b, t, h, None)  # [B, T, Nq, H]
+    if name in ("k", "v") and self.paged:
+      return PartitionSpec(None, None, kv_h, None)  # [P, page_size, Nkv, H]: pages shared
     if name in ("k", "v", "dk", "dv"):
       return PartitionSpec(b, None, kv_h, None)  # [B, S, Nkv, H]
     if name in ("lse", "delta"):
@@ -102,8 +105,8 @@ class _Split:
       return PartitionSpec(b)  # [B]
     if name == "q_segment_ids":
       return PartitionSpec(b, t)  # [B, T]
-    if name == "kv_segment_ids":
-      return PartitionSpec(b, None)  # [B, S]
+    if name in ("kv_segment_ids", "block_tables"):
+      return PartitionSpec(b, None)  # [B, S], [B, pages_per_seq]
     if name == "dropout_seed":
       return PartitionSpec()
     raise AssertionError(f"unknown operand {name!r}")
@@ -166,7 +169,8 @@ def _choose_split(spec: AttentionSpec, mesh, q_sharding) -> _Split:
       kv_heads_split = False  # every head shard lies inside one K/V head's group
     else:
       heads = ()
-  return _Split(batch=batch, heads=heads, q_seq=q_seq, kv_heads_split=kv_heads_split)
+  return _Split(batch=batch, heads=heads, q_seq=q_seq, kv_heads_split=kv_heads_split,
+                paged=spec.paged)
 
 
 # ---- per-shard bodies -------------------------------------------------------------------
@@ -307,12 +311,14 @@ def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand
       factors[name] = " ".join(f if size > 1 else f"{name}_{f}1"
                                for f, size in zip(_BIAS_FACTORS, shape))
   factors["dbias"] = factors.get("bias")
+  if spec.paged:  # page pools: pages and their slots are never split; tables follow B
+    factors.update(k="p c m h", v="p c m d", block_tables="b x")
   mapping = lambda name: ArrayMapping(*factors[name].split())
   operands = tuple(mapping(name) for name in names)
   results = tuple(mapping(name) for name in _result_names(spec, backward))
   # Shardy wants special factors in order of first appearance in the rule.
   order = list(dict.fromkeys(f for m in operands + results for f in m))
-  replicated = tuple(sorted({"s", "h", "d"} & set(order), key=order.index))
+  replicated = tuple(sorted({"s", "h", "d", "p", "c", "x"} & set(order), key=order.index))
   return SdyShardingRule(operands, results, need_replication_factors=replicated)
 
 

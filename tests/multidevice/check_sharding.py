@@ -320,3 +320,40 @@ def test_inside_shard_map_over_some_axes():
   loss = lambda f: lambda q: jnp.sum(f(q) ** 2)
   assert_close("dq", jax.jit(jax.grad(loss(per_data)))(sq), jax.grad(loss(attend))(q),
                "float32")
+
+
+PAGED_CASES = (
+    # (name, mesh, q spec, page-pool spec, table/length spec, (Nq, Nkv))
+    ("paged-batch-over-8", ((8,), ("x",)), P("x"), P(), P("x"), (4, 2)),
+    ("paged-heads-over-4", ((4,), ("x",)), P(None, None, "x"), P(None, None, "x"), P(), (8, 4)),
+    ("paged-batch2-heads4", ((2, 4), ("data", "model")), P("data", None, "model"),
+     P(None, None, "model"), P("data"), (8, 4)),
+)
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: c[0])
+def test_paged_sharded_equals_unsharded(case):
+  """paged_attention under jit on batch/head-sharded queries and pools: each device
+  attends on its shard, no all-gather."""
+  name, mesh_shape, q_spec, pool_spec, table_spec, (nq, nkv) = case
+  mesh = auto_mesh(*mesh_shape)
+  b, t, page_size, pages_per_seq, h = 8, 2, 4, 5, 16
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(keys[0], (b, t, nq, h))
+  pool = b * pages_per_seq
+  k_pages = jax.random.normal(keys[1], (pool, page_size, nkv, h))
+  v_pages = jax.random.normal(keys[2], (pool, page_size, nkv, h))
+  tables = jax.random.permutation(keys[3], pool).reshape(b, pages_per_seq).astype(jnp.int32)
+  lengths = jnp.arange(b, dtype=jnp.int32) * 2 + 3
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(q, q_spec), put(k_pages, pool_spec), put(v_pages, pool_spec),
+          put(tables, table_spec), put(lengths, table_spec))
+  attend = jax.jit(lambda *a: flash_jax.paged_attention(*a, return_lse=True, window=(6, 0)))
+  out, lse = attend(*args)
+  ref_out, ref_lse = attend(q, k_pages, v_pages, tables, lengths)
+  assert_close("out", out, ref_out, "float32")
+  assert_close("lse", lse, ref_lse, "float32")
+  assert padded(out.sharding.spec)[:3] == padded(q_spec)[:3], out.sharding.spec
+  found = collectives(attend.lower(*args).compile().as_text())
+  assert "all-gather" not in found, f"paged forward HLO has {found}"
+  assert "custom_partitioning" in str(jax.make_jaxpr(attend)(*args))
