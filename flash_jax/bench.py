@@ -261,6 +261,8 @@ def main(argv=None):
   parser.add_argument("--json", default="bench_results.json", help="where to write all rows")
   parser.add_argument("--decode", action="store_true",
                       help="the decode benchmark instead (flash_jax/bench_decode.py)")
+  parser.add_argument("--protocol", choices=["loop", "call"], default="loop",
+                      help="--decode: calls in a compiled loop, or one host dispatch each")
   args = parser.parse_args(argv)
   if args.decode:
     return _main_decode(args, platform)
@@ -287,11 +289,11 @@ def _main_decode(args, platform):
   print(f"flash_jax {flash_jax.__version__} decode on {device.device_kind} ({platform}), "
         f"jax {jax.__version__}; {len(problems)} problems", flush=True)
   rows = bench_decode.measure(problems, bench_decode.contenders(platform),
-                              warmup=args.warmup, repeats=args.repeats,
+                              warmup=args.warmup, repeats=args.repeats, protocol=args.protocol,
                               log=lambda line: print(line, file=sys.stderr, flush=True))
   with open(args.json, "w") as f:
     json.dump(dict(device=device.device_kind, platform=platform, jax=jax.__version__,
-                   mode="decode", rows=rows), f, indent=1)
+                   mode="decode", protocol=args.protocol, rows=rows), f, indent=1)
   print(bench_decode.table(rows, device.device_kind))
   print(f"(rows written to {args.json})")
 

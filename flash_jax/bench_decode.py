@@ -7,10 +7,12 @@ tables), beside `jax.nn.dot_product_attention` (cuDNN and XLA, with
 arithmetic, so the measure is bandwidth: TB/s of the K/V bytes that must be read (each
 sequence's first kv_lengths[b] keys and values, once per K/V head) over the time.
 
-Each contender is timed inside one compiled loop of `CALLS_PER_LOOP` calls (the way a
-serving step runs it: no host round trip per call), alternating two input sets so that
-no cache fits in L2; the loop's queries are fed from the previous output so that XLA
-cannot hoist the calls. The median over repeats, contenders in turn (`bench.time_contenders`).
+Protocol "loop" (the default) times each contender inside one compiled loop of
+`CALLS_PER_LOOP` calls (the way a serving step runs it: no host round trip per call),
+alternating two input sets so that no cache fits in L2; the loop's queries are fed from
+the previous output so that XLA cannot hoist the calls. Protocol "call" times one jitted
+call per host dispatch instead (launch and host overhead included). The median over
+repeats, contenders in turn (`bench.time_contenders`).
 jax.nn cannot align a causal mask bottom-right, so its contenders run with
 is_causal=False: for T = 1 that is the same function, for T = 16 it reads the same bytes.
 """
@@ -135,18 +137,24 @@ def looped(fn, calls: int = CALLS_PER_LOOP):
   return jax.jit(run)
 
 
-def measure(problems, fns, *, warmup: int, repeats: int, log=print):
-  """Rows of (problem, contender, us per call, TB/s of K/V bytes) for every pair."""
+def measure(problems, fns, *, warmup: int, repeats: int, protocol: str = "loop", log=print):
+  """Rows of (problem, contender, us per call, TB/s of K/V bytes) for every pair.
+
+  protocol "loop": calls inside one compiled loop (`looped`); "call": one jitted call per
+  host dispatch, synchronized, so each time includes the launch and host overhead."""
   rows = []
   for problem in problems:
     sets = (make_inputs(problem, 0), make_inputs(problem, 1))
-    loops = {name: looped(fn) for name, fn in fns.items()}
-    seconds, failed = bench.time_contenders(loops, [sets], warmup=warmup, repeats=repeats)
+    if protocol == "loop":
+      timed, arg_sets, calls = {n: looped(fn) for n, fn in fns.items()}, [sets], CALLS_PER_LOOP
+    else:
+      timed, arg_sets, calls = {n: jax.jit(fn) for n, fn in fns.items()}, [(x,) for x in sets], 1
+    seconds, failed = bench.time_contenders(timed, arg_sets, warmup=warmup, repeats=repeats)
     moved = (kv_bytes(problem, sets[0].lengths) + kv_bytes(problem, sets[1].lengths)) / 2
     for name in fns:
-      row = dict(dataclasses.asdict(problem), implementation=name)
+      row = dict(dataclasses.asdict(problem), implementation=name, protocol=protocol)
       if name in seconds:
-        per_call = seconds[name] / CALLS_PER_LOOP
+        per_call = seconds[name] / calls
         row.update(us=per_call * 1e6, tbps=moved / per_call / 1e12)
       else:
         row.update(status=bench.error_text(failed[name]))
