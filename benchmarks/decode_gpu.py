@@ -134,6 +134,26 @@ def splits_sweep(problem_indices, repeats: int, split_counts=(1, 2, 4, 8, 16, 32
     print(f"SPLITS {problem.label}: {best[:6]}", flush=True)
 
 
+def paged_sweep(problem_indices, repeats: int):
+  """Paged variants (page id prefetch, block sizes, stages) beside contiguous and cuDNN."""
+  from flash_jax.kernels.triton import TritonConfig
+  variants = {"paged default": TritonConfig(),
+              "paged no prefetch": TritonConfig(prefetch_pages=False),
+              "paged bk128 (gather)": TritonConfig(block_kv_split=128),
+              "paged bk32": TritonConfig(block_kv_split=32),
+              "paged st4": TritonConfig(num_stages_split=4),
+              "paged bk32 st4": TritonConfig(block_kv_split=32, num_stages_split=4)}
+  for i in problem_indices:
+    problem = bench_decode.DEFAULT_PROBLEMS[i]
+    fns = {"cudnn": bench_decode.contenders("gpu")["jax.nn[cudnn]"],
+           "contiguous default": bench_decode.contenders("gpu", "triton")["flash_jax"]}
+    for name, config in variants.items():
+      fns[name] = bench_decode.contenders("gpu", "triton", config)["flash_jax paged"]
+    rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
+    best = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
+    print(f"PAGED {problem.label}: {best}", flush=True)
+
+
 def bandwidth():
   """The card's read and copy bandwidth through XLA (the ceiling decode aims at)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2**31,), jnp.bfloat16)  # 4 GiB
@@ -163,7 +183,7 @@ def hlo_check() -> bool:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["check", "sweep", "splits", "bandwidth", "hlo"])
+  parser.add_argument("mode", choices=["check", "sweep", "splits", "paged", "bandwidth", "hlo"])
   parser.add_argument("--implementation", default="triton")
   parser.add_argument("--problems", type=int, nargs="+", default=list(range(6)))
   parser.add_argument("--repeats", type=int, default=10)
@@ -175,6 +195,8 @@ def main():
     sys.exit(0 if hlo_check() else 1)
   if args.mode == "bandwidth":
     return bandwidth()
+  if args.mode == "paged":
+    return paged_sweep(args.problems, args.repeats)
   if args.mode == "splits":
     return splits_sweep(args.problems, args.repeats)
   sweep(args.problems, args.repeats)

@@ -43,6 +43,9 @@ class TritonConfig(BlockSizes):
   num_warps_split: int | None = None
   num_stages_split: int | None = None
   num_splits: int | None = None
+  # Paged tiles that slice one page: read the next tile's page id one step ahead.
+  prefetch_pages: bool | None = None
+  switches = ("prefetch_pages",)
 
   def __post_init__(self):
     super().__post_init__()
@@ -59,6 +62,9 @@ class TritonConfig(BlockSizes):
       value = getattr(self, name)
       if value is not None and value > MAX_STAGES:
         raise ValueError(f"TritonConfig.{name}={value} must be at most {MAX_STAGES}")
+    if self.prefetch_pages is not None and not isinstance(self.prefetch_pages, bool):
+      raise ValueError(f"TritonConfig.prefetch_pages must be a bool or None, got "
+                       f"{self.prefetch_pages!r}")
     if self.num_splits is not None and self.num_splits > split_kv.MAX_SPLITS:
       raise ValueError(f"TritonConfig.num_splits={self.num_splits} must be at most "
                        f"{split_kv.MAX_SPLITS}")
@@ -191,7 +197,8 @@ def split_kv_config(spec: AttentionSpec) -> dict:
       multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
       per_multiprocessor=SPLIT_KV_PER_MULTIPROCESSOR, min_blocks_per_split=SPLIT_KV_MIN_BLOCKS)
   return dict(block_q_split=rows, block_kv_split=block_kv,
-              num_warps_split=4 if head_dim <= 128 else 8, num_stages_split=3, num_splits=splits)
+              num_warps_split=4 if head_dim <= 128 else 8, num_stages_split=3, num_splits=splits,
+              prefetch_pages=True)
 
 
 def _fit(block: int, length: int) -> int:

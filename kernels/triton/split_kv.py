@@ -40,10 +40,16 @@ from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, floor_div,
                                                     store, tile_mask, visit_tiles)
 
 
+def _slices_pages(spec: AttentionSpec, block_kv: int) -> bool:
+  """Whether each key tile is a slice of one page (the page size a multiple of block_kv)."""
+  return spec.paged and spec.page_size % block_kv == 0
+
+
 def _kv_tile(ref, masks: TileMasking, spec: AttentionSpec, k_lo, block_kv: int, width: int,
-             padded_width: int, masked: bool):
+             padded_width: int, masked: bool, page=None):
   """The [block_kv, padded_width] K or V tile of keys [k_lo, k_lo + block_kv) of this
-  program's batch row; rows past the sequence (and past kv_lengths) load as 0."""
+  program's batch row; rows past the sequence (and past kv_lengths) load as 0. `page`:
+  the tile's page id when the tile is a slice of one page (`_slices_pages`)."""
   k_idx = k_lo + iota(block_kv)  # [bk]
   if not spec.paged:
     mask = tile_mask(k_lo, block_kv, spec.kv_len, width, padded_width, check_rows=masked)
@@ -58,12 +64,11 @@ def _kv_tile(ref, masks: TileMasking, spec: AttentionSpec, k_lo, block_kv: int, 
   mask = tile_mask(k_lo, block_kv, block_kv, width, padded_width)  # head-dim padding only
   if stored is not None:
     mask = stored[:, None] if mask is None else jnp.logical_and(mask, stored[:, None])
-  tables = masks.refs.block_tables
-  if page_size % block_kv == 0:  # the tile is a slice of one page
-    page = tables[masks.batch, floor_div(k_lo, page_size)]
+  if page is not None:  # the tile is a slice of one page
     return load(ref.at[page, pl.ds(k_lo % page_size, block_kv), :], mask)
   # Rows across pages: each row's page through the table (entries of rows past the
   # length are not read), its row read in place.
+  tables = masks.refs.block_tables
   page = load(tables.at[masks.batch, floor_div(k_idx, page_size)], stored, other=0)  # [bk]
   slot = k_idx - floor_div(k_idx, page_size) * page_size
   return load(ref.at[page[:, None], slot[:, None], iota(padded_width)[None, :]], mask)
@@ -88,12 +93,32 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
   t_hi = jnp.minimum(cdiv(r_lo + block_rows, group), spec.q_len)
   tile_range = masks.kv_tiles(t_lo, t_hi - t_lo, block_kv).part(split, splits)
 
+  # Tiles that slice one page read its id from the table once for K and V; with
+  # `prefetch_pages` one step ahead (the carry), so that its latency hides behind a tile.
+  # The index is clamped to the sequence's last page: entries past it are never read.
+  slices_pages = _slices_pages(spec, block_kv)
+  prefetch = slices_pages and config.prefetch_pages
+
+  def page_of(kv_block):
+    if not slices_pages:
+      return jnp.int32(0)  # unused
+    last = jnp.maximum(cdiv(masks.kv_length, spec.page_size) - 1, 0)
+    return refs.block_tables[batch, jnp.minimum(floor_div(kv_block * block_kv, spec.page_size),
+                                                last)]
+
   def make_step(masked: bool):
     def step(kv_block, carry):
-      row_max, row_sum, acc = carry  # [br], [br], [br, Hv]
+      row_max, row_sum, acc, page = carry  # [br], [br], [br, Hv], page of this tile
+      if not prefetch:
+        page = page_of(kv_block)
+      tile_page = page if slices_pages else None
       k_lo = kv_block * block_kv
-      k = _kv_tile(refs.k, masks, spec, k_lo, block_kv, spec.head_dim, head_dim, masked)
-      v = _kv_tile(refs.v, masks, spec, k_lo, block_kv, spec.head_dim_v, head_dim_v, masked)
+      k = _kv_tile(refs.k, masks, spec, k_lo, block_kv, spec.head_dim, head_dim, masked,
+                   tile_page)
+      v = _kv_tile(refs.v, masks, spec, k_lo, block_kv, spec.head_dim_v, head_dim_v, masked,
+                   tile_page)
+      if prefetch:
+        page = page_of(kv_block + 1)
       scores = tile_math.dot_t(q, k)  # [br, bk] float32
       if not masked and spec.softcap is None and spec.scale > 0:
         # Plain logits c * scores, c > 0: the scale folds into the max subtraction.
@@ -111,13 +136,14 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
       rescale = tile_math.exp2(row_max - new_max, interpret)
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       acc = acc * rescale[:, None] + tile_math.dot(p.astype(v.dtype), v)
-      return new_max, row_sum, acc
+      return new_max, row_sum, acc, page
     return step
 
   init = (jnp.full((block_rows,), masking.MASK_VALUE, jnp.float32),
           jnp.zeros((block_rows,), jnp.float32),
-          jnp.zeros((block_rows, head_dim_v), jnp.float32))
-  row_max, row_sum, acc = visit_tiles(tile_range, make_step, init)
+          jnp.zeros((block_rows, head_dim_v), jnp.float32),
+          page_of(tile_range.lo) if prefetch else jnp.int32(0))
+  row_max, row_sum, acc, _ = visit_tiles(tile_range, make_step, init)
 
   out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]  # a split that saw nothing: 0
   store(refs.partial_out.at[pl.ds(r_lo, block_rows), :], out,
