@@ -140,6 +140,8 @@ def paged_sweep(problem_indices, repeats: int):
   variants = {"paged default": TritonConfig(),
               "paged no prefetch": TritonConfig(prefetch_pages=False),
               "paged bk128 (gather)": TritonConfig(block_kv_split=128),
+              "paged bk128 st2 (gather)": TritonConfig(block_kv_split=128, num_stages_split=2),
+              "paged splits x2": None,
               "paged bk32": TritonConfig(block_kv_split=32),
               "paged st4": TritonConfig(num_stages_split=4),
               "paged bk32 st4": TritonConfig(block_kv_split=32, num_stages_split=4)}
@@ -148,10 +150,24 @@ def paged_sweep(problem_indices, repeats: int):
     fns = {"cudnn": bench_decode.contenders("gpu")["jax.nn[cudnn]"],
            "contiguous default": bench_decode.contenders("gpu", "triton")["flash_jax"]}
     for name, config in variants.items():
+      if config is None:  # twice the heuristic's splits
+        from flash_jax.kernels.triton import config as config_lib
+        spec = flash_jax.paged.normalize_paged(*_paged_shapes(problem))[0]
+        config = TritonConfig(num_splits=2 * config_lib.split_kv_config(spec)["num_splits"])
       fns[name] = bench_decode.contenders("gpu", "triton", config)["flash_jax paged"]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
     best = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
     print(f"PAGED {problem.label}: {best}", flush=True)
+
+
+def _paged_shapes(problem):
+  """Arguments of normalize_paged for `problem` (zeros: only shapes matter)."""
+  p = problem
+  pages = -(-p.kv_len // p.page_size)
+  q = jnp.zeros((p.batch, p.q_len, p.num_q_heads, p.head_dim), p.dtype)
+  pool = jnp.zeros((p.batch * pages, p.page_size, p.num_kv_heads, p.head_dim), p.dtype)
+  return (q, pool, pool, jnp.zeros((p.batch, pages), jnp.int32),
+          jnp.full((p.batch,), p.kv_len, jnp.int32))
 
 
 def bandwidth():

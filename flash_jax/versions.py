@@ -24,9 +24,10 @@ class UnsupportedJaxError(RuntimeError):
 
 def unsupported_jax(backend: str, reason: str) -> UnsupportedJaxError:
   return UnsupportedJaxError(
-      f"the {backend!r} kernels cannot be built with JAX {jax.__version__} "
-      f"(flash_jax is tested with JAX {OLDEST_JAX} to {NEWEST_TESTED_JAX}): {reason}. "
-      f"Pass implementation='chunked' (or another backend) meanwhile.")
+      f"the {backend!r} kernels failed to build with JAX {jax.__version__} (flash_jax is "
+      f"tested with JAX {OLDEST_JAX} to {NEWEST_TESTED_JAX}; outside that range a changed "
+      f"Pallas API is the likely cause): {reason}. implementation='chunked' (or another "
+      f"backend) serves the call meanwhile.")
 
 
 def names_jax_version(method):

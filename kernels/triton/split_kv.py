@@ -100,25 +100,20 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
   prefetch = slices_pages and config.prefetch_pages
 
   def page_of(kv_block):
-    if not slices_pages:
-      return jnp.int32(0)  # unused
     last = jnp.maximum(cdiv(masks.kv_length, spec.page_size) - 1, 0)
     return refs.block_tables[batch, jnp.minimum(floor_div(kv_block * block_kv, spec.page_size),
                                                 last)]
 
   def make_step(masked: bool):
     def step(kv_block, carry):
-      row_max, row_sum, acc, page = carry  # [br], [br], [br, Hv], page of this tile
-      if not prefetch:
-        page = page_of(kv_block)
-      tile_page = page if slices_pages else None
+      row_max, row_sum, acc, *prefetched = carry  # [br], [br], [br, Hv], (this tile's page)
+      tile_page = prefetched[0] if prefetch else (page_of(kv_block) if slices_pages else None)
       k_lo = kv_block * block_kv
       k = _kv_tile(refs.k, masks, spec, k_lo, block_kv, spec.head_dim, head_dim, masked,
                    tile_page)
       v = _kv_tile(refs.v, masks, spec, k_lo, block_kv, spec.head_dim_v, head_dim_v, masked,
                    tile_page)
-      if prefetch:
-        page = page_of(kv_block + 1)
+      next_page = (page_of(kv_block + 1),) if prefetch else ()
       scores = tile_math.dot_t(q, k)  # [br, bk] float32
       if not masked and spec.softcap is None and spec.scale > 0:
         # Plain logits c * scores, c > 0: the scale folds into the max subtraction.
@@ -136,14 +131,15 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
       rescale = tile_math.exp2(row_max - new_max, interpret)
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       acc = acc * rescale[:, None] + tile_math.dot(p.astype(v.dtype), v)
-      return new_max, row_sum, acc, page
+      return (new_max, row_sum, acc) + next_page
     return step
 
   init = (jnp.full((block_rows,), masking.MASK_VALUE, jnp.float32),
           jnp.zeros((block_rows,), jnp.float32),
-          jnp.zeros((block_rows, head_dim_v), jnp.float32),
-          page_of(tile_range.lo) if prefetch else jnp.int32(0))
-  row_max, row_sum, acc, _ = visit_tiles(tile_range, make_step, init)
+          jnp.zeros((block_rows, head_dim_v), jnp.float32))
+  if prefetch:
+    init += (page_of(tile_range.lo),)
+  row_max, row_sum, acc, *_ = visit_tiles(tile_range, make_step, init)
 
   out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]  # a split that saw nothing: 0
   store(refs.partial_out.at[pl.ds(r_lo, block_rows), :], out,
