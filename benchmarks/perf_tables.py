@@ -61,13 +61,21 @@ class Result:
     return self.source.name[:10]
 
 
-def load(folder: pathlib.Path = MEASUREMENTS) -> dict[str, dict[tuple, Result]]:
-  """{implementation: {(mode, head_dim, seq_len, causal): Result}}, newest file winning."""
-  results: dict[str, dict[tuple, Result]] = {}
+def _runs(folder: pathlib.Path, decode: bool):
+  """(path, run) of each measurement file, oldest first: the decode benchmark's files
+  (`--decode`, "mode": "decode") or the others."""
   for path in sorted(folder.glob("*.json")):  # date-first names: older files first
     if not re.match(r"\d{4}-\d{2}-\d{2}_", path.name):
       raise ValueError(f"{path.name}: measurement files are named <YYYY-MM-DD>_<what>.json")
     run = json.loads(path.read_text())
+    if (run.get("mode") == "decode") == decode:
+      yield path, run
+
+
+def load(folder: pathlib.Path = MEASUREMENTS) -> dict[str, dict[tuple, Result]]:
+  """{implementation: {(mode, head_dim, seq_len, causal): Result}}, newest file winning."""
+  results: dict[str, dict[tuple, Result]] = {}
+  for path, run in _runs(folder, decode=False):
     timed = [r for r in run["rows"] if "tflops" in r]
     baseline = {_key(r): r["tflops"] for r in timed if r["implementation"] == BASELINE}
     for r in timed:
@@ -134,6 +142,57 @@ def summary_table(all_results, link_base: str) -> str:
   return "\n".join([
       f"bf16, head dim {SUMMARY_HEAD_DIM}, TFLOP/s (ratio to cuDNN in the same run). "
       + _provenance(shown, link_base), "", *lines, ""])
+
+
+# Rated HBM bandwidth by card (vendor datasheets), for the decode tables' fraction column.
+RATED_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
+DECODE_CONTENDERS = ("flash_jax", "flash_jax paged", "jax.nn[cudnn]", "jax.nn[xla]")
+
+
+def decode_table(path: pathlib.Path, run, link_base: str) -> str:
+  """One decode run (`python -m flash_jax.bench --decode`): a row per problem, each
+  contender's microseconds, TB/s of K/V bytes (share of the rated bandwidth) and ratio
+  to cuDNN (its time over theirs)."""
+  rated = RATED_BANDWIDTH.get(run["device"])
+  problems: dict[tuple, dict] = {}
+  for r in run["rows"]:
+    key = (r["batch"], r["kv_len"], r["q_len"], r["num_q_heads"], r["num_kv_heads"],
+           r["head_dim"])
+    problems.setdefault(key, {})[r["implementation"]] = r
+  names = [n for n in DECODE_CONTENDERS if any(n in p for p in problems.values())]
+  lines = ["| B | S | T | heads q/kv | d | " + " | ".join(f"`{n}`" for n in names) + " |",
+           "| ---: | ---: | ---: | --- | ---: | " + " | ".join("---" for _ in names) + " |"]
+  for (b, s, t, nq, nkv, d), by_name in problems.items():
+    base = by_name.get(BASELINE, {}).get("us")
+    cells = []
+    for name in names:
+      r = by_name.get(name, {})
+      if "us" not in r:
+        cells.append("–")
+        continue
+      cell = f"{r['us']:.0f} µs, {r['tbps']:.2f} TB/s"
+      if rated:
+        cell += f" ({r['tbps'] * 1e12 / rated:.0%})"
+      if base and name != BASELINE:
+        cell += f", {base / r['us']:.2f}×"
+      cells.append(cell)
+    lines.append(f"| {b} | {s} | {t} | {nq}/{nkv} | {d} | " + " | ".join(cells) + " |")
+  protocol = {"loop": "calls inside one compiled loop", "call": "one host dispatch per call"}
+  return "\n".join([
+      f"bf16, ragged lengths 75–100% of S, page size 64; {protocol[run['protocol']]}; "
+      f"TB/s of the K/V bytes that must be read"
+      + (f" (share of the rated {rated / 1e12:.1f} TB/s)" if rated else "")
+      + f", ratio to cuDNN in the same run. Measured on {run['device']}, {path.name[:10]}, "
+      f"JAX {run['jax']} ([{path.name}]({link_base}{path.name})).", "", *lines, ""])
+
+
+def decode_tables(link_base: str, folder: pathlib.Path = MEASUREMENTS) -> dict[str, str]:
+  """{"decode-loop": table, "decode-call": table}: the newest decode run of each protocol."""
+  newest = {}
+  for path, run in _runs(folder, decode=True):
+    newest[run["protocol"]] = (path, run)
+  return {f"decode-{protocol}": decode_table(path, run, link_base)
+          for protocol, (path, run) in newest.items()}
 
 
 def fill(text: str, tables: dict[str, str], where: str) -> str:
@@ -237,7 +296,9 @@ def render() -> dict[pathlib.Path, str]:
   link_from_root = os.path.relpath(MEASUREMENTS, README_MD.parent) + "/"
   docs_tables = {b: backend_table(b, all_results[b], link_from_docs)
                  for b in BACKENDS if b in all_results}
-  readme_tables = {"summary": summary_table(all_results, link_from_root)}
+  docs_tables.update(decode_tables(link_from_docs))
+  readme_tables = {"summary": summary_table(all_results, link_from_root),
+                   "decode": decode_tables(link_from_root).get("decode-loop", "")}
   return {
       PERFORMANCE_MD: fill(PERFORMANCE_MD.read_text(), docs_tables, PERFORMANCE_MD.name),
       README_MD: fill(README_MD.read_text(), readme_tables, README_MD.name),
