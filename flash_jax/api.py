@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import dispatch, sharding, spec as spec_lib
+from flash_jax import dispatch, sharding, sinks as sinks_lib, spec as spec_lib
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
                     segment_ids=None, q_offset=None, window=None, softcap=None,
                     dropout_rate=0.0, dropout_rng=None, return_lse=False,
                     implementation=None, block_sizes=None, interpret=False,
-                    q_lengths=None, kv_lengths=None):
+                    q_lengths=None, kv_lengths=None, sinks=None):
   """Exact attention, computed blockwise: softmax(q k^T * scale + bias) v.
 
   Args:
@@ -46,15 +46,20 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     interpret: run a Pallas implementation in interpret mode (on CPU).
     q_lengths, kv_lengths: int [B]: query rows >= q_lengths[b] see nothing (output 0);
       keys >= kv_lengths[b] are hidden.
+    sinks: float [Nq] (float32 recommended): attention sinks (gpt-oss, StreamingLLM),
+      one logit per query head that joins the softmax's denominator and adds nothing to
+      the output: p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). Differentiable;
+      lse includes it. See flash_jax/sinks.py.
 
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no
-    key returns 0 (lse -inf, zero gradients), never NaN.
+    key returns 0 (lse -inf, or sinks[h] with sinks; zero q/k/v gradients), never NaN.
   """
   spec, q, k, v, bias, arrays = spec_lib.normalize(
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths)
+  sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
   # Under jit with sharded inputs, each device runs the implementation on its shard.
   impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
   if block_sizes is None:
@@ -62,22 +67,27 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
   else:
     impl.check_config(block_sizes)
     config = block_sizes
-  out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays)
+  out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays, sinks)
   return (out, lse) if return_lse else out
 
 
 @functools.cache
 def _named_call(impl, spec, config, interpret):
   """`impl` under a jit named flash_jax_<implementation>: the jaxpr shows which one ran,
-  and eager calls reuse the compiled function of an identical call."""
-  def call(q, k, v, bias, arrays):
-    return impl(q, k, v, bias, arrays, spec, config, interpret)
+  and eager calls reuse the compiled function of an identical call. Sinks merge into
+  the implementation's (out, lse) here, once, unless it folds them itself."""
+  def call(q, k, v, bias, arrays, sinks):
+    if sinks is not None and impl.folds_sinks:
+      return impl(q, k, v, bias, arrays, spec, config, interpret, sinks=sinks)
+    out, lse = impl(q, k, v, bias, arrays, spec, config, interpret)
+    return (out, lse) if sinks is None else sinks_lib.apply_sinks(out, lse, sinks)
   call.__name__ = f"flash_jax_{impl.name}"
   return jax.jit(call)
 
 
 def which_implementation(q, k, v, *, implementation=None, interpret=False, **kwargs) -> str:
   """The name of the implementation `flash_attention` would use for these arguments."""
+  kwargs.pop("sinks", None)  # every implementation serves sinks: they change no choice
   spec, *_ = spec_lib.normalize(q, k, v, **kwargs)
   return dispatch.select(spec, implementation, interpret=interpret).name
 

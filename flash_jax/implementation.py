@@ -27,6 +27,9 @@ class Implementation(abc.ABC):
   platforms: ClassVar[tuple[str, ...]]  # jax platform names it runs on natively
   interpretable: ClassVar[bool] = False  # can run on CPU with interpret=True
   config_type: ClassVar[type] = BlockSizes
+  # True: __call__ takes `sinks=` and folds them into its softmax itself; otherwise
+  # flash_attention merges them into (out, lse) afterwards (flash_jax.sinks).
+  folds_sinks: ClassVar[bool] = False
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     """Raises NotImplementedError when this implementation cannot serve the call."""
