@@ -58,6 +58,10 @@ CASES = (
     Case(1, 1, 97, 4, 2, 64, "bfloat16", ("causal", "decode")),
     Case(1, 256, 256, 2, 2, 16, "float16", ("mask", "dropout")),
     Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths", "scale_large")),
+    # Attention sinks: with rows that see no key (all mass on the sink), GQA, MQA.
+    Case(2, 97, 130, 2, 2, 64, "bfloat16", ("empty_rows", "sinks")),
+    Case(2, 97, 130, 4, 2, 64, "float16", ("causal", "window", "lengths", "sinks")),
+    Case(1, 64, 97, 4, 1, 40, "float32", ("bias", "dropout", "softcap", "sinks")),
 )
 
 
@@ -112,6 +116,9 @@ def make_inputs(case: Case, seed: int):
     kv_ids = 1 + (jnp.arange(s) % 2)
     kwargs["segment_ids"] = (jnp.broadcast_to(q_ids, (b, t)), jnp.broadcast_to(kv_ids, (b, s)))
     kwargs["kv_lengths"] = jnp.array([s, s // 2][:b])
+  if "sinks" in f:
+    # float32 [Nq], near the rows' lse (about log S) so that the sink takes a real share.
+    kwargs["sinks"] = np.log(s) + 2.0 * jax.random.normal(next(keys), (case.num_q_heads,))
   return q, k, v, kwargs
 
 
