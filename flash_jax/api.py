@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import dispatch, paged, sharding, spec as spec_lib
+from flash_jax import dispatch, paged, sharding, sinks as sinks_lib, spec as spec_lib
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
                     segment_ids=None, q_offset=None, window=None, softcap=None,
                     dropout_rate=0.0, dropout_rng=None, return_lse=False,
                     implementation=None, block_sizes=None, interpret=False,
-                    q_lengths=None, kv_lengths=None):
+                    q_lengths=None, kv_lengths=None, sinks=None):
   """Exact attention, computed blockwise: softmax(q k^T * scale + bias) v.
 
   Args:
@@ -46,35 +46,45 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     interpret: run a Pallas implementation in interpret mode (on CPU).
     q_lengths, kv_lengths: int [B]: query rows >= q_lengths[b] see nothing (output 0);
       keys >= kv_lengths[b] are hidden.
+    sinks: float [Nq] (float32 recommended): attention sinks (gpt-oss, StreamingLLM),
+      one logit per query head that joins the softmax's denominator and adds nothing to
+      the output: p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). Differentiable;
+      lse includes it. See flash_jax/sinks.py.
 
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no
-    key returns 0 (lse -inf, zero gradients), never NaN.
+    key returns 0 (lse -inf, or sinks[h] with sinks; zero q/k/v gradients), never NaN.
   """
   spec, q, k, v, bias, arrays = spec_lib.normalize(
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths)
+  sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
   # Under jit with sharded inputs, each device runs the implementation on its shard.
   impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
   config = _config(impl, spec, block_sizes)
-  out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays)
+  out, lse = _named_call(impl, spec, config, interpret)(q, k, v, bias, arrays, sinks)
   return (out, lse) if return_lse else out
 
 
 @functools.cache
 def _named_call(impl, spec, config, interpret):
   """`impl` under a jit named flash_jax_<implementation>: the jaxpr shows which one ran,
-  and eager calls reuse the compiled function of an identical call."""
-  def call(q, k, v, bias, arrays):
-    return impl(q, k, v, bias, arrays, spec, config, interpret)
+  and eager calls reuse the compiled function of an identical call. Sinks merge into
+  the implementation's (out, lse) here, once, unless it folds them itself."""
+  def call(q, k, v, bias, arrays, sinks):
+    if sinks is not None and impl.folds_sinks:
+      return impl(q, k, v, bias, arrays, spec, config, interpret, sinks=sinks)
+    out, lse = impl(q, k, v, bias, arrays, spec, config, interpret)
+    return (out, lse) if sinks is None else sinks_lib.apply_sinks(out, lse, sinks)
   call.__name__ = f"flash_jax_{impl.name}"
   return jax.jit(call)
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, kv_lengths, *, causal=True,
-                    q_offset=None, scale=None, window=None, softcap=None, return_lse=False,
-                    implementation=None, block_sizes=None, interpret=False):
+                    q_offset=None, scale=None, window=None, softcap=None, sinks=None,
+                    return_lse=False, implementation=None, block_sizes=None,
+                    interpret=False):
   """Attention of new query tokens over a paged K/V cache (decoding, chunked prefill).
 
   Args:
@@ -94,8 +104,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lengths, *, causal=Tru
         T=2, kv_lengths=5 (q_offset 3)   keys 0 1 2 3 4
                               q0 (p=3)        x x x x .
                               q1 (p=4)        x x x x x
-    scale, window, softcap: as in flash_attention.
-    return_lse: also return lse [B, Nq, T] float32.
+    scale, window, softcap, sinks: as in flash_attention.
+    return_lse: also return lse [B, Nq, T] float32 (with the sinks, if any).
     implementation: None (the fastest that serves the call) or a name; block_sizes,
       interpret: as in flash_attention.
 
@@ -105,9 +115,12 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lengths, *, causal=Tru
   spec, q, k_pages, v_pages, arrays = paged.normalize_paged(
       q, k_pages, v_pages, block_tables, kv_lengths, causal=causal, q_offset=q_offset,
       scale=scale, window=window, softcap=softcap)
+  sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
   impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))
   config = _config(impl, spec, block_sizes)
   out, lse = _forward_only_call(impl, spec, config, interpret)(q, k_pages, v_pages, arrays)
+  if sinks is not None:  # once, after the kernels' split-KV combine
+    out, lse = sinks_lib.apply_sinks(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
@@ -139,6 +152,7 @@ def _forward_only_call(impl, spec, config, interpret):
 
 def which_implementation(q, k, v, *, implementation=None, interpret=False, **kwargs) -> str:
   """The name of the implementation `flash_attention` would use for these arguments."""
+  kwargs.pop("sinks", None)  # every implementation serves sinks: they change no choice
   spec, *_ = spec_lib.normalize(q, k, v, **kwargs)
   return dispatch.select(spec, implementation, interpret=interpret).name
 

@@ -30,6 +30,9 @@ class Implementation(abc.ABC):
   # Has split-KV kernels for decode-shaped calls (`split_kv.decode_shaped`): dispatch
   # prefers it for them over implementations listed earlier.
   split_kv_kernels: ClassVar[bool] = False
+  # True: __call__ takes `sinks=` and folds them into its softmax itself; otherwise
+  # flash_attention merges them into (out, lse) afterwards (flash_jax.sinks).
+  folds_sinks: ClassVar[bool] = False
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     """Raises NotImplementedError when this implementation cannot serve the call."""

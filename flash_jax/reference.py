@@ -17,11 +17,14 @@ from flash_jax.spec import AttentionArrays, AttentionSpec
 
 
 def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionSpec,
-                        precision=None):
+                        precision=None, sinks=None):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> (out [B, T, Nq, Hv], lse [B, Nq, T]).
 
   Softmax statistics in float32; the probabilities are cast to v's dtype for the PV
   product, as `jax.nn.dot_product_attention` does. Fully differentiable (lse too).
+  sinks [Nq] (optional): one more logit column per query head, with no value (its
+  probability joins the denominator only); computed here independently of
+  `flash_jax.sinks.apply_sinks`, the route every other implementation takes.
   """
   q5 = tiles.group_queries(q, spec)
   bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
@@ -30,9 +33,15 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
   logits = tiles.tile_logits(q5, k, bias5, spec, precision)  # [B, Nkv, G, T, S]
   visible = tiles.tile_visibility(spec, arrays, mask5, 0, spec.kv_len)
   logits = masking.masked_logits(logits, visible)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  if sinks is not None:
+    sink = sinks.astype(jnp.float32).reshape(1, spec.num_kv_heads, spec.group_size, 1, 1)
+    row_max = jnp.maximum(row_max, sink)
+  row_max = jax.lax.stop_gradient(row_max)
   p = masking.masked_exp(logits, row_max, visible)
   row_sum = jnp.sum(p, axis=-1, keepdims=True)
+  if sinks is not None:
+    row_sum = row_sum + jnp.exp(sink - row_max)  # the sink column
   probs = p / jnp.where(row_sum > 0, row_sum, 1.0)
   dropout = tiles.tile_dropout(spec, arrays, 0, spec.kv_len)
   if dropout is not None:
@@ -49,11 +58,12 @@ class XlaImplementation(Implementation):
 
   name = "xla"
   platforms = ("cpu", "gpu", "tpu")
+  folds_sinks = True  # the sink is a logit column of its softmax
 
-  def __call__(self, q, k, v, bias, arrays, spec, config, interpret):
+  def __call__(self, q, k, v, bias, arrays, spec, config, interpret, sinks=None):
     if spec.paged:  # the whole cache gathered: the reference may, the kernels never do
       k, v, arrays, spec = paged.gather_all(k, v, arrays, spec)
-    return reference_attention(q, k, v, bias, arrays, spec)
+    return reference_attention(q, k, v, bias, arrays, spec, sinks=sinks)
 
 
 IMPLEMENTATION = XlaImplementation()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from flash_jax import spec as spec_lib
+from flash_jax import sinks as sinks_lib, spec as spec_lib
 from flash_jax.config import BlockSizes
 from flash_jax.ring_blocks import RingPlan, attend_block, block_grads, filled
 from flash_jax.ring_layout import check_layout
@@ -120,7 +120,7 @@ def _ring_size(axis_name) -> int:
 
 def ring_attention(q, k, v, *, axis_name, causal=False, segment_ids=None, scale=None,
                    window=None, softcap=None, layout="contiguous", implementation=None,
-                   block_sizes=None, interpret=False, return_lse=False):
+                   block_sizes=None, interpret=False, return_lse=False, sinks=None):
   """Exact self-attention over a sequence split across the devices of `axis_name`.
 
   Call inside `jax.shard_map` (see `sharded_ring_attention` for a wrapper). Every device
@@ -138,6 +138,8 @@ def ring_attention(q, k, v, *, axis_name, causal=False, segment_ids=None, scale=
       serves each block on this platform: a kernel on GPU/TPU, "chunked" on CPU).
     block_sizes, interpret: passed to the implementation.
     return_lse: also return the lse [B, Nq, L] float32 (differentiable).
+    sinks: float [Nq] (this device's query heads): attention sinks, as flash_attention;
+      merged once, after the ring's last lse merge.
 
   Returns:
     out [B, L, Nq, Hv] in q's dtype (and lse if return_lse), this device's shard.
@@ -145,6 +147,7 @@ def ring_attention(q, k, v, *, axis_name, causal=False, segment_ids=None, scale=
   spec, q, k, v, _, arrays = spec_lib.normalize(q, k, v, causal=causal, scale=scale,
                                                 segment_ids=segment_ids, window=window,
                                                 softcap=softcap)
+  sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
   if spec.q_len != spec.kv_len:
     raise ValueError(f"ring_attention is self-attention: q and k shards must have one "
                      f"length, got q={q.shape}, k={k.shape}")
@@ -160,18 +163,21 @@ def ring_attention(q, k, v, *, axis_name, causal=False, segment_ids=None, scale=
                    softcap=spec.softcap, scale=spec.scale, implementation=implementation,
                    block_sizes=block_sizes, interpret=interpret)
   out, lse = _ring(plan, q, k, v, arrays.q_segment_ids, arrays.kv_segment_ids)
+  if sinks is not None:  # once, over all keys: the sink is one more key of the softmax
+    out, lse = sinks_lib.apply_sinks(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
 def sharded_ring_attention(q, k, v, *, mesh, seq_axis, batch_axis=None, head_axis=None,
-                           segment_ids=None, return_lse=False, **ring_kwargs):
+                           segment_ids=None, return_lse=False, sinks=None, **ring_kwargs):
   """`ring_attention` on global arrays, without writing shard_map.
 
   q [B, T, Nq, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv] (and segment_ids [B, T] or a
   pair) are global, their sequence in `ring_kwargs['layout']` order (`to_ring_layout`).
   The sequence is split over the mesh axis `seq_axis`; batch and heads may be split over
-  `batch_axis` / `head_axis` (Nkv must divide by its size). Returns global arrays,
-  sharded the same way. Other keywords are `ring_attention`'s.
+  `batch_axis` / `head_axis` (Nkv must divide by its size); sinks [Nq] split with the
+  heads. Returns global arrays, sharded the same way. Other keywords are
+  `ring_attention`'s.
   """
   names = tuple(mesh.axis_names)
   for label, axis in (("seq_axis", seq_axis), ("batch_axis", batch_axis),
@@ -186,13 +192,18 @@ def sharded_ring_attention(q, k, v, *, mesh, seq_axis, batch_axis=None, head_axi
   operands = (q, k, v) + (() if segment_ids is None else
                           tuple(segment_ids) if pair else (segment_ids,))
   in_specs = (rows, rows, rows) + (ids,) * (len(operands) - 3)
+  if sinks is not None:
+    if jnp.ndim(q) == 4:  # else ring_attention names the bad q
+      sinks = sinks_lib.check_sinks(sinks, jnp.shape(q)[2])
+    operands, in_specs = operands + (sinks,), in_specs + (PartitionSpec(head_axis),)
 
-  def body(q, k, v, *ids_shards):
+  def body(q, k, v, *rest):
+    ids_shards, local_sinks = (rest[:-1], rest[-1]) if sinks is not None else (rest, None)
     local_ids = None
     if ids_shards:
       local_ids = tuple(ids_shards) if pair else ids_shards[0]
     return ring_attention(q, k, v, axis_name=seq_axis, segment_ids=local_ids,
-                          return_lse=True, **ring_kwargs)
+                          return_lse=True, sinks=local_sinks, **ring_kwargs)
 
   out, lse = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(rows, stats),
                            check_vma=False)(*operands)

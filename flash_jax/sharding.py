@@ -18,6 +18,10 @@ split them and each device runs the single-device implementation on its shard:
 
 Dropout draws its keep-mask from global (batch, head, query, key) indices, which a
 shard does not know, so calls with dropout are replicated (with a logged warning).
+Attention sinks never enter these ops: flash_attention merges them into (out, lse)
+afterwards in plain jnp (flash_jax/sinks.py), which XLA partitions by itself, so sinks
+[Nq] follow the query heads' split with no communication (d(sinks) is summed over batch
+and query-row shards).
 
 Under Shardy (the default partitioner) a sharding rule in einsum notation guides
 propagation; under GSPMD `infer_sharding_from_operands` does. Both end in `_partition`,

@@ -62,6 +62,10 @@ CASES = (
     Case(3, 1, 300, 8, 2, 64, "bfloat16", ("causal", "decode_lengths")),
     Case(2, 16, 257, 8, 2, 128, "float16", ("causal", "decode_lengths", "softcap")),
     Case(3, 7, 160, 4, 1, 40, "float32", ("causal", "decode_lengths", "window")),
+    # Attention sinks: with rows that see no key (all mass on the sink), GQA, MQA.
+    Case(2, 97, 130, 2, 2, 64, "bfloat16", ("empty_rows", "sinks")),
+    Case(2, 97, 130, 4, 2, 64, "float16", ("causal", "window", "lengths", "sinks")),
+    Case(1, 64, 97, 4, 1, 40, "float32", ("bias", "dropout", "softcap", "sinks")),
 )
 
 
@@ -123,6 +127,9 @@ def make_inputs(case: Case, seed: int):
     kv_ids = 1 + (jnp.arange(s) % 2)
     kwargs["segment_ids"] = (jnp.broadcast_to(q_ids, (b, t)), jnp.broadcast_to(kv_ids, (b, s)))
     kwargs["kv_lengths"] = jnp.array([s, s // 2][:b])
+  if "sinks" in f:
+    # float32 [Nq], near the rows' lse (about log S) so that the sink takes a real share.
+    kwargs["sinks"] = np.log(s) + 2.0 * jax.random.normal(next(keys), (case.num_q_heads,))
   return q, k, v, kwargs
 
 
@@ -164,7 +171,7 @@ class PagedCase:
 
 PAGED_CASES = (
     PagedCase(3, 1, 8, 2, 64, 16, 9, "bfloat16"),
-    PagedCase(3, 7, 4, 1, 40, 8, 7, "float32", ("window",)),
+    PagedCase(3, 7, 4, 1, 40, 8, 7, "float32", ("window", "sinks")),
     PagedCase(4, 16, 8, 8, 128, 64, 3, "float16", ("softcap",)),
     PagedCase(3, 2, 6, 2, 72, 128, 2, "bfloat16", ("scale",), head_dim_v=40),
     PagedCase(2, 3, 4, 2, 32, 5, 9, "float32", ("not_causal",)),  # a page size of 5
@@ -204,4 +211,6 @@ def make_paged_inputs(case: PagedCase, seed: int):
     kwargs["softcap"] = 2.5
   if "scale" in case.features:
     kwargs["scale"] = 0.3
+  if "sinks" in case.features:
+    kwargs["sinks"] = jax.random.normal(next(keys), (case.num_q_heads,), jnp.float32)
   return q, k_pages, v_pages, tables, lengths, kwargs, (k, v)

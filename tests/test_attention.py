@@ -37,44 +37,55 @@ def test_forward_and_lse(target, case: Case):
   same_out, same_lse = _reference(q, k, v, kwargs, exact=False)
   assert_accurate("out", out, same_out, ref_out, dtype=case.dtype)
   assert_accurate("lse", lse, same_lse, ref_lse, dtype=case.dtype)
-  # Rows that see no key: exactly zero output and -inf lse.
+  # Rows that see no key: exactly zero output and -inf lse (with sinks: lse = the sink,
+  # which makes every lse finite, so the rows are found without sinks).
+  sinks = kwargs.pop("sinks", None)
+  if sinks is not None:
+    ref_lse = _reference(q, k, v, kwargs, exact=True)[1]
   hidden = ~visible_rows(ref_lse)
   assert np.all(np.asarray(out, np.float32)[hidden] == 0)
+  if sinks is not None:
+    sink_rows = np.broadcast_to(np.asarray(sinks, np.float32), hidden.shape)
+    np.testing.assert_array_equal(np.asarray(lse).transpose(0, 2, 1)[hidden], sink_rows[hidden])
 
 
-def _loss_and_grads(fn, q, k, v, bias, seed):
-  """Gradients of <out, dout> + <lse, dlse> for random cotangents (lse on finite rows)."""
-  def loss(q, k, v, bias):
-    out, lse = fn(q, k, v, bias)
+# Keyword inputs with gradients, beside q, k and v.
+DIFFERENTIABLE_KWARGS = ("bias", "sinks")
+
+
+def _loss_and_grads(fn, q, k, v, extras, seed):
+  """Gradients of <out, dout> + <lse, dlse> for random cotangents (lse on finite rows)
+  w.r.t. q, k, v and the keyword inputs `extras` ({"bias": ..., "sinks": ...}):
+  -> (dq, dk, dv, {name: gradient})."""
+  def loss(q, k, v, extras):
+    out, lse = fn(q, k, v, **extras)
     keys = jax.random.split(jax.random.PRNGKey(seed))
     dout = jax.random.normal(keys[0], out.shape, jnp.float32)
     dlse = jax.random.normal(keys[1], lse.shape, jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(out.astype(jnp.float32) * dout) + 0.5 * jnp.sum(lse * dlse)
-  argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
-  return jax.grad(loss, argnums=argnums)(q, k, v, bias)
+  return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, extras)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_gradients(target, case: Case):
   skip_if_unsupported(target, case)
   q, k, v, kwargs = make_inputs(case, seed=zlib.crc32(case.id.encode()) + 1)
-  bias = kwargs.pop("bias", None)
+  extras = {name: kwargs.pop(name) for name in DIFFERENTIABLE_KWARGS if name in kwargs}
   seed = 7
 
-  def run(impl_fn):
-    return lambda q, k, v, b: impl_fn(q, k, v, **kwargs, **({} if b is None else {"bias": b}))
-
-  grads = _loss_and_grads(run(lambda *a, **kw: attend(target, *a, return_lse=True, **kw)),
-                          q, k, v, bias, seed)
-  same = _loss_and_grads(run(lambda *a, **kw: flash_jax.flash_attention(
-      *a, implementation="xla", return_lse=True, **kw)), q, k, v, bias, seed)
-  q32, k32, v32, b32, kw32 = upcast((q, k, v, bias, kwargs))
+  grads = _loss_and_grads(lambda *a, **kw: attend(target, *a, return_lse=True, **kwargs, **kw),
+                          q, k, v, extras, seed)
+  same = _loss_and_grads(lambda *a, **kw: flash_jax.flash_attention(
+      *a, implementation="xla", return_lse=True, **kwargs, **kw), q, k, v, extras, seed)
+  q32, k32, v32, extras32, kw32 = upcast((q, k, v, extras, kwargs))
   with highest_precision():
-    exact = _loss_and_grads(lambda q, k, v, b: flash_jax.flash_attention(
-        q, k, v, implementation="xla", return_lse=True, **kw32,
-        **({} if b is None else {"bias": b})), q32, k32, v32, b32, seed)
-  for name, g, s, r, x in zip(("dq", "dk", "dv", "dbias"), grads, same, exact, (q, k, v, bias)):
+    exact = _loss_and_grads(lambda *a, **kw: flash_jax.flash_attention(
+        *a, implementation="xla", return_lse=True, **kw32, **kw), q32, k32, v32, extras32, seed)
+  results = list(zip(("dq", "dk", "dv"), grads[:3], same[:3], exact[:3], (q, k, v)))
+  results += [(f"d{name}", grads[3][name], same[3][name], exact[3][name], x)
+              for name, x in extras.items()]
+  for name, g, s, r, x in results:
     assert g.shape == x.shape and g.dtype == x.dtype, name
     assert_accurate(name, g, s, r, dtype=case.dtype)
 
@@ -154,6 +165,39 @@ def test_rows_that_see_nothing(target):
   for g in (dq, dk, dv):
     assert np.all(np.isfinite(np.asarray(g)))
   assert np.all(np.asarray(dq)[hidden] == 0)
+
+
+def test_rows_that_see_nothing_with_sinks(target):
+  """A row that sees no key puts all its mass on the sink: output 0, lse = the sink,
+  d lse / d sink = 1, d out / d sink = 0, zero q/k/v gradients, never NaN."""
+  case = Case(2, 16, 24, 2, 1, 32, "float32", ("empty_rows", "sinks"))
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=6)
+  sinks = kwargs.pop("sinks")
+  hidden = ~visible_rows(attend(target, q, k, v, return_lse=True, **kwargs)[1])  # [B, T, Nq]
+  assert hidden.any() and (~hidden).any()
+  fn = lambda q, k, v, sinks: attend(target, q, k, v, return_lse=True, sinks=sinks, **kwargs)
+  out, lse = fn(q, k, v, sinks)
+  assert np.all(np.asarray(out)[hidden] == 0)
+  lse_rows = np.asarray(lse).transpose(0, 2, 1)  # [B, T, Nq]
+  np.testing.assert_array_equal(lse_rows[hidden], np.broadcast_to(sinks, hidden.shape)[hidden])
+
+  rows = jnp.asarray(hidden)
+  weights = jax.random.normal(jax.random.PRNGKey(1), out.shape)
+  def hidden_rows_loss(q, k, v, sinks):  # lse and out of the hidden rows only
+    out, lse = fn(q, k, v, sinks)
+    return (jnp.sum(jnp.where(rows, jnp.swapaxes(lse, 1, 2), 0.0))
+            + jnp.sum(jnp.where(rows[..., None], out * weights, 0.0)))
+  dq, dk, dv, dsinks = jax.grad(hidden_rows_loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+    assert np.all(np.asarray(g) == 0), name
+  np.testing.assert_array_equal(dsinks, hidden.sum(axis=(0, 1)))  # d lse / d sink = 1 per row
+
+  loss = lambda *args: jnp.sum(jnp.sin(fn(*args)[0])) + jnp.sum(fn(*args)[1])
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+  assert np.all(np.asarray(grads[0])[hidden] == 0)
 
 
 # Where the features overlap, flash_jax.dot_product_attention equals jax.nn's.

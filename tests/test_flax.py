@@ -432,6 +432,66 @@ def test_linen_flash_attention_gqa_and_dropout():
     module.apply(params, x)  # deterministic is needed with dropout
 
 
+# ---- attention sinks ----------------------------------------------------------------------
+
+def test_attention_fn_passes_sinks():
+  """sinks reach flash_attention, also per head on the shared-dropout path."""
+  q = normal(0, (2, 12, 4, 16))
+  k, v = normal(1, (2, 12, 2, 16)), normal(2, (2, 12, 2, 16))
+  sinks = normal(3, (4,)) + 2.0
+  np.testing.assert_allclose(fjf.dot_product_attention(q, k, v, sinks=sinks),
+                             flash_jax.flash_attention(q, k, v, sinks=sinks), atol=1e-6)
+  kwargs = dict(dropout_rate=0.3, dropout_rng=jax.random.key(0))
+  out = fjf.dot_product_attention(q, k, v, broadcast_dropout=True, sinks=sinks, **kwargs)
+  one = flash_jax.flash_attention(q[1:2, :, 3:4], k[1:2, :, 1:2], v[1:2, :, 1:2],
+                                  sinks=sinks[3:4], **kwargs)
+  np.testing.assert_allclose(out[1:2, :, 3:4], one, atol=1e-6)
+
+
+def test_nnx_flash_attention_sinks():
+  make = lambda **kw: fjf.nnx.FlashAttention(4, 32, qkv_features=64, num_kv_heads=2,
+                                              causal=True, rngs=nnx.Rngs(0), **kw)
+  ours, plain = make(use_sinks=True), make()
+  assert plain.sinks is None
+  params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+  sinks = params.pop("sinks")
+  assert sinks.shape == (4,) and sinks.dtype == jnp.float32 and np.all(sinks == 0)
+  assert params_equal(params, nnx.to_pure_dict(nnx.state(plain, nnx.Param)))  # same draws
+
+  x = normal(1, (2, 10, 32))
+  ours.sinks[...] = jnp.full((4,), -jnp.inf)  # a sink of -inf is no sink
+  np.testing.assert_allclose(ours(x), plain(x), atol=1e-6)
+  ours.sinks[...] = normal(2, (4,)) + 2.0
+  q, k, v = ours.query(x), ours.key(x), ours.value(x)
+  expected = ours.out(flash_jax.flash_attention(q, k, v, causal=True, sinks=ours.sinks[...]))
+  np.testing.assert_allclose(ours(x), expected, atol=1e-6)
+  assert not np.allclose(ours(x), plain(x), atol=1e-3)
+
+  weights = normal(99, (2, 10, 32))
+  grads = nnx.to_pure_dict(nnx.grad(lambda m: jnp.sum(m(x) * weights))(ours))
+  assert grads["sinks"].shape == (4,) and np.isfinite(grads["sinks"]).all()
+  assert np.all(grads["sinks"] != 0)
+
+
+def test_linen_flash_attention_sinks():
+  x = normal(1, (2, 10, 32))
+  ours = fjf.linen.FlashAttention(num_heads=4, num_kv_heads=2, causal=True, use_sinks=True)
+  plain = fjf.linen.FlashAttention(num_heads=4, num_kv_heads=2, causal=True)
+  params = ours.init(jax.random.key(0), x)["params"]
+  sinks = params["sinks"]
+  assert sinks.shape == (4,) and sinks.dtype == jnp.float32 and np.all(sinks == 0)
+  rest = {name: p for name, p in params.items() if name != "sinks"}
+  assert params_equal({"params": rest}, plain.init(jax.random.key(0), x))
+  no_sink = {"params": {**rest, "sinks": jnp.full((4,), -jnp.inf)}}
+  np.testing.assert_allclose(ours.apply(no_sink, x), plain.apply({"params": rest}, x), atol=1e-6)
+  assert not np.allclose(ours.apply({"params": params}, x), plain.apply({"params": rest}, x),
+                         atol=1e-3)
+
+  weights = normal(99, (2, 10, 32))
+  grads = jax.grad(lambda p: jnp.sum(ours.apply({"params": p}, x) * weights))(params)
+  assert np.isfinite(grads["sinks"]).all() and np.all(grads["sinks"] != 0)
+
+
 # ---- training, remat and scan --------------------------------------------------------------
 
 class _Block(nnx.Module):

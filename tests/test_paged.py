@@ -34,7 +34,9 @@ def test_paged_forward(target, case: PagedCase):
   assert_accurate("out", out, same_out, ref_out, dtype=case.dtype)
   assert_accurate("lse", lse, same_lse, ref_lse, dtype=case.dtype)
   hidden = ~visible_rows(ref_lse)
-  assert hidden.any() or case.batch < 3, "a sequence of length 0 sees nothing"
+  # (With sinks every row's lse is finite: the rows that see no key are not told apart.)
+  assert hidden.any() or case.batch < 3 or "sinks" in case.features, \
+      "a sequence of length 0 sees nothing"
   assert np.all(np.asarray(out, np.float32)[hidden] == 0)
 
 

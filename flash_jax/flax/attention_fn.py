@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import api, dispatch
+from flash_jax import api, dispatch, sinks as sinks_lib
 from flash_jax.config import BlockSizes
 from flash_jax.spec import normalize_window
 
@@ -76,7 +76,7 @@ class AttentionFn:
                precision=None, module=None, *, promote_dtype=None, is_causal=False,
                force_fp32_for_softmax=False, einsum_dot_general=None,
                qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
-               segment_ids=None):
+               segment_ids=None, sinks=None):
     """softmax(query key^T / sqrt(H) + bias, masked) value, in Flax's layout.
 
     Args (Flax's, see flax.nnx.dot_product_attention):
@@ -99,6 +99,7 @@ class AttentionFn:
     flash_jax extension (keyword only; Flax's modules never pass it):
       segment_ids: int [batch..., T] (self-attention) or a pair ([batch..., T],
         [batch..., S]): a query sees only keys of its own segment.
+      sinks: float [Nq]: attention sinks, as `flash_jax.flash_attention`.
 
     Returns:
       [batch..., T, Nq, Hv] in the computation dtype.
@@ -127,9 +128,10 @@ class AttentionFn:
     if use_dropout:
       kwargs.update(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
     if use_dropout and broadcast_dropout:
-      out = _attention_shared_dropout(q, k, v, bias, mask, segment_ids, kwargs)
+      out = _attention_shared_dropout(q, k, v, bias, mask, segment_ids, sinks, kwargs)
     else:
-      out = api.flash_attention(q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, **kwargs)
+      out = api.flash_attention(q, k, v, bias=bias, mask=mask, segment_ids=segment_ids,
+                                sinks=sinks, **kwargs)
     return out.reshape(batch_shape + out.shape[1:])
 
 
@@ -248,7 +250,7 @@ def _flatten_segment_ids(segment_ids, batch_shape):
   return flat(segment_ids)
 
 
-def _attention_shared_dropout(q, k, v, bias, mask, segment_ids, kwargs):
+def _attention_shared_dropout(q, k, v, bias, mask, segment_ids, sinks, kwargs):
   """Flax's broadcast_dropout: one keep-mask [T, S] for every batch element and head.
 
   flash_jax's keep-mask hashes (rng, batch, head, query, key). Running one problem of
@@ -277,24 +279,30 @@ def _attention_shared_dropout(q, k, v, bias, mask, segment_ids, kwargs):
   mask5, mask_kept = squeezed(mask)
   seg_q, seg_kv = (segment_ids if isinstance(segment_ids, tuple)
                    else (segment_ids, segment_ids))
+  if sinks is not None:
+    sinks = sinks_lib.check_sinks(sinks, num_q_heads).reshape(num_kv_heads, group)
 
-  def one_head(q1, k1, v1, bias1, mask1, seg_q1, seg_kv1):
-    # q1 [T, H], k1 [S, H], v1 [S, Hv], bias1/mask1 [T?, S?], seg_q1 [T], seg_kv1 [S].
+  def one_head(q1, k1, v1, bias1, mask1, seg_q1, seg_kv1, sink1):
+    # q1 [T, H], k1 [S, H], v1 [S, Hv], bias1/mask1 [T?, S?], seg_q1 [T], seg_kv1 [S], sink1 [].
     expand = lambda x: None if x is None else x[None, :, None, :]
     pair = None if seg_q1 is None else (seg_q1[None], seg_kv1[None])
     out = api.flash_attention(
         expand(q1), expand(k1), expand(v1), bias=None if bias1 is None else bias1[None, None],
-        mask=None if mask1 is None else mask1[None, None], segment_ids=pair, **kwargs)
+        mask=None if mask1 is None else mask1[None, None], segment_ids=pair,
+        sinks=None if sink1 is None else sink1[None], **kwargs)
     return out[0, :, 0]  # [T, Hv]
 
   def level(i):  # in_axes of bias and mask at vmap level i (0: batch, 1: kv head, 2: group)
     return (0 if bias_kept[i] else None), (0 if mask_kept[i] else None)
 
   # Innermost: the G query heads that share one k/v head; then the k/v heads; then batch.
-  over_group = jax.vmap(one_head, in_axes=(1, None, None, *level(2), None, None), out_axes=1)
-  over_kv = jax.vmap(over_group, in_axes=(1, 1, 1, *level(1), None, None), out_axes=1)
+  sink_axis = None if sinks is None else 0  # sinks [Nkv, G]: vmapped over kv heads, group
+  over_group = jax.vmap(one_head, in_axes=(1, None, None, *level(2), None, None, sink_axis),
+                        out_axes=1)
+  over_kv = jax.vmap(over_group, in_axes=(1, 1, 1, *level(1), None, None, sink_axis),
+                     out_axes=1)
   seg_axis = lambda ids: None if ids is None else 0
-  over_batch = jax.vmap(over_kv, in_axes=(0, 0, 0, *level(0), seg_axis(seg_q), seg_axis(seg_kv)),
-                        out_axes=0)
-  out = over_batch(q5, k, v, bias5, mask5, seg_q, seg_kv)  # [B, T, Nkv, G, Hv]
+  over_batch = jax.vmap(over_kv, in_axes=(0, 0, 0, *level(0), seg_axis(seg_q), seg_axis(seg_kv),
+                                          None), out_axes=0)
+  out = over_batch(q5, k, v, bias5, mask5, seg_q, seg_kv, sinks)  # [B, T, Nkv, G, Hv]
   return out.reshape(batch, q_len, num_q_heads, out.shape[-1])

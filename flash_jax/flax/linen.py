@@ -32,6 +32,9 @@ class FlashAttention(nn.Module):
       kernel; True shares one [T, S] mask over batch and heads, as Flax's default, at
       the cost of one kernel launch per (batch, head). Uses the 'dropout' rng stream.
     kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, normalize_qk: as Flax.
+    use_sinks: learn attention sinks (gpt-oss, StreamingLLM): a parameter `sinks`
+      [num_heads] (param_dtype, zeros init), one logit per query head that joins the
+      softmax's denominator (see `flash_jax.flash_attention`).
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
   """
 
@@ -53,6 +56,7 @@ class FlashAttention(nn.Module):
   out_bias_init: Any = None
   use_bias: bool = True
   normalize_qk: bool = False
+  use_sinks: bool = False
   implementation: str | None = None
   block_sizes: BlockSizes | None = None
   interpret: bool = False
@@ -111,10 +115,14 @@ class FlashAttention(nn.Module):
         causal=self.causal, window=self.window, softcap=self.softcap,
         implementation=self.implementation, block_sizes=self.block_sizes,
         interpret=self.interpret)
+    sinks = None
+    if self.use_sinks:
+      sinks = self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,),
+                         self.param_dtype)
     x = attention_fn(query, key, value, mask=mask, segment_ids=segment_ids,
                      dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                      broadcast_dropout=self.broadcast_dropout,
-                     deterministic=deterministic_now, dtype=self.dtype)
+                     deterministic=deterministic_now, dtype=self.dtype, sinks=sinks)
     out = nn.DenseGeneral(features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
                           kernel_init=self.out_kernel_init or self.kernel_init,
                           bias_init=self.out_bias_init or self.bias_init,

@@ -33,6 +33,9 @@ class FlashAttention(nnx.Module):
       kernel; True shares one [T, S] mask over batch and heads, as Flax's default, at
       the cost of one kernel launch per (batch, head).
     kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, normalize_qk: as MHA.
+    use_sinks: learn attention sinks (gpt-oss, StreamingLLM): a parameter `sinks`
+      [num_heads] (param_dtype, zeros init), one logit per query head that joins the
+      softmax's denominator (see `flash_jax.flash_attention`).
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
     rngs, keep_rngs: parameter init; a dropout stream is kept when dropout_rate > 0.
   """
@@ -45,7 +48,7 @@ class FlashAttention(nnx.Module):
                deterministic: bool | None = None,
                kernel_init=nnx.initializers.lecun_normal(), out_kernel_init=None,
                bias_init=nnx.initializers.zeros_init(), out_bias_init=None,
-               use_bias: bool = True, normalize_qk: bool = False,
+               use_bias: bool = True, normalize_qk: bool = False, use_sinks: bool = False,
                implementation: str | None = None, block_sizes: BlockSizes | None = None,
                interpret: bool = False, rngs: nnx.Rngs, keep_rngs: bool = True):
     self.num_heads = num_heads
@@ -93,6 +96,8 @@ class FlashAttention(nnx.Module):
     self.out = projection((num_heads, self.head_dim), self.out_features, axis=(-2, -1),
                           kernel_init=out_kernel_init or kernel_init,
                           bias_init=out_bias_init or bias_init)
+    # Zeros draw no rng: the other parameters stay those MHA draws from the same seed.
+    self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if use_sinks else None
     self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
 
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
@@ -139,5 +144,6 @@ class FlashAttention(nnx.Module):
     x = self.attention_fn(query, key, value, mask=mask, segment_ids=segment_ids,
                           dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                           broadcast_dropout=self.broadcast_dropout,
-                          deterministic=dropout_rng is None, dtype=self.dtype)
+                          deterministic=dropout_rng is None, dtype=self.dtype,
+                          sinks=None if self.sinks is None else self.sinks[...])
     return self.out(x)  # [batch..., T, out_features]

@@ -1,5 +1,5 @@
 """Ring attention on 8 CPU devices (see runner.py): forward and gradients against
-single-device attention, every layout, causal and not, segment ids, GQA, windows."""
+single-device attention, every layout, causal and not, segment ids, GQA, windows, sinks."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ CASES = (
          batch_axis="dp"),
     Case("contiguous", "bfloat16", ("causal",), heads=(4, 2), mesh=((2, 4), ("tp", "sp")),
          head_axis="tp"),
+    Case("striped", "float32", ("causal", "empty_rows", "sinks")),
+    # sinks [Nq] split with the heads.
+    Case("zigzag", "bfloat16", ("causal", "sinks"), heads=(4, 2), mesh=((2, 4), ("tp", "sp")),
+         head_axis="tp"),
 )
 
 
@@ -82,6 +86,8 @@ def make_inputs(case: Case, seed=0):
   if "empty_rows" in f:  # query segment 0 has no key: those rows see nothing
     q_ids = jnp.where(jnp.arange(t) % 5 == 0, 0, 1)
     kwargs["segment_ids"] = (jnp.broadcast_to(q_ids, (b, t)), jnp.ones((b, t), jnp.int32))
+  if "sinks" in f:  # float32 [Nq], near the rows' lse
+    kwargs["sinks"] = np.log(t) + 2.0 * jax.random.normal(keys[3], (nq,))
   return q, k, v, kwargs
 
 
@@ -95,23 +101,24 @@ def ring_fn(case: Case, kwargs):
     ids = kwargs["segment_ids"]
     kwargs["segment_ids"] = tuple(map(to, ids)) if isinstance(ids, tuple) else to(ids)
 
-  def attend(q, k, v):
+  def attend(q, k, v, **extras):
     out, lse = sharded_ring_attention(
         to(q), to(k), to(v), mesh=ring_mesh(*case.mesh), seq_axis="sp",
         batch_axis=case.batch_axis, head_axis=case.head_axis, layout=case.layout,
-        return_lse=True, **kwargs)
+        return_lse=True, **kwargs, **extras)
     return back(out), back(lse, axis=2)
   return attend
 
 
 def single_device_fn(kwargs, implementation):
-  return lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation=implementation,
-                                                   return_lse=True, **kwargs)
+  return lambda q, k, v, **extras: flash_jax.flash_attention(
+      q, k, v, implementation=implementation, return_lse=True, **kwargs, **extras)
 
 
 def loss_of(fn, seed=5):
-  def loss(q, k, v):
-    out, lse = fn(q, k, v)
+  """<out, dout> + <lse, dlse>, a function of (q, k, v, extras: {"sinks": ...} or {})."""
+  def loss(q, k, v, extras):
+    out, lse = fn(q, k, v, **extras)
     keys = jax.random.split(jax.random.PRNGKey(seed))
     dout = jax.random.normal(keys[0], out.shape, jnp.float32)
     dlse = jax.random.normal(keys[1], lse.shape, jnp.float32)
@@ -123,23 +130,32 @@ def loss_of(fn, seed=5):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_ring_matches_single_device(case: Case):
   q, k, v, kwargs = make_inputs(case)
+  extras = {"sinks": kwargs.pop("sinks")} if "sinks" in kwargs else {}
   ring = ring_fn(case, kwargs)
-  out, lse = jax.jit(ring)(q, k, v)
-  same_out, same_lse = single_device_fn(kwargs, "xla")(q, k, v)
+  out, lse = jax.jit(ring)(q, k, v, **extras)
+  same_out, same_lse = single_device_fn(kwargs, "xla")(q, k, v, **extras)
   q32, k32, v32, kw32 = upcast((q, k, v, kwargs))
   with highest_precision():
-    ref_out, ref_lse = single_device_fn(kw32, "xla")(q32, k32, v32)
+    ref_out, ref_lse = single_device_fn(kw32, "xla")(q32, k32, v32, **extras)
+    plain_lse = single_device_fn(kw32, "xla")(q32, k32, v32)[1]  # -inf: sees no key
   assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == jnp.float32
   assert_accurate("out", out, same_out, ref_out, dtype=case.dtype)
   assert_accurate("lse", lse, same_lse, ref_lse, dtype=case.dtype)
-  hidden = ~np.isfinite(np.asarray(ref_lse)).transpose(0, 2, 1)  # [B, T, Nq]
+  hidden = ~np.isfinite(np.asarray(plain_lse)).transpose(0, 2, 1)  # [B, T, Nq]
   assert np.all(np.asarray(out, np.float32)[hidden] == 0)
+  if extras:  # rows that see no key: all their mass on the sink
+    sinks = np.broadcast_to(np.asarray(extras["sinks"], np.float32), hidden.shape)
+    np.testing.assert_array_equal(np.asarray(lse).transpose(0, 2, 1)[hidden], sinks[hidden])
 
-  grads = jax.jit(jax.grad(loss_of(ring), argnums=(0, 1, 2)))(q, k, v)
-  same = jax.grad(loss_of(single_device_fn(kwargs, "xla")), argnums=(0, 1, 2))(q, k, v)
+  grads = jax.jit(jax.grad(loss_of(ring), argnums=(0, 1, 2, 3)))(q, k, v, extras)
+  same = jax.grad(loss_of(single_device_fn(kwargs, "xla")), argnums=(0, 1, 2, 3))(q, k, v, extras)
   with highest_precision():
-    exact = jax.grad(loss_of(single_device_fn(kw32, "xla")), argnums=(0, 1, 2))(q32, k32, v32)
-  for name, g, s, r, x in zip(("dq", "dk", "dv"), grads, same, exact, (q, k, v)):
+    exact = jax.grad(loss_of(single_device_fn(kw32, "xla")), argnums=(0, 1, 2, 3))(
+        q32, k32, v32, extras)
+  results = list(zip(("dq", "dk", "dv"), grads[:3], same[:3], exact[:3], (q, k, v)))
+  results += [(f"d{name}", grads[3][name], same[3][name], exact[3][name], x)
+              for name, x in extras.items()]
+  for name, g, s, r, x in results:
     assert g.shape == x.shape and g.dtype == x.dtype, name
     assert_accurate(name, g, s, r, dtype=case.dtype)
   if hidden.any():
@@ -161,6 +177,28 @@ def test_ring_inside_user_shard_map_with_vma_checks():
   np.testing.assert_allclose(jax.jit(attend)(q, k, v), single(q, k, v), atol=2e-5)
   got = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_ring_sinks_inside_user_shard_map_with_vma_checks():
+  """Sinks replicated over the ring (check_vma on): d(sinks) sums every device's rows."""
+  mesh = ring_mesh()
+  q, k, v, kwargs = make_inputs(Case("zigzag", "float32", ("causal", "sinks")), seed=4)
+  sinks = kwargs["sinks"]
+  rows = P(None, "sp")
+  attend = jax.shard_map(
+      lambda q, k, v, sinks: ring_attention(q, k, v, axis_name="sp", causal=True,
+                                            layout="zigzag", sinks=sinks),
+      mesh=mesh, in_specs=(rows, rows, rows, P()), out_specs=rows)
+  to = lambda x: ring_layout.to_ring_layout(x, 8, "zigzag")
+  single = lambda q, k, v, sinks: to(flash_jax.flash_attention(q, k, v, causal=True,
+                                                               sinks=sinks))
+  ring = lambda q, k, v, sinks: attend(to(q), to(k), to(v), sinks)
+  np.testing.assert_allclose(jax.jit(ring)(q, k, v, sinks), single(q, k, v, sinks), atol=2e-5)
+  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
+  got = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+  want = jax.grad(loss(single), argnums=(0, 1, 2, 3))(q, k, v, sinks)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=2e-5)
 

@@ -75,6 +75,14 @@ CASES = (
          ("causal", "segment_ids", "lengths"), forbidden=()),
     Case("dropout-replicates", ((8,), ("x",)), 8, 16, (2, 2), P("x"), P("x"), ("dropout",),
          forbidden=()),
+    # Sinks [Nq] split with the heads: no communication, d(sinks) stays on its head shard.
+    Case("heads-over-8-sinks", ((8,), ("x",)), 2, 32, (8, 8), P(None, None, "x"),
+         P(None, None, "x"), ("causal", "sinks"),
+         forbidden=("all-gather", "all-reduce", "collective-permute", "all-to-all")),
+    # Batch split too: d(sinks) is summed over the batch shards (one all-reduce of [Nq]).
+    Case("batch2-heads4-gqa-sinks", ((2, 4), ("data", "model")), 2, 48, (8, 4),
+         P("data", None, "model"), P("data", None, "model"), ("window", "lengths", "sinks"),
+         forbidden=("all-gather", "all-reduce", "collective-permute", "all-to-all")),
 )
 
 
@@ -107,6 +115,8 @@ def make_inputs(case: Case, seed=0):
   if "dropout" in f:
     kwargs["dropout_rate"] = 0.2
     arrays["dropout_rng"] = next(keys)
+  if "sinks" in f:
+    arrays["sinks"] = np.log(t) + 2.0 * jax.random.normal(next(keys), (nq,))
   return q, k, v, kwargs, arrays
 
 
@@ -121,6 +131,8 @@ def array_spec(name, case: Case, shape):
     return P(*(axes if size > 1 else None for axes, size in zip((b, h, t, None), shape)))
   if name in ("kv_lengths", "q_lengths"):
     return P(b)
+  if name == "sinks":
+    return P(h)
   return P()
 
 
@@ -151,16 +163,23 @@ def loss_fn(kwargs, seed=3):
   return loss
 
 
-def grad_fn(kwargs, with_bias):
+DIFFERENTIABLE = ("bias", "sinks")  # entries of `arrays` with gradients
+
+
+def grad_fn(kwargs):
+  """-> (dq, dk, dv, *gradients of the DIFFERENTIABLE entries of arrays, in that order)."""
   loss = loss_fn(kwargs)
-  if not with_bias:
-    return jax.grad(loss, argnums=(0, 1, 2))
   def grads(q, k, v, arrays):
-    bias = arrays["bias"]
-    rest = {n: x for n, x in arrays.items() if n != "bias"}
-    return jax.grad(lambda q, k, v, bias: loss(q, k, v, {**rest, "bias": bias}),
-                    argnums=(0, 1, 2, 3))(q, k, v, bias)
+    extras = {n: x for n, x in arrays.items() if n in DIFFERENTIABLE}
+    rest = {n: x for n, x in arrays.items() if n not in DIFFERENTIABLE}
+    dq, dk, dv, dextras = jax.grad(lambda q, k, v, extras: loss(q, k, v, {**rest, **extras}),
+                                   argnums=(0, 1, 2, 3))(q, k, v, extras)
+    return (dq, dk, dv) + tuple(dextras[n] for n in DIFFERENTIABLE if n in dextras)
   return grads
+
+
+def grad_names(arrays):
+  return ("dq", "dk", "dv") + tuple(f"d{n}" for n in DIFFERENTIABLE if n in arrays)
 
 
 def assert_close(name, x, ref, dtype):
@@ -197,15 +216,19 @@ def test_sharded_equals_unsharded(case: Case):
   jaxpr = str(jax.make_jaxpr(attention_fn(kwargs))(sq, sk, sv, sarrays))
   assert "custom_partitioning" in jaxpr, "flash_attention did not wrap its implementation"
 
-  grads = jax.jit(grad_fn(kwargs, "bias" in arrays))
+  grads = jax.jit(grad_fn(kwargs))
   got = grads(sq, sk, sv, sarrays)
-  want = jax.jit(grad_fn(kwargs, "bias" in arrays))(q, k, v, arrays)
-  for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, want):
+  want = jax.jit(grad_fn(kwargs))(q, k, v, arrays)
+  assert len(got) == len(grad_names(arrays))
+  for name, g, r in zip(grad_names(arrays), got, want):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert_close(name, g, r, case.dtype)
   found = collectives(grads.lower(sq, sk, sv, sarrays).compile().as_text())
-  backward_forbidden = set(case.forbidden) - {"all-reduce"} if "bias_broadcast" in case.features \
-      else set(case.forbidden)
+  # A gradient broadcast over a split dimension is summed over its shards: a broadcast
+  # bias's, and d(sinks) [Nq] when batch or query rows are split.
+  rows_split = any(padded(case.q_spec)[:2])
+  summed = "bias_broadcast" in case.features or ("sinks" in case.features and rows_split)
+  backward_forbidden = set(case.forbidden) - {"all-reduce"} if summed else set(case.forbidden)
   assert not found & backward_forbidden, f"gradient HLO has {found & backward_forbidden}"
 
 
@@ -239,8 +262,8 @@ def test_gspmd_partitioner():
     assert_close("out", out, ref_out, "float32")
     assert_close("lse", lse, ref_lse, "float32")
     assert not collectives(forward.lower(sq, sk, sv, sarrays).compile().as_text())
-    got = jax.jit(grad_fn(kwargs, True))(sq, sk, sv, sarrays)
-    want = jax.jit(grad_fn(kwargs, True))(q, k, v, arrays)
+    got = jax.jit(grad_fn(kwargs))(sq, sk, sv, sarrays)
+    want = jax.jit(grad_fn(kwargs))(q, k, v, arrays)
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, want):
       assert_close(name, g, r, "float32")
   finally:
