@@ -160,7 +160,7 @@ class PagedCache:
 
 def make_paged_step(graphdef, sampling: Sampling, max_context: int, implementation):
   @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, pages, tables, lengths, tokens, counts, rng):
+  def step(params, pages, tables, lengths, tokens, counts, rng, step_index):
     """pages: per layer (k_pages, v_pages); tables int32 [S, pages_per_seq]; lengths [S]
     tokens cached; tokens [S, T], of which row s adds counts[s] (0: an idle slot)."""
     model = nnx.merge(graphdef, params)
@@ -177,7 +177,7 @@ def make_paged_step(graphdef, sampling: Sampling, max_context: int, implementati
 
     positions = positions_for(lengths, tokens.shape[1], max_context)
     logits = logits_at(model, tokens, positions, jnp.maximum(counts - 1, 0), attend)
-    return tuple(written), sample(logits, rng, sampling)
+    return tuple(written), sample(logits, jax.random.fold_in(rng, step_index), sampling)
 
   return step
 
@@ -193,7 +193,7 @@ def init_module_caches(model, slots: int, max_context: int, dtype, ragged: bool)
 
 def make_contiguous_step(graphdef, sampling: Sampling, max_context: int):
   @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, cache, tables, lengths, tokens, counts, rng):
+  def step(params, cache, tables, lengths, tokens, counts, rng, step_index):
     """The modules' own decode cache (nnx.Cache state, one row per slot)."""
     del tables
     model = nnx.merge(graphdef, params, cache)
@@ -204,20 +204,22 @@ def make_contiguous_step(graphdef, sampling: Sampling, max_context: int):
 
     positions = positions_for(lengths, tokens.shape[1], max_context)
     logits = logits_at(model, tokens, positions, jnp.maximum(counts - 1, 0), attend)
-    return nnx.state(model, nnx.Cache), sample(logits, rng, sampling)
+    next_tokens = sample(logits, jax.random.fold_in(rng, step_index), sampling)
+    return nnx.state(model, nnx.Cache), next_tokens
 
   return step
 
 
 def make_flax_step(graphdef, sampling: Sampling, max_context: int):
   @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, cache, position, tokens, rng):
+  def step(params, cache, position, tokens, rng, step_index):
     """nnx.MultiHeadAttention's decode cache: tokens [B, 1] at one shared position."""
     model = nnx.merge(graphdef, params, cache)
     attend = lambda layer, attention, h: attention(h, decode=True)
     positions = jnp.full(tokens.shape, jnp.minimum(position, max_context - 1), jnp.int32)
     logits = logits_at(model, tokens, positions, jnp.zeros(tokens.shape[0], jnp.int32), attend)
-    return nnx.state(model, nnx.Cache), sample(logits, rng, sampling)
+    next_tokens = sample(logits, jax.random.fold_in(rng, step_index), sampling)
+    return nnx.state(model, nnx.Cache), next_tokens
 
   return step
 
@@ -271,7 +273,8 @@ def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, s
   def compiled_step(new_tokens):  # compiled ahead of the clock: one per step width
     if new_tokens not in compiled:
       args = (params, cache, paged.tables if paged else dummy_tables, lengths,
-              np.zeros((slots, new_tokens), np.int32), np.zeros(slots, np.int32), rng)
+              np.zeros((slots, new_tokens), np.int32), np.zeros(slots, np.int32), rng,
+              np.int32(0))
       compiled[new_tokens] = step.lower(*args).compile()
     return compiled[new_tokens]
 
@@ -303,8 +306,8 @@ def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, s
     tick = time.perf_counter()
     cache, next_tokens = compiled_step(width)(params, cache,
                                               paged.tables if paged else dummy_tables,
-                                              lengths, tokens, counts,
-                                              jax.random.fold_in(rng, timing.steps))
+                                              lengths, tokens, counts, rng,
+                                              np.int32(timing.steps))
     next_tokens = np.asarray(next_tokens)  # waits for the step
     seconds = time.perf_counter() - tick
     timing.steps += 1
@@ -338,7 +341,7 @@ def run_lockstep(step, params, fresh_cache, requests, *, slots: int, rng,
   timing, generated = Timing(), 0
   position = np.int32(0)
   compiled = step.lower(params, fresh_cache(), position, np.zeros((slots, 1), np.int32),
-                        rng).compile()
+                        rng, np.int32(0)).compile()
   start = time.perf_counter()
   for first in range(0, len(requests), slots):
     wave = requests[first:first + slots]
@@ -351,8 +354,8 @@ def run_lockstep(step, params, fresh_cache, requests, *, slots: int, rng,
         elif len(request.generated) < request.max_new_tokens:
           tokens[row, 0] = request.generated[-1]
       tick = time.perf_counter()
-      cache, next_tokens = compiled(params, cache, np.int32(t), tokens,
-                                    jax.random.fold_in(rng, timing.steps))
+      cache, next_tokens = compiled(params, cache, np.int32(t), tokens, rng,
+                                    np.int32(timing.steps))
       next_tokens = np.asarray(next_tokens)
       seconds = time.perf_counter() - tick
       timing.steps += 1
@@ -432,7 +435,7 @@ def parse_args(argv=None):
   p.add_argument("--mlp-ratio", type=int, default=4)
   p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                  help="default: float32 on CPU, bfloat16 elsewhere")
-  p.add_argument("--data-mb", type=float, default=1.0, help="megabytes of stdlib source for prompts")
+  p.add_argument("--data-mb", type=float, default=1.0, help="MiB of stdlib source for prompts")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--show", type=int, default=0, help="print this many generations")
   p.add_argument("--check", action="store_true",
