@@ -49,7 +49,7 @@ class FlashAttention(nn.Module):
   past the index are never read and no mask over max_length is built. Writing past
   max_length raises ValueError at trace time (T > max_length) or on eager calls; under
   jit it is the clamp that flash_jax.flax.nnx.FlashAttention documents (later tokens
-  dropped, the index records the overflow, checkify reports it).
+  dropped, the index records the overflow).
   """
 
   num_heads: int

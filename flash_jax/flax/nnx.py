@@ -63,9 +63,8 @@ class FlashAttention(nnx.Module):
   T > max_length, and on eager calls (a concrete cache_index). Under jit it is a
   documented clamp: tokens past max_length are dropped (nothing earlier is
   overwritten), their queries see the max_length cached keys, and cache_index still
-  advances past max_length, recording the overflow; `jax.experimental.checkify`
-  reports it as an error: `checkify.checkify(jax.jit(step), errors=checkify.user_checks)`
-  with a `step(state, x)` that merges the split module (nnx.split / nnx.merge).
+  advances past max_length, recording the overflow (`cache_index > max_length`: check
+  it on the host).
 
   Example:
     attention = FlashAttention(8, 512, num_kv_heads=2, causal=True, rngs=nnx.Rngs(0))
