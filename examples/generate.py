@@ -253,6 +253,7 @@ class Timing:
   steps: int = 0
   decode_steps: int = 0
   decode_seconds: float = 0.0
+  mixed_steps: int = 0  # steps that carry prefill chunks beside decoding sequences
 
   @property
   def decode_ms(self):
@@ -314,6 +315,8 @@ def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, s
     if not prefilling:
       timing.decode_steps += 1
       timing.decode_seconds += seconds
+    elif len(prefilling) < sum(r is not None for r in active):
+      timing.mixed_steps += 1
     lengths += counts
     for slot, request in enumerate(active):
       if request is None:
@@ -497,7 +500,8 @@ def main(argv=None) -> dict:
   result = dict(attention=args.attention, cache=cache_kind, dtype=dtype,
                 device=jax.devices()[0].device_kind, requests=len(requests), slots=args.slots,
                 prompt_tokens=sum(len(r.prompt) for r in requests), new_tokens=new_tokens,
-                steps=timing.steps, seconds=round(timing.seconds, 3),
+                steps=timing.steps, mixed_steps=timing.mixed_steps,
+                seconds=round(timing.seconds, 3),
                 tokens_per_s=round(new_tokens / timing.seconds, 1),
                 decode_step_ms=round(timing.decode_ms, 3) if timing.decode_ms else None,
                 cache_mib=round(cache_bytes / 2**20, 2))

@@ -79,6 +79,7 @@ def test_generate_greedy_paged_equals_contiguous_flax_and_recomputation():
   assert paged["generated"] == contiguous["generated"] == flax_cache["generated"]
   lengths = [len(tokens) for tokens in paged["generated"]]
   assert min(lengths) >= 4 and max(lengths) <= 10 and len(set(lengths)) > 1, lengths
+  assert paged["mixed_steps"] > 0, paged  # prefill chunks shared steps with decoding
   # Continuous batching takes fewer steps than Flax's lockstep waves.
   assert paged["steps"] < flax_cache["steps"], (paged["steps"], flax_cache["steps"])
   assert paged["cache_mib"] < contiguous["cache_mib"]
