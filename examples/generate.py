@@ -46,7 +46,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, serialization
 
 import flash_jax
 
@@ -81,7 +81,6 @@ def load_model(config: train_lm.ModelConfig, checkpoint: str | None, seed: int):
   if checkpoint is not None:
     params = nnx.state(model, nnx.Param)
     saved = (pathlib.Path(checkpoint) / "params.msgpack").read_bytes()
-    from flax import serialization
     nnx.replace_by_pure_dict(params, serialization.msgpack_restore(saved))
     nnx.update(model, params)
   return model
