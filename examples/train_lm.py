@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import pathlib
 import sys
 import sysconfig
@@ -206,6 +207,8 @@ def parse_args(argv=None):
   p.add_argument("--eval-batches", type=int, default=4)
   p.add_argument("--data-mb", type=float, default=16.0, help="megabytes of stdlib source to read")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--save", default=None,
+                 help="directory to write the trained parameters to (read by generate.py)")
   args = p.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads
   if args.d_model % args.heads or args.heads % args.kv_heads:
@@ -270,8 +273,22 @@ def main(argv=None) -> dict:
                 step_ms=round(step_time * 1e3, 2), tokens_per_s=round(tokens_per_s),
                 first_loss=round(losses[0], 4), final_loss=round(losses[-1], 4),
                 eval_loss=round(held_out, 4))
+  if args.save:
+    save_checkpoint(args.save, config, params)
   print("SUMMARY " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
   return result
+
+
+def save_checkpoint(directory: str, config: ModelConfig, params) -> None:
+  """params.msgpack (the nnx.Param state as a pure dict) and config.json (the shape)."""
+  from flax import serialization
+  path = pathlib.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "params.msgpack").write_bytes(
+      serialization.msgpack_serialize(jax.device_get(nnx.to_pure_dict(params))))
+  shape = {k: getattr(config, k) for k in ("seq_len", "d_model", "layers", "heads", "kv_heads",
+                                           "mlp_ratio")}
+  (path / "config.json").write_text(json.dumps(shape))
 
 
 if __name__ == "__main__":

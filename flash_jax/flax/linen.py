@@ -3,7 +3,9 @@
 Its parameters are laid out as `flax.linen.MultiHeadDotProductAttention`'s (query, key,
 value: DenseGeneral -> [heads, head_dim]; out: DenseGeneral over the last two axes;
 query_ln/key_ln with normalize_qk), so its checkpoints load. With num_kv_heads <
-num_heads (GQA) key/value project to num_kv_heads heads. Decode-free: no KV cache.
+num_heads (GQA) key/value project to num_kv_heads heads. With decode=True it keeps linen's
+autoregressive cache ('cache' collection), any number of new tokens per call, attending
+through flash attention's decode path (flash_jax/flax/decode.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flash_jax.config import BlockSizes
+from flash_jax.flax import decode as decode_lib
 from flash_jax.flax.attention_fn import make_attention_fn
 
 
@@ -36,6 +39,20 @@ class FlashAttention(nn.Module):
       [num_heads] (param_dtype, zeros init), one logit per query head that joins the
       softmax's denominator (see `flash_jax.flash_attention`).
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
+    decode: keep an autoregressive cache, as MultiHeadDotProductAttention's decode.
+
+  Decoding (linen's conventions): with decode=True, `init` (an input of the full length,
+  [batch..., max_length, features]) creates the 'cache' collection: cached_key,
+  cached_value [batch..., max_length, num_kv_heads, head_dim] in the computation
+  dtype and cache_index (int32 scalar), attending over its input as without decode.
+  Afterwards `apply(variables, x, mutable=['cache'])` writes x's T new tokens at
+  cache_index, attends, and advances the index by T. T may be anything (a prompt as
+  prefill, then one token at a time); attention is flash_attention's decode path
+  (kv_lengths = cache_index + T, q_offset = cache_index, bottom-right causal), so keys
+  past the index are never read and no mask over max_length is built. Writing past
+  max_length raises ValueError at trace time (T > max_length) or on eager calls; under
+  jit it is the clamp that flash_jax.flax.nnx.FlashAttention documents (later tokens
+  dropped, the index records the overflow).
   """
 
   num_heads: int
@@ -60,6 +77,7 @@ class FlashAttention(nn.Module):
   implementation: str | None = None
   block_sizes: BlockSizes | None = None
   interpret: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
@@ -75,6 +93,10 @@ class FlashAttention(nn.Module):
     segment_ids: int [batch..., T] (self-attention) or a pair ([batch..., T], [batch..., S]).
     deterministic: merged with the attribute; needed when dropout_rate > 0.
     dropout_rng: default self.make_rng('dropout').
+
+    With decode=True (and the cache initialized), inputs are the T new tokens: mask is
+    then broadcastable to [batch..., Nq, T, max_length]; segment_ids and dropout are not
+    available.
     """
     if inputs_k is None:
       if inputs_v is not None:
@@ -119,13 +141,39 @@ class FlashAttention(nn.Module):
     if self.use_sinks:
       sinks = self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,),
                          self.param_dtype)
-    x = attention_fn(query, key, value, mask=mask, segment_ids=segment_ids,
-                     dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-                     broadcast_dropout=self.broadcast_dropout,
-                     deterministic=deterministic_now, dtype=self.dtype, sinks=sinks)
+    if self.decode and self.has_variable("cache", "cached_key"):
+      x = self._attend_with_cache(attention_fn, query, key, value, mask, segment_ids,
+                                  deterministic_now, sinks)
+    else:
+      if self.decode:  # initializing: the input's length sizes the cache, as linen's
+        self._cache_variables(key, value)
+      x = attention_fn(query, key, value, mask=mask, segment_ids=segment_ids,
+                       dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+                       broadcast_dropout=self.broadcast_dropout,
+                       deterministic=deterministic_now, dtype=self.dtype, sinks=sinks)
     out = nn.DenseGeneral(features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
                           kernel_init=self.out_kernel_init or self.kernel_init,
                           bias_init=self.out_bias_init or self.bias_init,
                           use_bias=self.use_bias, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="out")
     return out(x)  # [batch..., T, out_features]
+
+  def _cache_variables(self, key, value):
+    """The 'cache' collection, created from the full-length key/value [batch..., L, Nkv, H]."""
+    return (self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype),
+            self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype),
+            self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32)))
+
+  def _attend_with_cache(self, attention_fn, query, key, value, mask, segment_ids,
+                         deterministic, sinks):
+    if segment_ids is not None:
+      raise ValueError("FlashAttention decode: segment_ids cannot be combined with decode (each "
+                       "cache row holds one sequence; use a mask)")
+    if not deterministic:
+      raise NotImplementedError("FlashAttention decode runs without dropout: pass "
+                                "deterministic=True")
+    cached_key, cached_value, cache_index = self._cache_variables(key, value)
+    x, cached_key.value, cached_value.value, cache_index.value = decode_lib.attend_with_cache(
+        attention_fn, query, key, value, cached_key.value, cached_value.value,
+        cache_index.value, mask=mask, dtype=self.dtype, sinks=sinks)
+    return x  # [batch..., T, Nq, head_dim]
