@@ -51,6 +51,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no
     key returns 0 (lse -inf, zero gradients), never NaN.
   """
+  return_lse = spec_lib.check_bool("return_lse", return_lse)
   spec, q, k, v, bias, arrays = spec_lib.normalize(
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,
