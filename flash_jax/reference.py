@@ -27,10 +27,14 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
   bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
   mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
 
-  logits = tiles.tile_logits(q5, k, bias5, spec, precision)  # [B, Nkv, G, T, S]
   visible = tiles.tile_visibility(spec, arrays, mask5, 0, spec.kv_len)
+  k, v = tiles.hide_unseen_keys(visible, k, v)  # junk in keys no row sees stays out
+  logits = tiles.tile_logits(q5, k, bias5, spec, precision)  # [B, Nkv, G, T, S]
   logits = masking.masked_logits(logits, visible)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  # Floored like the kernels' running max: a row of -inf logits (a -inf bias on every
+  # key) then gives exp(-inf - MASK_VALUE) = 0, not exp(-inf + inf) = NaN.
+  row_max = jax.lax.stop_gradient(
+      jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), masking.MASK_VALUE))
   p = masking.masked_exp(logits, row_max, visible)
   row_sum = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(row_sum > 0, row_sum, 1.0)
