@@ -115,7 +115,12 @@ def _blockwise_attention(q, k, v, bias, arrays, impl, spec, config, interpret):
 
 
 def _blockwise_attention_fwd(q, k, v, bias, arrays, impl, spec, config, interpret):
-  out, lse, stats = impl.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+  def forward(q, k, v, bias, arrays):
+    return impl.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+
+  if not impl.differentiable_backward:  # a JVP of this pass is a second-order derivative
+    forward = _first_order_only(forward, impl.name)
+  out, lse, stats = forward(q, k, v, bias, arrays)
   return (out, lse), (q, k, v, bias, arrays, out, lse, stats)
 
 

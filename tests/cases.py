@@ -58,6 +58,10 @@ CASES = (
     Case(1, 1, 97, 4, 2, 64, "bfloat16", ("causal", "decode")),
     Case(1, 256, 256, 2, 2, 16, "float16", ("mask", "dropout")),
     Case(2, 128, 128, 4, 2, 128, "bfloat16", ("causal", "segment_ids", "lengths", "scale_large")),
+    # NaN and inf in every key no row sees (a reused KV cache): past kv_lengths, and past
+    # the last query position of a causal decode step.
+    Case(2, 40, 97, 4, 2, 32, "float32", ("causal", "q_offset_array", "lengths", "junk_kv")),
+    Case(2, 1, 130, 4, 1, 64, "bfloat16", ("causal", "q_offset_array", "junk_kv")),
 )
 
 
@@ -112,7 +116,32 @@ def make_inputs(case: Case, seed: int):
     kv_ids = 1 + (jnp.arange(s) % 2)
     kwargs["segment_ids"] = (jnp.broadcast_to(q_ids, (b, t)), jnp.broadcast_to(kv_ids, (b, s)))
     kwargs["kv_lengths"] = jnp.array([s, s // 2][:b])
+  if "junk_kv" in f:
+    k, v = poison_unseen_keys(k, v, kwargs, t)
   return q, k, v, kwargs
+
+
+def unseen_keys(kwargs, batch: int, q_len: int, kv_len: int) -> np.ndarray:
+  """Bool [B, S]: keys that no query row sees by position (kv_lengths, q_lengths, causal
+  with q_offset), the keys that may hold junk."""
+  j = np.arange(kv_len)[None, :]
+  hidden = np.zeros((batch, kv_len), bool)
+  if kwargs.get("kv_lengths") is not None:
+    hidden |= j >= np.asarray(kwargs["kv_lengths"])[:, None]
+  if kwargs.get("causal"):
+    offset = np.broadcast_to(np.asarray(kwargs.get("q_offset", 0)), (batch,))
+    rows = np.asarray(kwargs["q_lengths"]) if kwargs.get("q_lengths") is not None else q_len
+    hidden |= j > (np.broadcast_to(rows, (batch,)) - 1 + offset)[:, None]
+  return hidden
+
+
+def poison_unseen_keys(k, v, kwargs, q_len: int):
+  """k, v with NaN, +inf and -inf in the keys of `unseen_keys`."""
+  batch, kv_len = k.shape[:2]
+  hidden = jnp.asarray(unseen_keys(kwargs, batch, q_len, kv_len))[:, :, None, None]
+  junk = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf])[jnp.arange(kv_len) % 3][None, :, None, None]
+  return (jnp.where(hidden, junk, k).astype(k.dtype),
+          jnp.where(hidden, jnp.roll(junk, 1, axis=1), v).astype(v.dtype))
 
 
 def visible_rows(lse) -> np.ndarray:

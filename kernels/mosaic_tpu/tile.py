@@ -99,9 +99,9 @@ def hide_unseen_keys(geo: Geometry, pos: TilePosition, batch_ref, *blocks):
   if not (spec.causal or spec.window is not None or spec.has_q_lengths or spec.has_kv_lengths):
     return blocks
   scalar = lambda used, field: batch_scalar(batch_ref, pos.batch, field) if used else None
+  q_end = jnp.minimum(pos.q_start + geo.block_q, spec.q_len)  # padded rows see nothing
   key_range = masking.visible_kv_range(
-      pos.q_start, pos.q_start + geo.block_q, kv_len=spec.kv_len, causal=spec.causal,
-      window=spec.window, q_offset=scalar(spec.has_q_offset, layout.Q_OFFSET),
+      pos.q_start, q_end, kv_len=spec.kv_len, causal=spec.causal, window=spec.window, q_offset=scalar(spec.has_q_offset, layout.Q_OFFSET),
       kv_length=scalar(spec.has_kv_lengths, layout.KV_LENGTH),
       q_length=scalar(spec.has_q_lengths, layout.Q_LENGTH))
   keep = lambda x: masking.keys_in_range(

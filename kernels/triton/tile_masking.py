@@ -181,6 +181,7 @@ class TileMasking:
     """Keys [k_lo, k_hi) some row of [q_lo, q_hi) may see by position, or None (all)."""
     if not self.needs_masking:
       return None
+    q_hi = jnp.minimum(q_hi, self.spec.q_len)  # rows past T (a tail block's padding) see none
     return masking.visible_kv_range(q_lo, q_hi, kv_len=self.spec.kv_len,
                                     kv_length=self.kv_length, q_length=self.q_length,
                                     **self.positional)
