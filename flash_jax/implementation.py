@@ -101,8 +101,14 @@ class BlockwiseImplementation(Implementation):
 
 def second_order_error(name: str) -> NotImplementedError:
   from flash_jax import dispatch  # the registry imports this module
-  serving = [n for n in dispatch.implementation_names()
-             if getattr(dispatch.get_implementation(n), "differentiable_backward", True)]
+
+  def differentiable(other: str) -> bool:
+    try:
+      return getattr(dispatch.get_implementation(other), "differentiable_backward", True)
+    except ImportError:  # a backend this JAX cannot import
+      return False
+
+  serving = [n for n in dispatch.implementation_names() if differentiable(n)]
   return NotImplementedError(
       f"implementation {name!r} has no second-order derivative (its backward kernels "
       f"cannot be differentiated: grad of grad, Hessian-vector products); use one of "

