@@ -35,8 +35,8 @@ at MASK_VALUE, so -inf logits only ever meet finite maxima: exp(-inf - m) = 0.
 Junk keys: a key that no query row sees by the positional rules (lengths, causal and
 window with q_offset: the unused tail of a KV cache) is zeroed before it is used, so
 NaN or inf there reach no output and no gradient (its dk, dv are 0). Keys hidden only by
-segment ids, a dense mask or a -inf bias are zeroed by the pure-JAX implementations too;
-the Pallas kernels expect them finite.
+segment ids or a dense mask are zeroed by the pure-JAX implementations too, not by the
+Pallas kernels; keys hidden by a -inf bias must be finite everywhere.
 """
 
 from __future__ import annotations
