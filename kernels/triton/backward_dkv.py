@@ -4,9 +4,10 @@ One program per (key block, batch, key/value head) holds K_j, V_j and the float3
 accumulators dK_j, dV_j, and walks the query tiles `TileMasking.q_tiles` says can see
 its keys, for every query head of its GQA group (so dK/dV are summed over the group
 without atomics: each program owns its rows, results are deterministic). Per query
-tile it recomputes P from the saved lse instead of storing it (section 3.2):
+tile it recomputes P from the forward's row statistics instead of storing it (section
+3.2; m and l, kept apart so that a huge row max cannot round l away):
 
-    P^T = exp(S^T - lse)          dV_j += P^T dO
+    P^T = exp(S^T - m) / l        dV_j += P^T dO
     dP^T = V_j dO^T               dS^T = P^T * (dP^T - delta),  delta = rowsum(dO * O)
     dK_j += dS^T Q * scale
 

@@ -1,8 +1,8 @@
 """dQ kernel (and dbias): FlashAttention-2 Algorithm 2, outer loop over query blocks.
 
-One program per (query block, batch, query head) holds Q_i, dO_i, lse_i, delta_i and a
-float32 dQ_i, and walks the same key tiles as the forward pass (`TileMasking.kv_tiles`),
-recomputing P = exp(S - lse):
+One program per (query block, batch, query head) holds Q_i, dO_i, the forward's row max
+m_i and log-sum log l_i, delta_i and a float32 dQ_i, and walks the same key tiles as the
+forward pass (`TileMasking.kv_tiles`), recomputing P = exp(S - m) / l:
 
     dP = dO V_j^T      dS = P * (dP - delta)      dQ_i += dS K_j * scale
 
