@@ -22,17 +22,20 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     q: [B, T, Nq, H] queries. k: [B, S, Nkv, H] keys. v: [B, S, Nkv, Hv] values.
       Nq must be a multiple of Nkv: query head h reads key/value head h // (Nq // Nkv)
       (GQA; MQA when Nkv == 1), without materializing repeated k/v.
-    causal: query i sees key j only when j <= i + q_offset.
+    causal: Python bool; query i sees key j only when j <= i + q_offset.
     scale: logit scale; default 1 / sqrt(H).
     bias: additive float logits bias broadcastable to [B, Nq, T, S]; differentiable.
+      A finite bias is a logit however negative (a row of -1e30 attends uniformly, lse
+      finite; values below -1e38 count as -1e38); -inf hides the key like a False mask.
     mask: bool, broadcastable to [B, Nq, T, S]; True = attend.
     segment_ids: int [B, T] (self-attention, T == S) or a pair (q_ids [B, T],
       kv_ids [B, S]): a query sees only keys of its own segment (packed documents).
-    q_offset: int or int [B]: key position of query 0 (default 0, top-left aligned
-      like jax.nn; chunked prefill passes S - T for bottom-right alignment).
-    window: (left, right) keys i+q_offset-left ... i+q_offset+right (None side =
-      unbounded); an int w means (w, w), and (w, 0) with causal.
-    softcap: logits = softcap * tanh(logits / softcap), after scale and bias.
+    q_offset: int or int [B] in [-2**29, 2**29]: key position of query 0 (default 0,
+      top-left aligned like jax.nn; chunked prefill passes S - T for bottom-right
+      alignment). Host values outside raise ValueError; device arrays are clipped.
+    window: (left, right) keys i+q_offset-left ... i+q_offset+right (None side, or one
+      >= 2**30, = unbounded); an int w means (w, w), and (w, 0) with causal.
+    softcap: logits = softcap * tanh(logits / softcap), after scale and bias (inf: none).
     dropout_rate, dropout_rng: dropout on the attention probabilities with a
       counter-based keep-mask of (rng, batch, head, query, key), identical in every
       implementation.
@@ -45,7 +48,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     block_sizes: a `BlockSizes` (or the implementation's own config subclass).
     interpret: run a Pallas implementation in interpret mode (on CPU).
     q_lengths, kv_lengths: int [B]: query rows >= q_lengths[b] see nothing (output 0);
-      keys >= kv_lengths[b] are hidden.
+      keys >= kv_lengths[b] are hidden. A key no row sees by position (lengths, causal,
+      window) may hold junk, NaN and inf included: it affects no output or gradient.
     sinks: float [Nq] (float32 recommended): attention sinks (gpt-oss, StreamingLLM),
       one logit per query head that joins the softmax's denominator and adds nothing to
       the output: p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). Differentiable;
@@ -54,7 +58,10 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no
     key returns 0 (lse -inf, or sinks[h] with sinks; zero q/k/v gradients), never NaN.
+    Second-order derivatives work on "xla" and "chunked"; the Pallas kernels raise
+    NotImplementedError.
   """
+  return_lse = spec_lib.check_bool("return_lse", return_lse)
   spec, q, k, v, bias, arrays = spec_lib.normalize(
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,

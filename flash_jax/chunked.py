@@ -88,6 +88,10 @@ class ChunkedImplementation(BlockwiseImplementation):
     return config.fill(block_kv=DEFAULT_BLOCK_KV)
 
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    out, lse, _ = self.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse
+
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
     chunks = _chunk_inputs(k, v, bias, arrays, spec, self._resolve(config))
     q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
     stat_shape = (spec.batch, spec.num_kv_heads, spec.group_size, spec.q_len, 1)
@@ -95,9 +99,10 @@ class ChunkedImplementation(BlockwiseImplementation):
     def step(carry, index):
       row_max, row_sum, acc = carry
       start, k_c, v_c, bias_c = chunks.columns(index)
-      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
       visible = tiles.tile_visibility(spec, chunks.arrays, chunks.mask5, start, chunks.width,
                                       chunks.kv_bound)
+      k_c, v_c = tiles.hide_unseen_keys(visible, k_c, v_c)
+      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
       logits = masking.masked_logits(logits, visible)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1, keepdims=True))
       rescale = jnp.exp(row_max - new_max)
@@ -119,24 +124,29 @@ class ChunkedImplementation(BlockwiseImplementation):
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)  # [B, Nkv, G, T, Hv]
     out = tiles.ungroup_queries(jnp.moveaxis(out, 3, 1), spec).astype(q.dtype)
     lse = tiles.lse_from_stats(row_max[..., 0], row_sum[..., 0])
-    return out, tiles.grouped_stats_to_heads(lse, spec)
+    stats = tiles.backward_stats(row_max[..., 0], row_sum[..., 0])
+    heads = lambda x: tiles.grouped_stats_to_heads(x, spec)
+    return out, heads(lse), tuple(heads(x) for x in stats)
 
-  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret,
+               stats=None):
     chunks = _chunk_inputs(k, v, bias, arrays, spec, self._resolve(config))
     q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
     do5 = tiles.group_queries(dout, spec)  # [B, T, Nkv, G, Hv]
-    lse5 = tiles.heads_to_grouped_stats(lse, spec)[..., None]  # [B, Nkv, G, T, 1]
-    lse5 = jnp.where(jnp.isfinite(lse5), lse5, 0.0)  # rows that see nothing: P = 0 anyway
+    # P = exp((s - m) - log l), [B, Nkv, G, T, 1] each (see implementation.py)
+    m5, log_l5 = (tiles.heads_to_grouped_stats(x, spec)[..., None]
+                  for x in tiles.stats_or_lse(stats, lse))
     delta5 = tiles.heads_to_grouped_stats(delta, spec)[..., None]
     bias_cols_broadcast = chunks.bias5 is not None and chunks.bias5.shape[-1] == 1
 
     def step(carry, index):
       dq, dbias_acc = carry
       start, k_c, v_c, bias_c = chunks.columns(index)
-      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
       visible = tiles.tile_visibility(spec, chunks.arrays, chunks.mask5, start, chunks.width,
                                       chunks.kv_bound)
-      p = masking.masked_exp(logits, lse5, visible)
+      k_c, v_c = tiles.hide_unseen_keys(visible, k_c, v_c)
+      logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
+      p = masking.masked_exp(logits - m5, log_l5, visible)
       dp = jnp.einsum("btkgh,bskh->bkgts", do5, v_c, preferred_element_type=jnp.float32)
       dropout = tiles.tile_dropout(spec, chunks.arrays, start, chunks.width)
       p_kept = p if dropout is None else p * dropout
@@ -146,7 +156,8 @@ class ChunkedImplementation(BlockwiseImplementation):
       ds = p * (dp - delta5)  # d loss / d logits
       if spec.softcap is not None:
         ds = ds * masking.softcap_grad(logits, spec.softcap)
-      dbias_c = None if bias_c is None else tiles.sum_to_shape(ds, bias_c.shape)
+      dbias_c = (None if bias_c is None
+                 else tiles.sum_to_shape(masking.bias_grad(ds, bias_c), bias_c.shape))
       ds = (ds * spec.scale).astype(q.dtype)
       dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_c, preferred_element_type=jnp.float32)
       dk_c = jnp.einsum("bkgts,btkgh->bskh", ds, q5, preferred_element_type=jnp.float32)

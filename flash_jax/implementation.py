@@ -4,7 +4,14 @@ An implementation declares where it runs and which calls it serves (`check` rais
 `NotImplementedError` naming the missing feature or shape), picks a default config,
 and computes (out, lse). Blockwise implementations supply `forward` and `backward`;
 `BlockwiseImplementation` wires them into one `jax.custom_vjp` whose residuals are
-q, k, v, bias, the mask arrays, out and lse: nothing of size T x S.
+q, k, v, bias, the mask arrays, out, lse and optional per-row statistics: nothing of
+size T x S.
+
+Per-row statistics: lse = m + log(l) rounds log(l) away when the row max m is huge
+(a bias of -1e9 on a whole row), so recomputing P = exp(s - lse) in the backward would
+be wrong by a factor l. An implementation that returns its (m, log l) from
+`forward_with_stats` gets them back in `backward(..., stats=...)` and recomputes
+P = exp((s - m) - log l), exactly as its forward did.
 """
 
 from __future__ import annotations
@@ -75,16 +82,27 @@ def unsupported(impl_name: str, what: str) -> NotImplementedError:
 class BlockwiseImplementation(Implementation):
   """An implementation with an explicit forward and backward (recompute from lse)."""
 
+  # False where the backward cannot itself be differentiated (Pallas kernels have no
+  # JVP): a second-order derivative then raises a NotImplementedError naming it.
+  differentiable_backward: ClassVar[bool] = True
+
   @abc.abstractmethod
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     """-> (out [B, T, Nq, Hv], lse [B, Nq, T] float32, -inf on rows that see no key)."""
+
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
+    """-> (out, lse, stats): stats are the per-row statistics `backward` takes back
+    (see the module docstring), or None when it recomputes from lse alone."""
+    out, lse = self.forward(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse, None
 
   @abc.abstractmethod
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     """-> (dq, dk, dv, dbias or None).
 
     delta [B, Nq, T] float32 = rowsum(dout * out) - dlse, so that dS = P * (dP - delta)
-    also carries the cotangent of the returned lse (d lse / d logits = P).
+    also carries the cotangent of the returned lse (d lse / d logits = P). Called with
+    a keyword `stats=` when `forward_with_stats` returned some.
     """
 
   def __call__(self, q, k, v, bias, arrays, spec, config, interpret):
@@ -94,24 +112,67 @@ class BlockwiseImplementation(Implementation):
     return self.forward(q, k, v, bias, arrays, spec, config, interpret)
 
 
+def second_order_error(name: str) -> NotImplementedError:
+  from flash_jax import dispatch  # the registry imports this module
+
+  def differentiable(other: str) -> bool:
+    try:
+      return getattr(dispatch.get_implementation(other), "differentiable_backward", True)
+    except ImportError:  # a backend this JAX cannot import
+      return False
+
+  serving = [n for n in dispatch.implementation_names() if differentiable(n)]
+  return NotImplementedError(
+      f"implementation {name!r} has no second-order derivative (its backward kernels "
+      f"cannot be differentiated: grad of grad, Hessian-vector products); use one of "
+      f"{serving} for higher-order derivatives")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _blockwise_attention(q, k, v, bias, arrays, impl, spec, config, interpret):
   return impl.forward(q, k, v, bias, arrays, spec, config, interpret)
 
 
 def _blockwise_attention_fwd(q, k, v, bias, arrays, impl, spec, config, interpret):
-  out, lse = impl.forward(q, k, v, bias, arrays, spec, config, interpret)
-  return (out, lse), (q, k, v, bias, arrays, out, lse)
+  def forward(q, k, v, bias, arrays):
+    return impl.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+
+  if not impl.differentiable_backward:  # a JVP of this pass is a second-order derivative
+    forward = _first_order_only(forward, impl.name)
+  out, lse, stats = forward(q, k, v, bias, arrays)
+  return (out, lse), (q, k, v, bias, arrays, out, lse, stats)
 
 
 def _blockwise_attention_bwd(impl, spec, config, interpret, residuals, cotangents):
-  q, k, v, bias, arrays, out, lse = residuals
+  q, k, v, bias, arrays, out, lse, stats = residuals
   dout, dlse = cotangents
   delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
   delta = delta - dlse.astype(jnp.float32)
-  dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
-                                    interpret)
+
+  def backward(q, k, v, bias, arrays, out, lse, stats, dout, delta):
+    kwargs = {} if stats is None else {"stats": stats}
+    return tuple(impl.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
+                               interpret, **kwargs))
+
+  if not impl.differentiable_backward:
+    backward = _first_order_only(backward, impl.name)
+  dq, dk, dv, dbias = backward(q, k, v, bias, arrays, out, lse, stats, dout, delta)
   return dq, dk, dv, dbias, None  # the mask arrays are not differentiable
+
+
+def _first_order_only(fn, name: str):
+  """`fn`, whose differentiation raises `second_order_error(name)` instead of failing
+  deep inside Pallas (a bare AssertionError, or an empty NotImplementedError)."""
+  @jax.custom_jvp
+  def wrapped(*args):
+    return fn(*args)
+
+  @wrapped.defjvp
+  def _jvp(primals, tangents):
+    del primals, tangents
+    raise second_order_error(name)
+
+  return wrapped
 
 
 _blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)

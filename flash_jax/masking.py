@@ -24,6 +24,19 @@ sees key j (0 <= j < S) when every active rule allows it:
 A row that sees no key produces output 0 and lse -inf. Masked logits take the finite
 MASK_VALUE and masked probabilities are zeroed explicitly with `where`, so no -inf
 arithmetic, and no NaN, can arise (online softmax, FlashAttention-2 section 3.1.1).
+
+Bias: a finite bias is a logit, however negative: a row whose keys all carry -1e30
+attends to them uniformly, as jax.nn does. Finite values below BIAS_FLOOR count as
+BIAS_FLOOR (gradient 0 there), so that every finite logit stays above MASK_VALUE and
+finite in base 2. A bias of -inf hides its key, as a False mask entry does (soft-cap
+included); a row whose keys are all hidden that way sees nothing. Running maxima start
+at MASK_VALUE, so -inf logits only ever meet finite maxima: exp(-inf - m) = 0.
+
+Junk keys: a key that no query row sees by the positional rules (lengths, causal and
+window with q_offset: the unused tail of a KV cache) is zeroed before it is used, so
+NaN or inf there reach no output and no gradient (its dk, dv are 0). Keys hidden only by
+segment ids or a dense mask are zeroed by the pure-JAX implementations too, not by the
+Pallas kernels; keys hidden by a -inf bias must be finite everywhere.
 """
 
 from __future__ import annotations
@@ -34,6 +47,10 @@ import numpy as np
 
 # Large, finite and far from overflow when a running max is subtracted from it.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# The lowest finite bias: below MASK_VALUE / log2(e) (kernels that work in base 2 mask
+# after the change of base) with room for q.k, so a visible logit is never taken for a
+# masked one, and float32's lowest value is still a logit.
+BIAS_FLOOR = -1e38
 
 
 def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
@@ -72,12 +89,15 @@ def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
 
 
 def visible_kv_range(q_lo, q_hi, *, kv_len, causal=False, window=None, q_offset=None,
-                     kv_length=None):
+                     kv_length=None, q_length=None):
   """Keys [k_lo, k_hi) outside which no query of rows [q_lo, q_hi) sees anything.
 
-  Used for tile skipping: key blocks outside the range are never loaded. Works on
-  Python ints and traced int32 scalars. Segment ids and dense masks are not bounded here.
+  Used for tile skipping (key blocks outside the range are never loaded) and to zero
+  junk keys. Works on Python ints and traced int32 scalars. Segment ids and dense masks
+  are not bounded here. With q_length, rows at or past it see nothing.
   """
+  if q_length is not None:
+    q_hi = jnp.minimum(q_hi, q_length)
   offset = 0 if q_offset is None else q_offset
   first_pos, last_pos = q_lo + offset, q_hi - 1 + offset
   k_lo, k_hi = 0, kv_len
@@ -91,8 +111,16 @@ def visible_kv_range(q_lo, q_hi, *, kv_len, causal=False, window=None, q_offset=
       k_hi = jnp.minimum(k_hi, last_pos + right + 1)
   if kv_length is not None:
     k_hi = jnp.minimum(k_hi, kv_length)
+  if q_length is not None:
+    k_hi = jnp.where(q_hi > q_lo, k_hi, 0)
   k_lo = jnp.clip(k_lo, 0, kv_len)
   return k_lo, jnp.clip(k_hi, k_lo, kv_len)
+
+
+def keys_in_range(k_idx, key_range):
+  """Bool: k_idx inside [k_lo, k_hi) = key_range (from `visible_kv_range`)."""
+  k_lo, k_hi = key_range
+  return jnp.logical_and(k_idx >= k_lo, k_idx < k_hi)
 
 
 def visible_q_range(k_lo, k_hi, *, q_len, causal=False, window=None, q_offset=None,
@@ -138,21 +166,37 @@ def tile_fully_visible(q_lo, q_hi, k_lo, k_hi, *, kv_len, causal=False, window=N
   return full
 
 
+def floor_bias(bias):
+  """float32 bias, finite values below BIAS_FLOOR raised to it; -inf stays (hides the key)."""
+  bias = bias.astype(jnp.float32)
+  return jnp.where(jnp.logical_and(bias < BIAS_FLOOR, bias > -jnp.inf), BIAS_FLOOR, bias)
+
+
+def bias_grad(ds, bias):
+  """d loss / d bias from d loss / d logits: 0 where `floor_bias` raised the bias."""
+  return jnp.where(bias.astype(jnp.float32) < BIAS_FLOOR, 0.0, ds)
+
+
 def transform_logits(s, *, scale, bias=None, softcap=None):
-  """float32 q.k^T -> logits: scale, add bias, then soft-cap c * tanh(s / c)."""
+  """float32 q.k^T -> logits: scale, add bias, then soft-cap c * tanh(s / c).
+
+  A -inf bias gives a -inf logit, also through the soft-cap (the key stays hidden).
+  """
   s = s * scale
   if bias is not None:
-    s = s + bias.astype(jnp.float32)
+    s = s + floor_bias(bias)
   if softcap is not None:
-    s = softcap * jnp.tanh(s / softcap)
+    capped = softcap * jnp.tanh(s / softcap)
+    s = capped if bias is None else jnp.where(s == -jnp.inf, s, capped)
   return s
 
 
 def softcap_grad(logits, softcap):
-  """d logits / d (pre-cap logits) written with the capped logits: 1 - tanh^2."""
+  """d logits / d (pre-cap logits) written with the capped logits: 1 - tanh^2 (0 at a
+  -inf logit, so that it times a zero probability stays 0)."""
   if softcap is None:
     return None
-  t = logits / softcap
+  t = jnp.clip(logits / softcap, -1.0, 1.0)
   return 1.0 - t * t
 
 

@@ -30,10 +30,13 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
   bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
   mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
 
-  logits = tiles.tile_logits(q5, k, bias5, spec, precision)  # [B, Nkv, G, T, S]
   visible = tiles.tile_visibility(spec, arrays, mask5, 0, spec.kv_len)
+  k, v = tiles.hide_unseen_keys(visible, k, v)  # junk in keys no row sees stays out
+  logits = tiles.tile_logits(q5, k, bias5, spec, precision)  # [B, Nkv, G, T, S]
   logits = masking.masked_logits(logits, visible)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  # Floored like the kernels' running max: a row of -inf logits (a -inf bias on every
+  # key) then gives exp(-inf - MASK_VALUE) = 0, not exp(-inf + inf) = NaN.
+  row_max = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), masking.MASK_VALUE)
   if sinks is not None:
     sink = sinks.astype(jnp.float32).reshape(1, spec.num_kv_heads, spec.group_size, 1, 1)
     row_max = jnp.maximum(row_max, sink)

@@ -378,6 +378,10 @@ class PartitionedImplementation(BlockwiseImplementation):
   def config_type(self):
     return self.inner.config_type
 
+  @property
+  def differentiable_backward(self):
+    return self.inner.differentiable_backward
+
   def check(self, spec, *, platform, interpret):
     self.inner.check(spec, platform=platform, interpret=interpret)
 

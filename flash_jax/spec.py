@@ -23,6 +23,16 @@ import numpy as np
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
+# Positions are int32 in every implementation (masking.py). They never overflow when
+# sequence lengths stay below MAX_SEQUENCE_LENGTH, offsets within +-MAX_Q_OFFSET and
+# finite window sides below WINDOW_UNBOUNDED: |i + q_offset +- side| < 2**31 with room
+# for a tile's padding. A window side at or above WINDOW_UNBOUNDED hides nothing for any
+# allowed offset, so it is unbounded (None).
+MAX_SEQUENCE_LENGTH = 2**28
+MAX_Q_OFFSET = 2**29
+WINDOW_UNBOUNDED = 2**30
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
@@ -144,31 +154,79 @@ def _as_4d(name: str, x: Any, target: tuple[int, int, int, int]) -> jax.Array:
   return x
 
 
-def _int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
-  x = jnp.asarray(x)
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_bool(name: str, x: Any) -> bool:
+  """x as a Python bool; a traced value or another type raises a TypeError naming `name`."""
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if _is_traced(x):
+    raise TypeError(f"{name} must be a Python bool, got a traced value: it selects what is "
+                    f"computed, so pass it as a static argument (jit's static_argnames)")
+  raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _int_array(name: str, x: Any, shape: tuple[int, ...], lo: int = INT32_MIN,
+               hi: int = INT32_MAX) -> jax.Array:
+  """x as int32 of `shape`; nothing wraps. Host values (Python ints, lists, numpy arrays,
+  and device arrays of a dtype wider than int32) outside [lo, hi] raise a ValueError;
+  other device arrays (traced ones included) are clipped to [lo, hi] in their own dtype
+  before the cast, without a read-back to the host."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)  # Python ints and lists too: checked before any int32 conversion
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
   if x.shape != shape:
     raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
-  return x.astype(jnp.int32)
+  info = jnp.iinfo(x.dtype)
+  if info.min >= lo and info.max <= hi:
+    return jnp.asarray(x).astype(jnp.int32)
+  wider = info.min < INT32_MIN or info.max > INT32_MAX
+  if isinstance(x, np.ndarray) or (wider and not _is_traced(x)):  # host values: check them
+    values = np.asarray(x)
+    if values.size and (values.min() < lo or values.max() > hi):
+      raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in "
+                       f"[{values.min()}, {values.max()}]")
+    return jnp.asarray(values.astype(np.int32))
+  # Device arrays (traced or int32 already) are not read back to the host: clipped.
+  return jnp.clip(x, max(lo, info.min), min(hi, info.max)).astype(jnp.int32)
 
 
 def normalize_window(window: Any, causal: bool) -> tuple[int | None, int | None] | None:
-  """`window` int w -> (w, w), or (w, 0) with causal; a pair passes through; checks >= 0."""
+  """`window` int w -> (w, w), or (w, 0) with causal; a pair passes through; checks >= 0.
+
+  A side at or above WINDOW_UNBOUNDED hides nothing and becomes None (unbounded), so
+  "huge" sides such as 2**31 - 1 never enter int32 position arithmetic.
+  """
   if window is None:
     return None
-  if isinstance(window, (int, np.integer)):
+  if _is_int(window):
     left, right = int(window), (0 if causal else int(window))
+  elif isinstance(window, (bool, np.bool_, str)) or _is_traced(window):
+    raise TypeError(f"window must be an int, a (left, right) pair or None, got {window!r}")
   else:
     try:
       left, right = window
     except (TypeError, ValueError):
       raise TypeError(f"window must be an int or a (left, right) pair, got {window!r}") from None
   for side, value in (("left", left), ("right", right)):
-    if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+    if value is not None and not _is_int(value):
+      raise TypeError(f"window {side} must be a non-negative int or None, got {value!r}")
+    if value is not None and value < 0:
       raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
-  left = None if left is None else int(left)
-  right = None if right is None else int(right)
+  unbounded = lambda side: side is None or side >= WINDOW_UNBOUNDED
+  left = None if unbounded(left) else int(left)
+  right = None if unbounded(right) else int(right)
   if causal:
     right = 0  # causal already hides every key right of the query
   if left is None and (right is None or causal):
@@ -203,16 +261,27 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
     raise ValueError(f"head dims must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got q={q.shape}, v={v.shape}")
   if q_len == 0 or kv_len == 0:
     raise ValueError(f"sequence lengths must be positive, got q={q.shape}, k={k.shape}")
+  if max(q_len, kv_len) > MAX_SEQUENCE_LENGTH:
+    raise ValueError(f"sequence lengths must be at most {MAX_SEQUENCE_LENGTH} (int32 positions), "
+                     f"got q={q.shape}, k={k.shape}")
 
+  causal = check_bool("causal", causal)
   if scale is None:
     scale = 1.0 / float(np.sqrt(head_dim))
-  if not isinstance(scale, (int, float, np.floating, np.integer)):
+  if not _is_real(scale):
     raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+  if not np.isfinite(scale):
+    raise ValueError(f"scale must be finite, got {scale!r}")
   if softcap is not None:
-    if not isinstance(softcap, (int, float, np.floating, np.integer)) or softcap <= 0:
+    if not _is_real(softcap):
+      raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
+    if not softcap > 0:  # NaN too
       raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
-    softcap = float(softcap)
-  if not isinstance(dropout_rate, (int, float, np.floating)) or not 0.0 <= dropout_rate < 1.0:
+    # An infinite cap is no cap: c * tanh(s / c) -> s.
+    softcap = None if softcap == float("inf") else float(softcap)
+  if not _is_real(dropout_rate):
+    raise TypeError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+  if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
@@ -229,10 +298,11 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
 
   arrays = {}
   if q_offset is not None:
-    q_offset = jnp.asarray(q_offset)
+    if not isinstance(q_offset, jax.Array):
+      q_offset = np.asarray(q_offset)
     if q_offset.ndim == 0:  # one offset for every batch row
-      q_offset = jnp.broadcast_to(q_offset, (batch,))
-    arrays["q_offset"] = _int_array("q_offset", q_offset, (batch,))
+      q_offset = (jnp if isinstance(q_offset, jax.Array) else np).broadcast_to(q_offset, (batch,))
+    arrays["q_offset"] = _int_array("q_offset", q_offset, (batch,), -MAX_Q_OFFSET, MAX_Q_OFFSET)
   if segment_ids is not None:
     if isinstance(segment_ids, (tuple, list)):
       if len(segment_ids) != 2:
@@ -243,12 +313,17 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
         raise ValueError(f"a single segment_ids array needs T == S (self-attention), got T={q_len}, "
                          f"S={kv_len}; pass a pair (q_ids, kv_ids)")
       q_ids = kv_ids = segment_ids
+    q_ids, kv_ids = _compact_traced_ids(q_ids, kv_ids)
     arrays["q_segment_ids"] = _int_array("segment_ids (query)", q_ids, (batch, q_len))
     arrays["kv_segment_ids"] = _int_array("segment_ids (key/value)", kv_ids, (batch, kv_len))
+  # A length <= 0 hides everything and one >= the sequence hides nothing: the clip keeps
+  # the mask and bounds the kernels' int32 arithmetic.
   if q_lengths is not None:
-    arrays["q_lengths"] = _int_array("q_lengths", q_lengths, (batch,))
+    q_lengths = _int_array("q_lengths", q_lengths, (batch,))
+    arrays["q_lengths"] = jnp.clip(q_lengths, 0, q_len)
   if kv_lengths is not None:
-    arrays["kv_lengths"] = _int_array("kv_lengths", kv_lengths, (batch,))
+    kv_lengths = _int_array("kv_lengths", kv_lengths, (batch,))
+    arrays["kv_lengths"] = jnp.clip(kv_lengths, 0, kv_len)
   if mask is not None:
     arrays["mask"] = mask
   if dropout_rate > 0.0:
@@ -257,8 +332,8 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
   spec = AttentionSpec(
       batch=batch, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=v.shape[3],
-      dtype=q.dtype.name, scale=float(scale), causal=bool(causal),
-      window=normalize_window(window, bool(causal)), softcap=softcap,
+      dtype=q.dtype.name, scale=float(scale), causal=causal,
+      window=normalize_window(window, causal), softcap=softcap,
       bias_shape=None if bias is None else tuple(bias.shape),
       mask_shape=None if mask is None else tuple(mask.shape),
       has_q_offset=q_offset is not None, has_segment_ids=segment_ids is not None,
@@ -267,6 +342,33 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
   return spec, q, k, v, bias, AttentionArrays(**arrays)
 
 
+def _compact_traced_ids(q_ids, kv_ids):
+  """Traced segment ids of a dtype wider than int32 -> their ranks among all ids (int32).
+
+  Equal ids stay equal and different ids stay different, so the mask is unchanged and
+  nothing wraps; concrete ids are range-checked by `_int_array` instead.
+  """
+  wide = lambda x: (_is_traced(x) and jnp.issubdtype(x.dtype, jnp.integer)
+                    and (jnp.iinfo(x.dtype).max > INT32_MAX or jnp.iinfo(x.dtype).min < INT32_MIN))
+  if not (wide(q_ids) or wide(kv_ids)):
+    return q_ids, kv_ids
+  q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
+  common = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
+  q_ids, kv_ids = q_ids.astype(common), kv_ids.astype(common)
+  ordered = jnp.sort(jnp.concatenate([q_ids.reshape(-1), kv_ids.reshape(-1)]))
+  rank = lambda x: jnp.searchsorted(ordered, x).astype(jnp.int32)
+  return rank(q_ids), rank(kv_ids)
+
+
 def dropout_seed_from_rng(rng) -> jax.Array:
   """A uint32 seed from a PRNG key (new-style typed or raw uint32[2])."""
-  return jax.random.bits(rng, (), jnp.uint32)
+  dtype = getattr(rng, "dtype", None)
+  is_key = dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                                  or (dtype == jnp.uint32 and np.ndim(rng) == 1))
+  if not is_key:
+    raise TypeError(f"dropout_rng must be a PRNG key (jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed)), got {rng!r}")
+  try:
+    return jax.random.bits(rng, (), jnp.uint32)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"dropout_rng must be a single PRNG key, got shape {np.shape(rng)}: {e}") from None

@@ -94,6 +94,17 @@ def tile_visibility(spec: AttentionSpec, arrays: AttentionArrays, mask5, k_start
   return visible
 
 
+def hide_unseen_keys(visible, *xs):
+  """Zeroes the rows of k/v-shaped `xs` ([B, w, Nkv, D]) whose key no query row of the
+  tile sees, so that junk there (NaN, inf) cannot reach a product: P = 0 times NaN is NaN.
+  `visible` is a tile's visibility ([B|1, Nkv|1, G|1, T, w], or fewer leading dims)."""
+  if visible is None:
+    return xs
+  visible = visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
+  seen = jnp.swapaxes(jnp.any(visible, axis=(2, 3)), 1, 2)[..., None]  # [B|1, w, Nkv|1, 1]
+  return tuple(jnp.where(seen, x, jnp.zeros((), x.dtype)) for x in xs)
+
+
 def tile_dropout(spec: AttentionSpec, arrays: AttentionArrays, k_start, width):
   """float32 multiplier keep / (1 - rate) on [B, Nkv, G, T, w], or None without dropout."""
   if not spec.has_dropout:
@@ -111,6 +122,22 @@ def lse_from_stats(row_max, row_sum):
   """Natural-log log-sum-exp from the running max and sum; -inf where the row saw nothing."""
   seen = row_sum > 0
   return jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+
+
+def backward_stats(row_max, row_sum, log=jnp.log):
+  """(m, log l) for `BlockwiseImplementation.forward_with_stats`; (0, 0) on rows that saw
+  nothing, so that no inf enters the backward (their P is 0 through the mask anyway).
+  `log` lets base-2 kernels pass log2."""
+  seen = row_sum > 0
+  return jnp.where(seen, row_max, 0.0), jnp.where(seen, log(jnp.where(seen, row_sum, 1.0)), 0.0)
+
+
+def stats_or_lse(stats, lse):
+  """The backward's (m, log l): the forward's stats, or (lse, 0) when there are none
+  (lse -inf on rows that saw nothing becomes 0, as in `backward_stats`)."""
+  if stats is not None:
+    return stats
+  return jnp.where(jnp.isfinite(lse), lse, 0.0), jnp.zeros_like(lse)
 
 
 def grouped_stats_to_heads(x, spec: AttentionSpec):

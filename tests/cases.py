@@ -66,6 +66,10 @@ CASES = (
     Case(2, 97, 130, 2, 2, 64, "bfloat16", ("empty_rows", "sinks")),
     Case(2, 97, 130, 4, 2, 64, "float16", ("causal", "window", "lengths", "sinks")),
     Case(1, 64, 97, 4, 1, 40, "float32", ("bias", "dropout", "softcap", "sinks")),
+    # NaN and inf in every key no row sees (a reused KV cache): past kv_lengths, and past
+    # the last query position of a causal decode step.
+    Case(2, 40, 97, 4, 2, 32, "float32", ("causal", "q_offset_array", "lengths", "junk_kv")),
+    Case(2, 1, 130, 4, 1, 64, "bfloat16", ("causal", "q_offset_array", "junk_kv")),
 )
 
 
@@ -130,7 +134,32 @@ def make_inputs(case: Case, seed: int):
   if "sinks" in f:
     # float32 [Nq], near the rows' lse (about log S) so that the sink takes a real share.
     kwargs["sinks"] = np.log(s) + 2.0 * jax.random.normal(next(keys), (case.num_q_heads,))
+  if "junk_kv" in f:
+    k, v = poison_unseen_keys(k, v, kwargs, t)
   return q, k, v, kwargs
+
+
+def unseen_keys(kwargs, batch: int, q_len: int, kv_len: int) -> np.ndarray:
+  """Bool [B, S]: keys that no query row sees by position (kv_lengths, q_lengths, causal
+  with q_offset), the keys that may hold junk."""
+  j = np.arange(kv_len)[None, :]
+  hidden = np.zeros((batch, kv_len), bool)
+  if kwargs.get("kv_lengths") is not None:
+    hidden |= j >= np.asarray(kwargs["kv_lengths"])[:, None]
+  if kwargs.get("causal"):
+    offset = np.broadcast_to(np.asarray(kwargs.get("q_offset", 0)), (batch,))
+    rows = np.asarray(kwargs["q_lengths"]) if kwargs.get("q_lengths") is not None else q_len
+    hidden |= j > (np.broadcast_to(rows, (batch,)) - 1 + offset)[:, None]
+  return hidden
+
+
+def poison_unseen_keys(k, v, kwargs, q_len: int):
+  """k, v with NaN, +inf and -inf in the keys of `unseen_keys`."""
+  batch, kv_len = k.shape[:2]
+  hidden = jnp.asarray(unseen_keys(kwargs, batch, q_len, kv_len))[:, :, None, None]
+  junk = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf])[jnp.arange(kv_len) % 3][None, :, None, None]
+  return (jnp.where(hidden, junk, k).astype(k.dtype),
+          jnp.where(hidden, jnp.roll(junk, 1, axis=1), v).astype(v.dtype))
 
 
 def visible_rows(lse) -> np.ndarray:

@@ -276,13 +276,13 @@ def test_kernels_are_race_free_and_grid_order_independent():
   dout = jax.random.normal(jax.random.PRNGKey(4), (1, 256, 4, 32))
 
   def kernels(interpret):
-    out, lse = forward.forward(q, k, v, bias, arrays, geo, interpret=interpret)
+    out, lse, stats = forward.forward(q, k, v, bias, arrays, geo, interpret=interpret)
     races = [detector.races.races_found]
     delta = jnp.einsum("btnh,btnh->bnt", dout, out)
-    dk, dv = backward.backward_dkv(q, k, v, bias, arrays, lse, dout, delta, geo,
+    dk, dv = backward.backward_dkv(q, k, v, bias, arrays, stats, dout, delta, geo,
                                    interpret=interpret)
     races.append(detector.races.races_found)
-    dq, ds = backward.backward_dq(q, k, v, bias, arrays, lse, dout, delta, geo,
+    dq, ds = backward.backward_dq(q, k, v, bias, arrays, stats, dout, delta, geo,
                                   interpret=interpret)
     races.append(detector.races.races_found)
     return (out, lse, dk, dv, dq, ds), races

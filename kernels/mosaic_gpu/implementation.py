@@ -28,6 +28,7 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   name = "mosaic_gpu"
   platforms = ("gpu",)
   interpretable = False  # the Mosaic GPU interpreter lacks layout_cast and run_state
+  differentiable_backward = False  # Pallas Mosaic GPU kernels have no JVP
   config_type = config_lib.MosaicGPUBlockSizes
 
   def check_spec(self, spec: AttentionSpec) -> None:

@@ -1,7 +1,7 @@
 """Backward kernels: dK/dV and dQ, recomputing P from the saved lse (FlashAttention-2,
 Algorithm 2, split in two passes so that every accumulator is owned by one grid row).
 
-    P  = exp(logits - lse)          dV += P_kept^T dO        dP = (dO V^T) * dropout
+    P  = exp((logits - m) - log l)  dV += P_kept^T dO        dP = (dO V^T) * dropout
     dS = P * (dP - delta)           (* softcap' = 1 - tanh^2 when soft-capped)
     dK += (scale dS)^T Q            dQ += (scale dS) K       dbias = dS
 
@@ -32,17 +32,22 @@ from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 def _tile_grads(refs, scalars: launch.Scalars, geo: Geometry, pos: tile.TilePosition,
                 masked: bool):
-  """Recomputes one tile -> (P with dropout applied [bq, bk], dS [bq, bk]) in float32."""
+  """Recomputes one tile -> (P with dropout applied [bq, bk], dS [bq, bk], K [bk, H_pad]) in
+  float32 (K with the keys no row sees zeroed)."""
   shape = (geo.block_q, geo.block_kv)
   extra = operands.load_mask_tiles(refs, geo)
-  s = tile.logits(refs["q"][...], refs["k"][...], extra.bias, geo)  # [bq, bk]
+  k, v = refs["k"][...], refs["v"][...]
+  if masked:
+    k, v = tile.hide_unseen_keys(geo, pos, scalars.batch, k, v)
+  s = tile.logits(refs["q"][...], k, extra.bias, geo)  # [bq, bk]
   visible = None
   if masked:
     visible = tile.visibility(geo, pos, shape, scalars.batch, extra.q_segment_ids,
                               extra.kv_segment_ids, extra.mask)
-  lse = tile.widen(refs["lse"][...], geo.block_kv)  # [bq, 128] -> [bq, bk]
-  p = masking.masked_exp(s, lse, visible)  # P, exactly 0 where hidden
-  dp = tile.matmul_nt(refs["dout"][...], refs["v"][...])  # [bq, bk]
+  # P = exp((s - m) - log l) from the forward's row statistics ([bq, 128] -> [bq, bk])
+  row_max = tile.widen(refs["row_max"][...], geo.block_kv)
+  p = masking.masked_exp(s - row_max, tile.widen(refs["log_sum"][...], geo.block_kv), visible)
+  dp = tile.matmul_nt(refs["dout"][...], v)  # [bq, bk]
   dropout = tile.dropout_multiplier(geo, pos, shape, scalars.seed)
   p_kept = p
   if dropout is not None:
@@ -50,7 +55,7 @@ def _tile_grads(refs, scalars: launch.Scalars, geo: Geometry, pos: tile.TilePosi
   ds = p * (dp - tile.widen(refs["delta"][...], geo.block_kv))  # d loss / d logits
   if geo.spec.softcap is not None:
     ds = ds * masking.softcap_grad(s, geo.spec.softcap)
-  return p_kept, ds
+  return p_kept, ds, k
 
 
 def _dkv_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
@@ -68,7 +73,7 @@ def _dkv_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
 
   def accumulate(masked: bool):
     pos = tile.TilePosition(batch, head, q_block * geo.block_q, kv_block * geo.block_kv)
-    p_kept, ds = _tile_grads(refs, scalars, geo, pos, masked)
+    p_kept, ds, _ = _tile_grads(refs, scalars, geo, pos, masked)
     q, dout = refs["q"][...], refs["dout"][...]
     refs["dv_acc"][...] += tile.matmul_tn(p_kept.astype(dout.dtype), dout)  # [bk, Hv_pad]
     refs["dk_acc"][...] += tile.matmul_tn((ds * geo.spec.scale).astype(q.dtype), q)
@@ -94,11 +99,10 @@ def _dq_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
 
   def accumulate(masked: bool):
     pos = tile.TilePosition(batch, head, q_block * geo.block_q, kv_block * geo.block_kv)
-    _, ds = _tile_grads(refs, scalars, geo, pos, masked)
-    k = refs["k"][...]
+    _, ds, k = _tile_grads(refs, scalars, geo, pos, masked)
     refs["dq_acc"][...] += tile.matmul_nn((ds * geo.spec.scale).astype(k.dtype), k)
     if has_bias:
-      refs["dbias"][...] = ds
+      refs["dbias"][...] = masking.bias_grad(ds, refs["bias"][...])
 
   pl.when(state == block_info.FULL)(lambda: accumulate(masked=False))
   pl.when(state == block_info.PARTIAL)(lambda: accumulate(masked=True))
@@ -112,17 +116,18 @@ def _dq_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
     refs["dq"][...] = refs["dq_acc"][...].astype(refs["dq"].dtype)
 
 
-def _row_inputs(q, dout, lse, delta, geo: Geometry, coords) -> list[launch.Operand]:
-  """q, dO, lse and delta in kernel layout; a row that saw nothing (lse -inf) gets lse 0:
-  its P is 0 through the mask anyway, and no inf enters the arithmetic."""
+def _row_inputs(q, dout, stats, delta, geo: Geometry, coords) -> list[launch.Operand]:
+  """q, dO, the forward's (row max, log-sum) and delta in kernel layout (rows that saw
+  nothing hold (0, 0): their P is 0 through the mask anyway, and no inf enters)."""
   hp, hvp = geo.head_dim_padded, geo.head_dim_v_padded
-  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  row_max, log_sum = stats
   return [
       launch.Operand("q", layout.to_heads_major(q, geo.q_len_padded, hp),
                      launch.q_rows(geo, coords, hp)),
       launch.Operand("dout", layout.to_heads_major(dout, geo.q_len_padded, hvp),
                      launch.q_rows(geo, coords, hvp)),
-      launch.Operand("lse", layout.row_stats(lse, geo), launch.q_rows(geo, coords, LANES)),
+      launch.Operand("row_max", layout.row_stats(row_max, geo), launch.q_rows(geo, coords, LANES)),
+      launch.Operand("log_sum", layout.row_stats(log_sum, geo), launch.q_rows(geo, coords, LANES)),
       launch.Operand("delta", layout.row_stats(delta, geo), launch.q_rows(geo, coords, LANES)),
   ]
 
@@ -142,7 +147,7 @@ def _scalars(states, fetch, arrays: AttentionArrays, geo: Geometry):
           layout.seed_scalar(arrays))
 
 
-def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, geo: Geometry, *,
+def backward_dkv(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, geo: Geometry, *,
                  interpret, vmem_limit_bytes=None):
   """-> (dk [B, S, Nkv, H], dv [B, S, Nkv, Hv]) in k's and v's dtypes."""
   spec = geo.spec
@@ -158,7 +163,7 @@ def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, geo: 
                              load % num_q_blocks, kv_block)
 
   hp, hvp = geo.head_dim_padded, geo.head_dim_v_padded
-  inputs = [*_row_inputs(q, dout, lse, delta, geo, coords), *_kv_inputs(k, v, geo, coords),
+  inputs = [*_row_inputs(q, dout, stats, delta, geo, coords), *_kv_inputs(k, v, geo, coords),
             *operands.mask_operands(bias, arrays, geo, coords)]
   kv_shape = (spec.batch, spec.num_kv_heads, geo.kv_len_padded)
   own_block = lambda width: pl.BlockSpec(  # by the grid itself: dK/dV of this key block
@@ -182,7 +187,7 @@ def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, geo: 
           layout.from_heads_major(dv, spec.kv_len, spec.head_dim_v))
 
 
-def backward_dq(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, geo: Geometry, *,
+def backward_dq(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, geo: Geometry, *,
                 interpret, vmem_limit_bytes=None):
   """-> (dq [B, T, Nq, H] in q's dtype, dS [B, Nq, T, S] float32 when there is a bias, else None).
 
@@ -199,7 +204,7 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, geo: G
     return launch.TileCoords(batch, head, q_block, scalars.fetch[offset])
 
   hp = geo.head_dim_padded
-  inputs = [*_row_inputs(q, dout, lse, delta, geo, coords), *_kv_inputs(k, v, geo, coords),
+  inputs = [*_row_inputs(q, dout, stats, delta, geo, coords), *_kv_inputs(k, v, geo, coords),
             *operands.mask_operands(bias, arrays, geo, coords)]
   rows = (spec.batch, spec.num_q_heads, geo.q_len_padded)
   outputs = [launch.Operand("dq", jax.ShapeDtypeStruct(rows + (hp,), q.dtype),

@@ -26,6 +26,9 @@ from flash_jax.kernels.mosaic_tpu.config import LANES
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
 
+STAT_LSE, STAT_MAX, STAT_LOG_SUM = 0, 1, 2  # lanes of the forward's row statistics
+
+
 def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape):
   """One (batch, head, query block, key block) grid step: O, lse of a [block_q] row block."""
   batch, head, q_block, kv_block = (pl.program_id(axis) for axis in range(4))
@@ -42,8 +45,10 @@ def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape
     pos = tile.TilePosition(batch, head, q_block * geo.block_q, kv_block * geo.block_kv)
     shape = (geo.block_q, geo.block_kv)
     extra = operands.load_mask_tiles(refs, geo)
-    v = refs["v"][...]  # [bk, Hv_pad]
-    s = tile.logits(refs["q"][...], refs["k"][...], extra.bias, geo)  # [bq, bk] float32
+    k, v = refs["k"][...], refs["v"][...]  # [bk, H_pad], [bk, Hv_pad]
+    if masked:
+      k, v = tile.hide_unseen_keys(geo, pos, scalars.batch, k, v)
+    s = tile.logits(refs["q"][...], k, extra.bias, geo)  # [bq, bk] float32
     visible = None
     if masked:
       visible = tile.visibility(geo, pos, shape, scalars.batch, extra.q_segment_ids,
@@ -69,12 +74,19 @@ def _forward_kernel(scalars: launch.Scalars, refs, *, geo: Geometry, table_shape
     row_max, row_sum = refs["row_max"][...], refs["row_sum"][...]  # [bq, 128]
     norm = tile.widen(jnp.where(row_sum > 0, row_sum, 1.0), geo.head_dim_v_padded)
     refs["out"][...] = (refs["acc"][...] / norm).astype(refs["out"].dtype)  # unseen rows: 0
-    refs["lse"][...] = tiles.lse_from_stats(row_max, row_sum)  # -inf where nothing was seen
+    # Lane 0: lse (-inf where nothing was seen); lanes 1, 2: the backward's row max and
+    # log-sum (flash_jax/implementation.py), in the lanes of one output.
+    lse = tiles.lse_from_stats(row_max, row_sum)
+    stat_max, stat_log_sum = tiles.backward_stats(row_max, row_sum)
+    lane = jax.lax.broadcasted_iota(jnp.int32, stats_shape, 1)
+    refs["lse"][...] = jnp.where(lane == STAT_LSE, lse,
+                                 jnp.where(lane == STAT_MAX, stat_max, stat_log_sum))
 
 
 def forward(q, k, v, bias, arrays: AttentionArrays, geo: Geometry, *, interpret,
             vmem_limit_bytes=None):
-  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> (out [B, T, Nq, Hv], lse [B, Nq, T])."""
+  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> (out [B, T, Nq, Hv], lse [B, Nq, T],
+  (row max, log-sum) [B, Nq, T] for the backward)."""
   spec = geo.spec
   states = block_info.block_states(spec, arrays, geo)  # [Bi, Ni, nq, nk]
   fetch = block_info.fetch_indices(states)
@@ -117,5 +129,6 @@ def forward(q, k, v, bias, arrays: AttentionArrays, geo: Geometry, *, interpret,
       cost=launch.cost_estimate(geo, matmuls_qk=1, matmuls_v=1, exps=1,
                                 operands=inputs + outputs),
       interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
-  return (layout.from_heads_major(out, spec.q_len, spec.head_dim_v),
-          layout.row_stats_from_kernel(lse, geo))
+  stat = lambda lane: layout.row_stats_from_kernel(lse, geo, lane)
+  return (layout.from_heads_major(out, spec.q_len, spec.head_dim_v), stat(STAT_LSE),
+          (stat(STAT_MAX), stat(STAT_LOG_SUM)))

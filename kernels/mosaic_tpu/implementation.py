@@ -37,6 +37,7 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   platforms = ("tpu",)
   interpretable = True
   config_type = MosaicTpuBlockSizes
+  differentiable_backward = False  # Pallas Mosaic TPU kernels have no JVP
 
   def check_spec(self, spec: AttentionSpec) -> None:
     if spec.paged:
@@ -54,23 +55,30 @@ class MosaicTpuImplementation(BlockwiseImplementation):
 
   @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
-    config = config_lib.resolve(config, spec)
-    geo = Geometry(spec, config.block_q, config.block_kv)
-    out, lse = forward_kernel.forward(*_to_compute(spec, q, k, v), bias, arrays, geo,
-                                      interpret=interpret,
-                                      vmem_limit_bytes=config.vmem_limit_bytes)
-    return out.astype(q.dtype), lse
+    out, lse, _ = self.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse
 
   @versions.names_jax_version
-  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
+    config = config_lib.resolve(config, spec)
+    geo = Geometry(spec, config.block_q, config.block_kv)
+    out, lse, stats = forward_kernel.forward(*_to_compute(spec, q, k, v), bias, arrays, geo,
+                                             interpret=interpret,
+                                             vmem_limit_bytes=config.vmem_limit_bytes)
+    return out.astype(q.dtype), lse, stats
+
+  @versions.names_jax_version
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret,
+               stats=None):
     config = config_lib.resolve(config, spec)
     cq, ck, cv, cdout = _to_compute(spec, q, k, v, dout)
+    stats = tiles.stats_or_lse(stats, lse)
     kwargs = dict(interpret=interpret, vmem_limit_bytes=config.vmem_limit_bytes)
     dk, dv = backward_kernels.backward_dkv(
-        cq, ck, cv, bias, arrays, lse, cdout, delta,
+        cq, ck, cv, bias, arrays, stats, cdout, delta,
         Geometry(spec, config.block_q_dkv, config.block_kv_dkv), **kwargs)
     dq, dbias_full = backward_kernels.backward_dq(
-        cq, ck, cv, bias, arrays, lse, cdout, delta,
+        cq, ck, cv, bias, arrays, stats, cdout, delta,
         Geometry(spec, config.block_q_dq, config.block_kv_dq), **kwargs)
     dbias = None
     if bias is not None:  # sum dS [B, Nq, T, S] over the dims the bias broadcasts

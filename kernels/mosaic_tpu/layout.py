@@ -114,9 +114,9 @@ def row_stats(x, geo: Geometry):
   return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
 
 
-def row_stats_from_kernel(x, geo: Geometry):
-  """[B, Nq, T_pad, 128] -> [B, Nq, T]."""
-  return x[:, :, :geo.spec.q_len, 0]
+def row_stats_from_kernel(x, geo: Geometry, lane: int = 0):
+  """[B, Nq, T_pad, 128] -> [B, Nq, T], the statistic in `lane`."""
+  return x[:, :, :geo.spec.q_len, lane]
 
 
 # Per-batch scalars live in SMEM (scalar prefetch) as one flat int32 array, three a batch.

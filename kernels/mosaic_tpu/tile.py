@@ -90,6 +90,25 @@ def visibility(geo: Geometry, pos: TilePosition, shape, batch_ref, q_segment_ids
   return visible
 
 
+def hide_unseen_keys(geo: Geometry, pos: TilePosition, batch_ref, *blocks):
+  """Zeroes the rows of [block_kv, D] K/V blocks whose key no query row of the tile sees
+  by position (lengths, causal, window), so that junk there (the unused tail of a KV
+  cache, NaN or inf) cannot turn P = 0 times V into NaN. Used on PARTIAL tiles: a FULL
+  tile's keys are all seen."""
+  spec = geo.spec
+  if not (spec.causal or spec.window is not None or spec.has_q_lengths or spec.has_kv_lengths):
+    return blocks
+  scalar = lambda used, field: batch_scalar(batch_ref, pos.batch, field) if used else None
+  q_end = jnp.minimum(pos.q_start + geo.block_q, spec.q_len)  # padded rows see nothing
+  key_range = masking.visible_kv_range(
+      pos.q_start, q_end, kv_len=spec.kv_len, causal=spec.causal, window=spec.window, q_offset=scalar(spec.has_q_offset, layout.Q_OFFSET),
+      kv_length=scalar(spec.has_kv_lengths, layout.KV_LENGTH),
+      q_length=scalar(spec.has_q_lengths, layout.Q_LENGTH))
+  keep = lambda x: masking.keys_in_range(
+      pos.k_start + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0), key_range)
+  return tuple(jnp.where(keep(x), x, jnp.zeros((), x.dtype)) for x in blocks)
+
+
 def dropout_multiplier(geo: Geometry, pos: TilePosition, shape, seed_ref):
   """float32 [bq, bk] keep / (1 - rate) from the shared counter-based hash, or None."""
   spec = geo.spec

@@ -4,9 +4,10 @@ One program per (key block, batch, key/value head) holds K_j, V_j and the float3
 accumulators dK_j, dV_j, and walks the query tiles `TileMasking.q_tiles` says can see
 its keys, for every query head of its GQA group (so dK/dV are summed over the group
 without atomics: each program owns its rows, results are deterministic). Per query
-tile it recomputes P from the saved lse instead of storing it (section 3.2):
+tile it recomputes P from the forward's row statistics instead of storing it (section
+3.2; m and l, kept apart so that a huge row max cannot round l away):
 
-    P^T = exp(S^T - lse)          dV_j += P^T dO
+    P^T = exp(S^T - m) / l        dV_j += P^T dO
     dP^T = V_j dO^T               dS^T = P^T * (dP^T - delta),  delta = rowsum(dO * O)
     dK_j += dS^T Q * scale
 
@@ -28,8 +29,8 @@ from flash_jax.spec import AttentionArrays, AttentionSpec
 from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, feature_operands
-from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, load, store,
-                                                    tile_mask, visit_tiles)
+from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, kv_load_mask,
+                                                    load, store, tile_mask, visit_tiles)
 
 
 def _transpose(x):
@@ -44,10 +45,12 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
   masks = TileMasking.create(spec, refs, batch, block_q=block_q, block_kv=block_kv,
                              bound_query_tail=True)
 
-  k = load(refs.k.at[pl.ds(k_lo, block_kv), :],
-           tile_mask(k_lo, block_kv, spec.kv_len, spec.head_dim, head_dim))  # [bk, H]
-  v = load(refs.v.at[pl.ds(k_lo, block_kv), :],
-           tile_mask(k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v))  # [bk, Hv]
+  # Keys no query row sees by position load as zeros: junk there reaches no gradient.
+  load_mask = lambda width, padded: kv_load_mask(
+      k_lo, block_kv, spec.kv_len, width, padded, masked=True,
+      keys=masks.seen_keys(0, spec.q_len))
+  k = load(refs.k.at[pl.ds(k_lo, block_kv), :], load_mask(spec.head_dim, head_dim))  # [bk, H]
+  v = load(refs.v.at[pl.ds(k_lo, block_kv), :], load_mask(spec.head_dim_v, head_dim_v))
   k_idx = (k_lo + iota(block_kv))[:, None]  # [bk, 1]
   kv_segments = masks.kv_segments(k_lo, block_kv)
   kv_segments = None if kv_segments is None else kv_segments[:, None]
@@ -65,10 +68,12 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
         q = load(refs.q.at[pl.ds(q_lo, block_q), g, :], row_mask(spec.head_dim, head_dim))
         dout = load(refs.dout.at[pl.ds(q_lo, block_q), g, :],
                     row_mask(spec.head_dim_v, head_dim_v))  # [bq, Hv]
-        lse = load(refs.lse.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))  # [bq]
+        # The forward's row max (kernel units) and log2-sum [bq]: P = 2**((s - m) - log2 l)
+        row_max = load(refs.row_max.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))
+        log_sum = load(refs.log_sum.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))
         delta = load(refs.delta.at[g, pl.ds(q_lo, block_q)], row_mask(None, None))
         q_idx = (q_lo + iota(block_q))[None, :]  # [1, bq]
-        logits2_t, logits_t = tile_math.base2_logits(  # [bk, bq] float32, base 2
+        logits_kt, logits_t = tile_math.kernel_logits(  # [bk, bq] float32
             tile_math.dot_t(k, q), spec,
             _transpose(masks.bias(head, q_lo, block_q, k_lo, block_kv)))
         visible_t = None
@@ -78,8 +83,8 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
               q_idx, k_idx, kv_segments=kv_segments,
               q_segments=None if q_segments is None else q_segments[None, :],
               dense=_transpose(masks.dense_mask(head, q_lo, block_q, k_lo, block_kv)))
-        lse2 = lse * tile_math.LOG2E  # base 2, like the logits
-        p_t = tile_math.masked_exp2(logits2_t, lse2[None, :], visible_t, interpret)  # [bk, bq]
+        p_t = tile_math.recompute_probs(logits_kt, row_max[None, :], log_sum[None, :],
+                                        visible_t, spec, interpret)  # [bk, bq]
         dp_t = tile_math.dot_t(v, dout)  # [bk, bq]
         dropout = masks.dropout(head, q_idx, k_idx)
         p_kept_t = p_t
@@ -107,9 +112,10 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
         tile_mask(k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v))
 
 
-def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, spec: AttentionSpec,
-                 config: TritonConfig, interpret: bool):
-  """-> dk [B, S, Nkv, H], dv [B, S, Nkv, Hv]; lse, delta [B, Nq, T] float32."""
+def backward_dkv(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta,
+                 spec: AttentionSpec, config: TritonConfig, interpret: bool):
+  """-> dk [B, S, Nkv, H], dv [B, S, Nkv, Hv]; stats: the forward's base-2 (row max,
+  log2-sum), delta: [B, Nq, T] float32."""
   t, s, group = spec.q_len, spec.kv_len, spec.group_size
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   group_rows = lambda width: pl.BlockSpec((None, t, group, width), lambda j, b, h: (b, 0, h, 0))
@@ -120,7 +126,8 @@ def backward_dkv(q, k, v, bias, arrays: AttentionArrays, lse, dout, delta, spec:
       Operand("k", k, kv_rows(head_dim)),
       Operand("v", v, kv_rows(head_dim_v)),
       Operand("dout", dout, group_rows(head_dim_v)),
-      Operand("lse", lse, group_stats),
+      Operand("row_max", stats[0], group_stats),
+      Operand("log_sum", stats[1], group_stats),
       Operand("delta", delta, group_stats),
       *feature_operands(bias, arrays, spec),
   ]

@@ -27,8 +27,8 @@ from flash_jax.spec import AttentionArrays, AttentionSpec
 from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, feature_operands
-from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, load, store,
-                                                    tile_mask, visit_tiles)
+from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, iota, kv_load_mask,
+                                                    load, store, tile_mask, visit_tiles)
 
 
 def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool):
@@ -47,14 +47,16 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, in
   q_segments = masks.q_segments(q_lo, block_q)
   q_segments = None if q_segments is None else q_segments[:, None]
 
+  kv_tiles = masks.kv_tiles(q_lo, block_q, block_kv)
+
   def make_step(masked: bool):
     def step(kv_block, carry):
       row_max, row_sum, acc = carry  # [bq], [bq], [bq, Hv]
       k_lo = kv_block * block_kv
-      k = load(refs.k.at[pl.ds(k_lo, block_kv), :], tile_mask(
-          k_lo, block_kv, spec.kv_len, spec.head_dim, head_dim, check_rows=masked))  # [bk, H]
-      v = load(refs.v.at[pl.ds(k_lo, block_kv), :], tile_mask(
-          k_lo, block_kv, spec.kv_len, spec.head_dim_v, head_dim_v, check_rows=masked))
+      load_mask = lambda width, padded: kv_load_mask(
+          k_lo, block_kv, spec.kv_len, width, padded, masked=masked, keys=kv_tiles.keys)
+      k = load(refs.k.at[pl.ds(k_lo, block_kv), :], load_mask(spec.head_dim, head_dim))  # [bk, H]
+      v = load(refs.v.at[pl.ds(k_lo, block_kv), :], load_mask(spec.head_dim_v, head_dim_v))
       k_idx = (k_lo + iota(block_kv))[None, :]  # [1, bk]
       scores = tile_math.dot_t(q, k)  # [bq, bk] float32
       bias = masks.bias(head, q_lo, block_q, k_lo, block_kv)
@@ -65,7 +67,7 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, in
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1) * c)
         p = tile_math.exp2(scores * c - new_max[:, None], interpret)
       else:
-        logits, _ = tile_math.base2_logits(scores, spec, bias)  # [bq, bk] base 2
+        logits, _ = tile_math.kernel_logits(scores, spec, bias)  # [bq, bk]
         visible = None
         if masked:
           kv_segments = masks.kv_segments(k_lo, block_kv)
@@ -75,8 +77,8 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, in
               dense=masks.dense_mask(head, q_lo, block_q, k_lo, block_kv))
           logits = masking.masked_logits(logits, visible)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-        p = tile_math.masked_exp2(logits, new_max[:, None], visible, interpret)  # [bq, bk]
-      rescale = tile_math.exp2(row_max - new_max, interpret)
+        p = tile_math.masked_exp2(logits, new_max[:, None], visible, spec, interpret)
+      rescale = tile_math.exp2_of_difference(row_max - new_max, spec, interpret)
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       dropout = masks.dropout(head, q_idx, k_idx)
       if dropout is not None:  # the normalizer l counts every key; dropout scales P only
@@ -88,19 +90,24 @@ def _forward_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, in
   init = (jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
           jnp.zeros((block_q,), jnp.float32),
           jnp.zeros((block_q, head_dim_v), jnp.float32))
-  row_max, row_sum, acc = visit_tiles(masks.kv_tiles(q_lo, block_q, block_kv), make_step, init)
+  row_max, row_sum, acc = visit_tiles(kv_tiles, make_step, init)
 
   out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]  # rows that saw nothing: 0
   store(refs.out.at[pl.ds(q_lo, block_q), :], out,
         tile_mask(q_lo, block_q, spec.q_len, spec.head_dim_v, head_dim_v))
-  lse = tiles.lse_from_stats(row_max * tile_math.LN2, row_sum)  # natural log, from base 2
-  store(refs.lse.at[pl.ds(q_lo, block_q)], lse,
-        tile_mask(q_lo, block_q, spec.q_len))
+  row_mask = tile_mask(q_lo, block_q, spec.q_len)
+  lse = tiles.lse_from_stats(tile_math.to_natural(row_max, spec), row_sum)
+  store(refs.lse.at[pl.ds(q_lo, block_q)], lse, row_mask)
+  # The backward's (m, log2 l), m in the kernel's units (see flash_jax/implementation.py).
+  stat_max, stat_log_sum = tiles.backward_stats(row_max, row_sum, log=jnp.log2)
+  store(refs.row_max.at[pl.ds(q_lo, block_q)], stat_max, row_mask)
+  store(refs.log_sum.at[pl.ds(q_lo, block_q)], stat_log_sum, row_mask)
 
 
 def forward(q, k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config: TritonConfig,
             interpret: bool):
-  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv], lse [B, Nq, T]."""
+  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv], lse [B, Nq, T],
+  and the backward's base-2 row max and log2-sum [B, Nq, T]."""
   t, s, group = spec.q_len, spec.kv_len, spec.group_size
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   kv_head = lambda h: jax.lax.div(h, jnp.int32(group))
@@ -116,8 +123,9 @@ def forward(q, k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, config:
       Output("out", jax.ShapeDtypeStruct((spec.batch, t, spec.num_q_heads, spec.head_dim_v),
                                          q.dtype),
              pl.BlockSpec((None, t, None, head_dim_v), lambda i, b, h: (b, 0, h, 0))),
-      Output("lse", jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t), jnp.float32),
-             pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0))),
+      *(Output(name, jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t), jnp.float32),
+               pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0)))
+        for name in ("lse", "row_max", "log_sum")),
   ]
   return call(functools.partial(_forward_kernel, spec=spec, config=config, interpret=interpret),
               inputs=inputs, outputs=outputs,

@@ -18,6 +18,7 @@ from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 
 from flash_jax.kernels.triton import config as config_lib
+from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.backward_dkv import backward_dkv
 from flash_jax.kernels.triton.backward_dq import backward_dq
 from flash_jax.kernels.triton.config import TritonConfig
@@ -34,6 +35,7 @@ class TritonImplementation(BlockwiseImplementation):
   interpretable = True
   split_kv_kernels = True
   config_type = TritonConfig
+  differentiable_backward = False  # Pallas Triton kernels have no JVP
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     super().check(spec, platform=platform, interpret=interpret)
@@ -59,16 +61,27 @@ class TritonImplementation(BlockwiseImplementation):
 
   @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
-    config = config_lib.resolve(config, spec)
-    if split_kv.decode_shaped(spec):
-      return split_kv_forward(q, k, v, arrays, spec, config, interpret)
-    return forward(q, k, v, bias, arrays, spec, config, interpret)
+    out, lse, _ = self.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse
 
   @versions.names_jax_version
-  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
     config = config_lib.resolve(config, spec)
-    dq, dbias = backward_dq(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
-    dk, dv = backward_dkv(q, k, v, bias, arrays, lse, dout, delta, spec, config, interpret)
+    if split_kv.decode_shaped(spec):  # no bias: the backward recomputes from lse alone
+      out, lse = split_kv_forward(q, k, v, arrays, spec, config, interpret)
+      return out, lse, None
+    out, lse, row_max, log_sum = forward(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse, (row_max, log_sum)
+
+  @versions.names_jax_version
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret,
+               stats=None):
+    config = config_lib.resolve(config, spec)
+    if stats is None:  # from lse alone, in the kernels' units
+      row_max, log_sum = tiles.stats_or_lse(None, lse)
+      stats = (tile_math.from_natural(row_max, spec), log_sum)
+    dq, dbias = backward_dq(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
+    dk, dv = backward_dkv(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
     if bias is not None:
       dbias = tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias

@@ -87,12 +87,31 @@ def store(ref_view, value, mask):
 
 @dataclasses.dataclass(frozen=True)
 class TileRange:
-  """Tiles [lo, hi) may hold visible pairs; [full_lo, full_hi) are wholly visible."""
+  """Tiles [lo, hi) may hold visible pairs; [full_lo, full_hi) are wholly visible.
+
+  keys: for key tiles, the keys [k_lo, k_hi) some row may see by position (None: all);
+  the masked tiles load nothing outside it (`kv_load_mask`), so junk there stays out.
+  """
 
   lo: Any
   full_lo: Any
   full_hi: Any
   hi: Any
+  keys: tuple[Any, Any] | None = None
+
+
+def kv_load_mask(k_lo, block_kv: int, kv_len: int, width: int, padded_width: int, *,
+                 masked: bool, keys=None):
+  """Load mask of a [block_kv, padded_width] K or V tile: `tile_mask`, and on masked tiles
+  only the keys in `keys` = [k_lo, k_hi) (zeros elsewhere: a junk key that no row sees
+  cannot turn P = 0 times V into NaN)."""
+  mask = tile_mask(k_lo, block_kv, kv_len, width, padded_width, check_rows=masked)
+  if not masked or keys is None:
+    return mask
+  seen = masking.keys_in_range((k_lo + iota(block_kv))[:, None], keys)  # [bk, 1]
+  mask = jnp.broadcast_to(seen, (block_kv, padded_width)) if mask is None else \
+      jnp.logical_and(mask, seen)
+  return mask
 
   def part(self, index, parts: int) -> "TileRange":
     """Part `index` of `parts` near-equal runs of whole tiles (split-KV); may be empty."""
@@ -157,16 +176,25 @@ class TileMasking:
             or self.q_length is not None or self.kv_length is not None
             or self.kv_bound is not None)
 
-  def _split(self, lo, hi, count: int, fully_visible) -> TileRange:
+  def _split(self, lo, hi, count: int, fully_visible, keys=None) -> TileRange:
     """Splits tiles [lo, hi) around the contiguous run where `fully_visible(index)` holds."""
     if self.every_tile_masked:
-      return TileRange(lo, hi, hi, hi)
+      return TileRange(lo, hi, hi, hi, keys)
     index = iota(max(16, next_power_of_two(count)))
     full = jnp.logical_and(fully_visible(index), index < count)
     first = jnp.min(jnp.where(full, index, count))
     last = jnp.max(jnp.where(full, index + 1, 0))
     full_lo = jnp.clip(first, lo, hi)
-    return TileRange(lo, full_lo, jnp.clip(last, full_lo, hi), hi)
+    return TileRange(lo, full_lo, jnp.clip(last, full_lo, hi), hi, keys)
+
+  def seen_keys(self, q_lo, q_hi):
+    """Keys [k_lo, k_hi) some row of [q_lo, q_hi) may see by position, or None (all)."""
+    if not self.needs_masking:
+      return None
+    q_hi = jnp.minimum(q_hi, self.spec.q_len)  # rows past T (a tail block's padding) see none
+    return masking.visible_kv_range(q_lo, q_hi, kv_len=self.spec.kv_len,
+                                    kv_length=self.kv_length, q_length=self.q_length,
+                                    **self.positional)
 
   def kv_tiles(self, q_lo, block_q: int, block_kv: int) -> TileRange:
     """Key tiles that query rows [q_lo, q_lo + block_q) visit (forward and dQ)."""
@@ -182,7 +210,8 @@ class TileMasking:
     hi = jnp.where(k_hi > k_lo, cdiv(k_hi, block_kv), lo)
     return self._split(lo, hi, count, lambda j: masking.tile_fully_visible(
         q_lo, q_lo + block_q, j * block_kv, (j + 1) * block_kv, kv_len=spec.kv_len,
-        q_length=self.q_length, kv_length=self.kv_length, **self.positional))
+        q_length=self.q_length, kv_length=self.kv_length, **self.positional),
+        keys=self.seen_keys(q_lo, q_lo + block_q))
 
   def q_tiles(self, k_lo, block_kv: int, block_q: int) -> TileRange:
     """Query tiles that key columns [k_lo, k_lo + block_kv) visit (dK/dV)."""

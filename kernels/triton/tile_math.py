@@ -9,6 +9,11 @@ multiply that the logits need anyway (FlashAttention-2's implementation does the
 Masking still follows `flash_jax.masking`: logits are masked with `masked_logits`
 *after* the change of base (MASK_VALUE x log2(e) would overflow to -inf), and
 `masked_exp2` is `masking.masked_exp` in base 2: exactly 0 where hidden.
+
+With a bias the logits stay natural and only their difference to the row max goes to
+base 2 (`to_exponent`): a bias can make logits huge (-1e20 on a whole row), and there
+logits x log2(e) would keep neither the difference to the max nor one rounding (a fused
+multiply-add of x log2(e) - max is off the stored max by up to 2**44 ulps of nothing).
 """
 
 from __future__ import annotations
@@ -55,8 +60,13 @@ def exp2(x, interpret: bool):
   return y
 
 
-def base2_logits(scores, spec: AttentionSpec, bias):
-  """float32 q.k^T -> (logits x log2(e), natural logits or None).
+def natural_units(spec: AttentionSpec) -> bool:
+  """True when the kernels keep natural logits (with a bias), False for base 2."""
+  return spec.has_bias
+
+
+def kernel_logits(scores, spec: AttentionSpec, bias):
+  """float32 q.k^T -> (logits in the kernel's units, natural logits or None).
 
   The natural logits come back only with a softcap (its gradient needs them); without
   bias and softcap the scale and log2(e) fold into one multiply.
@@ -64,9 +74,37 @@ def base2_logits(scores, spec: AttentionSpec, bias):
   if bias is None and spec.softcap is None:
     return scores * (spec.scale * LOG2E), None
   logits = masking.transform_logits(scores, scale=spec.scale, bias=bias, softcap=spec.softcap)
-  return logits * LOG2E, (logits if spec.softcap is not None else None)
+  softcapped = logits if spec.softcap is not None else None
+  return (logits if natural_units(spec) else logits * LOG2E), softcapped
 
 
-def masked_exp2(logits2, row_max2, visible, interpret: bool):
-  """2**(logits2 - row_max2), exactly 0 where hidden (masking.masked_exp in base 2)."""
-  return masking.masked_exp(logits2, row_max2, visible, exp=lambda x: exp2(x, interpret))
+def to_exponent(x, spec: AttentionSpec):
+  """A difference of logits in the kernel's units -> base 2."""
+  return x * LOG2E if natural_units(spec) else x
+
+
+def to_natural(x, spec: AttentionSpec):
+  """A logit (row max) in the kernel's units -> natural units."""
+  return x if natural_units(spec) else x * LN2
+
+
+def from_natural(x, spec: AttentionSpec):
+  return x if natural_units(spec) else x * LOG2E
+
+
+def exp2_of_difference(x, spec: AttentionSpec, interpret: bool):
+  """2**x for a difference x of logits in the kernel's units (a rescale factor)."""
+  return exp2(to_exponent(x, spec), interpret)
+
+
+def masked_exp2(logits, row_max, visible, spec: AttentionSpec, interpret: bool):
+  """exp(logits - row_max) through 2**, exactly 0 where hidden (masking.masked_exp)."""
+  return masking.masked_exp(logits, row_max, visible,
+                            exp=lambda x: exp2_of_difference(x, spec, interpret))
+
+
+def recompute_probs(logits, row_max, log2_sum, visible, spec: AttentionSpec, interpret: bool):
+  """The backward's P = 2**(base2(logits - m) - log2 l), exactly 0 where hidden; m and
+  log2 l are the forward's statistics (`flash_jax.implementation`)."""
+  p = exp2(to_exponent(logits - row_max, spec) - log2_sum, interpret)
+  return p if visible is None else jnp.where(visible, p, 0.0)
