@@ -36,8 +36,9 @@ from flash_jax.spec import AttentionArrays, AttentionSpec
 from flash_jax.kernels.triton import tile_math
 from flash_jax.kernels.triton.config import TritonConfig, padded_head_dim
 from flash_jax.kernels.triton.operands import Operand, Output, Refs, call, whole
-from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, floor_div, iota, load,
-                                                    store, tile_mask, visit_tiles)
+from flash_jax.kernels.triton.tile_masking import (TileMasking, cdiv, floor_div, iota,
+                                                    kv_load_mask, load, store, tile_mask,
+                                                    visit_tiles)
 
 
 def _slices_pages(spec: AttentionSpec, block_kv: int) -> bool:
@@ -46,30 +47,29 @@ def _slices_pages(spec: AttentionSpec, block_kv: int) -> bool:
 
 
 def _kv_tile(ref, masks: TileMasking, spec: AttentionSpec, k_lo, block_kv: int, width: int,
-             padded_width: int, masked: bool, page=None):
+             padded_width: int, masked: bool, keys, page=None):
   """The [block_kv, padded_width] K or V tile of keys [k_lo, k_lo + block_kv) of this
-  program's batch row; rows past the sequence (and past kv_lengths) load as 0. `page`:
-  the tile's page id when the tile is a slice of one page (`_slices_pages`)."""
-  k_idx = k_lo + iota(block_kv)  # [bk]
+  program's batch row. On masked tiles only the keys some row may see (`keys`, from
+  `TileMasking.seen_keys`: within kv_lengths, causal and window) are read; the others
+  load as 0, so junk there cannot turn P = 0 times V into NaN. `page`: the tile's page
+  id when the tile is a slice of one page (`_slices_pages`)."""
   if not spec.paged:
-    mask = tile_mask(k_lo, block_kv, spec.kv_len, width, padded_width, check_rows=masked)
-    if masked and masks.kv_length is not None:  # junk past the length: never multiplied
-      stored = (k_idx < masks.kv_length)[:, None]
-      mask = stored if mask is None else jnp.logical_and(mask, stored)
-    return load(ref.at[pl.ds(k_lo, block_kv), :], mask)
-  page_size = spec.page_size
+    return load(ref.at[pl.ds(k_lo, block_kv), :],
+                kv_load_mask(k_lo, block_kv, spec.kv_len, width, padded_width, masked=masked,
+                             keys=keys))
+  k_idx = k_lo + iota(block_kv)  # [bk]
   # Unmasked tiles lie wholly below the length (`tile_fully_visible`): no row mask.
-  stored = (jnp.logical_and(k_idx < masks.kv_length, k_idx < spec.kv_len) if masked
-            else None)  # [bk]
+  seen = masking.keys_in_range(k_idx, keys) if masked else None  # [bk]
   mask = tile_mask(k_lo, block_kv, block_kv, width, padded_width)  # head-dim padding only
-  if stored is not None:
-    mask = stored[:, None] if mask is None else jnp.logical_and(mask, stored[:, None])
+  if seen is not None:
+    mask = seen[:, None] if mask is None else jnp.logical_and(mask, seen[:, None])
   if page is not None:  # the tile is a slice of one page
-    return load(ref.at[page, pl.ds(k_lo % page_size, block_kv), :], mask)
-  # Rows across pages: each row's page through the table (entries of rows past the
-  # length are not read), its row read in place.
-  tables = masks.refs.block_tables
-  page = load(tables.at[masks.batch, floor_div(k_idx, page_size)], stored, other=0)  # [bk]
+    return load(ref.at[page, pl.ds(k_lo % spec.page_size, block_kv), :], mask)
+  # Rows across pages: each row's page through the table (entries of rows no query sees,
+  # those past the length among them, are not read), its row read in place.
+  page_size = spec.page_size
+  page = load(masks.refs.block_tables.at[masks.batch, floor_div(k_idx, page_size)], seen,
+              other=0)  # [bk]
   slot = k_idx - floor_div(k_idx, page_size) * page_size
   return load(ref.at[page[:, None], slot[:, None], iota(padded_width)[None, :]], mask)
 
@@ -110,9 +110,9 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
       tile_page = prefetched[0] if prefetch else (page_of(kv_block) if slices_pages else None)
       k_lo = kv_block * block_kv
       k = _kv_tile(refs.k, masks, spec, k_lo, block_kv, spec.head_dim, head_dim, masked,
-                   tile_page)
+                   tile_range.keys, tile_page)
       v = _kv_tile(refs.v, masks, spec, k_lo, block_kv, spec.head_dim_v, head_dim_v, masked,
-                   tile_page)
+                   tile_range.keys, tile_page)
       next_page = (page_of(kv_block + 1),) if prefetch else ()
       scores = tile_math.dot_t(q, k)  # [br, bk] float32
       if not masked and spec.softcap is None and spec.scale > 0:
@@ -121,14 +121,14 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1) * c)
         p = tile_math.exp2(scores * c - new_max[:, None], interpret)
       else:
-        logits, _ = tile_math.base2_logits(scores, spec, None)  # [br, bk] base 2
+        logits, _ = tile_math.kernel_logits(scores, spec, None)  # [br, bk] base 2
         visible = None
         if masked:
           visible = masks.visible(token, (k_lo + iota(block_kv))[None, :])
           logits = masking.masked_logits(logits, visible)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-        p = tile_math.masked_exp2(logits, new_max[:, None], visible, interpret)
-      rescale = tile_math.exp2(row_max - new_max, interpret)
+        p = tile_math.masked_exp2(logits, new_max[:, None], visible, spec, interpret)
+      rescale = tile_math.exp2_of_difference(row_max - new_max, spec, interpret)
       row_sum = rescale * row_sum + jnp.sum(p, axis=1)
       acc = acc * rescale[:, None] + tile_math.dot(p.astype(v.dtype), v)
       return (new_max, row_sum, acc) + next_page
@@ -144,7 +144,7 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
   out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]  # a split that saw nothing: 0
   store(refs.partial_out.at[pl.ds(r_lo, block_rows), :], out,
         tile_mask(r_lo, block_rows, rows, spec.head_dim_v, head_dim_v))
-  lse = tiles.lse_from_stats(row_max * tile_math.LN2, row_sum)  # natural log; -inf if empty
+  lse = tiles.lse_from_stats(tile_math.to_natural(row_max, spec), row_sum)  # -inf if empty
   store(refs.partial_lse.at[pl.ds(r_lo, block_rows)], lse, tile_mask(r_lo, block_rows, rows))
 
 

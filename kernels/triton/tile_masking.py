@@ -99,6 +99,16 @@ class TileRange:
   hi: Any
   keys: tuple[Any, Any] | None = None
 
+  def part(self, index, parts: int) -> "TileRange":
+    """Part `index` of `parts` near-equal runs of whole tiles (split-KV); may be empty."""
+    if parts == 1:
+      return self
+    share = cdiv(self.hi - self.lo, parts)
+    lo = jnp.minimum(self.lo + index * share, self.hi)
+    hi = jnp.minimum(lo + share, self.hi)
+    full_lo = jnp.clip(self.full_lo, lo, hi)
+    return TileRange(lo, full_lo, jnp.clip(self.full_hi, full_lo, hi), hi, self.keys)
+
 
 def kv_load_mask(k_lo, block_kv: int, kv_len: int, width: int, padded_width: int, *,
                  masked: bool, keys=None):
@@ -113,15 +123,6 @@ def kv_load_mask(k_lo, block_kv: int, kv_len: int, width: int, padded_width: int
       jnp.logical_and(mask, seen)
   return mask
 
-  def part(self, index, parts: int) -> "TileRange":
-    """Part `index` of `parts` near-equal runs of whole tiles (split-KV); may be empty."""
-    if parts == 1:
-      return self
-    share = cdiv(self.hi - self.lo, parts)
-    lo = jnp.minimum(self.lo + index * share, self.hi)
-    hi = jnp.minimum(lo + share, self.hi)
-    full_lo = jnp.clip(self.full_lo, lo, hi)
-    return TileRange(lo, full_lo, jnp.clip(self.full_hi, full_lo, hi), hi)
 
 
 def visit_tiles(tiles: TileRange, make_step, carry):
