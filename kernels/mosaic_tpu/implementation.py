@@ -5,13 +5,18 @@ q_offset, window, segment ids, lengths, softcap, bias with dbias, dense bool mas
 dropout, GQA/MQA, any T and S, head dims 1..256, bfloat16 and float32. float16 runs in
 float32 inside the kernels (TPU matrix units take bfloat16 and float32, not float16)
 and is cast back. Residuals are q, k, v, bias, the mask arrays, out and lse only.
+
+Paged calls (`paged_attention`) and contiguous decode-shaped calls
+(`split_kv.decode_shaped`: a few query rows per K/V head against a longer cache) run
+the decode kernel (`paged.py`: GQA packing, pages by scalar-prefetched tables); the
+latter's gradients come from the usual backward kernels. There is no split-KV kernel.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from flash_jax import tiles, versions
+from flash_jax import split_kv, tiles, versions
 from flash_jax.config import BlockSizes
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
@@ -19,8 +24,10 @@ from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_tpu import backward as backward_kernels
 from flash_jax.kernels.mosaic_tpu import config as config_lib
 from flash_jax.kernels.mosaic_tpu import forward as forward_kernel
+from flash_jax.kernels.mosaic_tpu import paged
 from flash_jax.kernels.mosaic_tpu.config import MosaicTpuBlockSizes
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
+from flash_jax.kernels.mosaic_tpu.page_info import PagedGeometry
 
 
 def _compute_dtype(spec: AttentionSpec):
@@ -38,10 +45,6 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   interpretable = True
   config_type = MosaicTpuBlockSizes
 
-  def check_spec(self, spec: AttentionSpec) -> None:
-    if spec.paged:
-      raise unsupported(self.name, "paged K/V (paged_attention)")
-
   def check_config(self, config) -> None:
     """Any `BlockSizes` is accepted; its set block sizes must be multiples of 128."""
     if not isinstance(config, BlockSizes):
@@ -55,6 +58,11 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     config = config_lib.resolve(config, spec)
+    if split_kv.decode_shaped(spec):  # every paged call, and contiguous decode
+      page_size, pages_per_step, block_rows = config_lib.decode_tiling(config, spec)
+      geo = PagedGeometry(spec, page_size, pages_per_step, block_rows)
+      return paged.decode_attention(q, k, v, arrays, geo, interpret=interpret,
+                                    vmem_limit_bytes=config.vmem_limit_bytes)
     geo = Geometry(spec, config.block_q, config.block_kv)
     out, lse = forward_kernel.forward(*_to_compute(spec, q, k, v), bias, arrays, geo,
                                       interpret=interpret,
