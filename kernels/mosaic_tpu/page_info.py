@@ -12,7 +12,8 @@ and, per grid step and page stream, the *fetch table*: the pool page whose block
 index map names. A live slot names its table entry; any other slot repeats the page the
 same stream named at the step before (in grid order), so the pipeline sees an unchanged
 block index and issues no DMA; slots before the first live one name the first live page
-(prefetched once, for the step that uses it). Table entries of slots that are not live
+(prefetched once, for the step that uses it); a stream without any live slot names a
+page that another stream uses. Table entries of slots that are not live
 (past the sequence's last page, before a window, or of an empty sequence) are never used
 as page ids, so unused entries may hold anything.
 
@@ -140,4 +141,8 @@ def fetch_table(tables, ranges, geo: PagedGeometry, num_pages: int):
   first_live = jnp.argmax(live, axis=1).astype(jnp.int32)[:, None]
   source = jnp.where(last_live >= 0, last_live, first_live)  # [n, L]
   fetched = jnp.take_along_axis(pages, source, axis=1)
+  # A stream with no live slot at all still loads one block (its first): a page that
+  # another stream uses, or page 0 when no sequence has a key.
+  any_page = jnp.where(jnp.any(live), pages.reshape(-1)[jnp.argmax(live.reshape(-1))], 0)
+  fetched = jnp.where(jnp.any(live, axis=1, keepdims=True), fetched, any_page)
   return jnp.moveaxis(fetched.reshape(n, b, rb, geo.num_steps), 0, 3)
