@@ -518,6 +518,28 @@ def test_index_maps_never_name_an_unused_page(name):
     assert dmas <= max(live_slots, 1)
 
 
+def test_contiguous_chunks_repeat_within_their_row():
+  """A contiguous cache's block index names the batch row too: a dead chunk repeats a
+  live chunk of its own row (the first one before a window), so each row's live chunks
+  are its only DMAs."""
+  q, k, v = _qkv(3, 2, 100, 2, 1, 16)
+  spec, q, k, v, bias, arrays = spec_lib.normalize(
+      q, k, v, causal=True, window=(20, 0), kv_lengths=np.array([100, 0, 57]),
+      q_offset=np.array([98, 0, 55]))
+  geo = PagedGeometry(spec, 8, 1, 16)
+  ranges = page_info.slot_ranges(spec, arrays, geo)
+  slots = jnp.broadcast_to(jnp.arange(geo.num_slots, dtype=jnp.int32), (3, geo.num_slots))
+  fetch = np.asarray(page_info.fetch_table(slots, ranges, geo, geo.num_slots,
+                                           shared_pool=False))[:, 0, :, 0]  # [B, steps]
+  ranges = np.asarray(ranges)[:, 0]
+  for b in range(3):
+    lo, hi = ranges[b, 0], ranges[b, 1]
+    expected = np.clip(np.arange(geo.num_slots), lo, hi - 1) if hi > lo else 0
+    np.testing.assert_array_equal(fetch[b], expected)
+  assert (ranges[0, 0], ranges[0, 1]) == (9, 13)  # keys 78..99 of the window
+  assert ranges[1, 1] == 0  # an empty row: no live chunk
+
+
 def test_float16_from_bits_is_exact():
   """Every float16 bit pattern (zeros, subnormals, normals, inf, NaN) decodes exactly."""
   bits = np.arange(-(1 << 15), 1 << 15, dtype=np.int16)
@@ -620,6 +642,20 @@ def test_paged_and_decode_calls_run_the_decode_kernel():
   decode_jaxpr = jax.make_jaxpr(lambda q: IMPLEMENTATION.forward(
       q, k, v, bias, arrays, spec, IMPLEMENTATION.default_config(spec), True))(q)
   assert names(decode_jaxpr.jaxpr) == {"flash_jax_mosaic_tpu_decode"}
+
+
+def test_paged_tables_beyond_smem_decline():
+  """A pool addressed by 64 x 4096 table slots needs 1 MiB of SMEM (Mosaic rejects it):
+  the named implementation says so; implementation=None moves on to another one."""
+  q, pages = jnp.zeros((64, 1, 8, 128), jnp.bfloat16), jnp.zeros((2, 16, 2, 128), jnp.bfloat16)
+  spec, *_ = paged_lib.normalize_paged(q, pages, pages, np.zeros((64, 4096), np.int32),
+                                       np.ones((64,), np.int32))
+  with pytest.raises(NotImplementedError, match="page tables need .* KiB of SMEM"):
+    dispatch.select(spec, "mosaic_tpu", platform="tpu")
+  assert dispatch.select(spec, None, platform="tpu").name != "mosaic_tpu"
+  cache = jax.ShapeDtypeStruct((64, 1 << 20, 2, 128), jnp.bfloat16)  # a huge contiguous
+  contiguous, *_ = spec_lib.normalize(q, cache, cache)  # call takes the blockwise kernel
+  assert dispatch.select(contiguous, None, platform="tpu") is IMPLEMENTATION
 
 
 def _decode_calls(kind_of_call):

@@ -24,7 +24,7 @@ from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_tpu import backward as backward_kernels
 from flash_jax.kernels.mosaic_tpu import config as config_lib
 from flash_jax.kernels.mosaic_tpu import forward as forward_kernel
-from flash_jax.kernels.mosaic_tpu import paged
+from flash_jax.kernels.mosaic_tpu import page_info, paged
 from flash_jax.kernels.mosaic_tpu.config import MosaicTpuBlockSizes
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 from flash_jax.kernels.mosaic_tpu.page_info import PagedGeometry
@@ -39,11 +39,33 @@ def _to_compute(spec: AttentionSpec, *xs):
   return tuple(x.astype(dtype) for x in xs)
 
 
+def _decode_geometry(config: MosaicTpuBlockSizes, spec: AttentionSpec) -> PagedGeometry | None:
+  """The decode kernel's tiling for a decode-shaped call, None when a contiguous call's
+  tables would outgrow SMEM (the blockwise kernel serves it); a paged call's raises
+  NotImplementedError then."""
+  if not split_kv.decode_shaped(spec):
+    return None
+  geo = PagedGeometry(spec, *config_lib.decode_tiling(config, spec))
+  words = page_info.scalar_words(geo)
+  if words <= page_info.MAX_SCALAR_WORDS:
+    return geo
+  if spec.paged:
+    raise unsupported("mosaic_tpu", (
+        f"decode calls whose page tables need {words * 4 // 1024} KiB of SMEM (more than "
+        f"{page_info.MAX_SCALAR_WORDS * 4 // 1024} KiB: batch {spec.batch} x "
+        f"{geo.num_slots} table slots x {geo.num_row_blocks} row blocks); use larger "
+        f"pages or a smaller batch"))
+  return None
+
+
 class MosaicTpuImplementation(BlockwiseImplementation):
   name = "mosaic_tpu"
   platforms = ("tpu",)
   interpretable = True
   config_type = MosaicTpuBlockSizes
+
+  def check_spec(self, spec: AttentionSpec) -> None:
+    _decode_geometry(config_lib.resolve(MosaicTpuBlockSizes(), spec), spec)  # SMEM check
 
   def check_config(self, config) -> None:
     """Any `BlockSizes` is accepted; its set block sizes must be multiples of 128."""
@@ -58,10 +80,9 @@ class MosaicTpuImplementation(BlockwiseImplementation):
   @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     config = config_lib.resolve(config, spec)
-    if split_kv.decode_shaped(spec):  # every paged call, and contiguous decode
-      page_size, pages_per_step, block_rows = config_lib.decode_tiling(config, spec)
-      geo = PagedGeometry(spec, page_size, pages_per_step, block_rows)
-      return paged.decode_attention(q, k, v, arrays, geo, interpret=interpret,
+    decode = _decode_geometry(config, spec)  # every paged call, and contiguous decode
+    if decode is not None:
+      return paged.decode_attention(q, k, v, arrays, decode, interpret=interpret,
                                     vmem_limit_bytes=config.vmem_limit_bytes)
     geo = Geometry(spec, config.block_q, config.block_kv)
     out, lse = forward_kernel.forward(*_to_compute(spec, q, k, v), bias, arrays, geo,

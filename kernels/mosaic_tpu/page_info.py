@@ -81,6 +81,17 @@ class PagedGeometry:
     return (jnp.asarray(r_lo // group, jnp.int32), jnp.asarray(-(-r_hi // group), jnp.int32))
 
 
+# Scalar-prefetched words the decode kernel may take: half of the 1 MiB of SMEM of TPU v4
+# and later (a 1 MiB fetch table fails to compile for v5e; 512 KiB compiles).
+MAX_SCALAR_WORDS = 128 * 1024
+
+
+def scalar_words(geo: PagedGeometry) -> int:
+  """int32 words the kernel prefetches: fetch table, slot ranges, per-batch scalars."""
+  grid = geo.spec.batch * geo.num_row_blocks
+  return grid * geo.num_steps * geo.pages_per_step + grid * NUM_RANGE_FIELDS + 3 * geo.spec.batch
+
+
 # Columns of the per-(batch, row block) range table.
 LIVE_LO, LIVE_HI, FULL_LO, FULL_HI = 0, 1, 2, 3
 NUM_RANGE_FIELDS = 4
@@ -116,12 +127,15 @@ def slot_ranges(spec: AttentionSpec, arrays: AttentionArrays, geo: PagedGeometry
   return jnp.stack([jnp.broadcast_to(c, shape).astype(jnp.int32) for c in columns], axis=-1)
 
 
-def fetch_table(tables, ranges, geo: PagedGeometry, num_pages: int):
+def fetch_table(tables, ranges, geo: PagedGeometry, num_pages: int, *, shared_pool=True):
   """int32 [B, RB, steps, pages_per_step]: the page (or chunk) each stream names.
 
   tables: int32 [B, >= slots] page ids (any value outside live slots); ranges: from
   `slot_ranges`. Grid order is (batch, row block, step); stream i loads slot
-  step * pages_per_step + i. Ids are clipped into [0, num_pages).
+  step * pages_per_step + i. Ids are clipped into [0, num_pages). shared_pool: pages
+  come from one pool (a dead slot may repeat another sequence's page); False for a
+  contiguous cache, whose block index also names the batch row: there dead slots repeat
+  pages of their own (batch, row block), or its chunk 0 when it has none.
   """
   b, rb, n = ranges.shape[0], ranges.shape[1], geo.pages_per_step
   slots = geo.num_steps * n
@@ -135,14 +149,17 @@ def fetch_table(tables, ranges, geo: PagedGeometry, num_pages: int):
   def per_stream(x):  # [B, RB, steps * n] -> [n, B * RB * steps] in grid order
     return jnp.moveaxis(x.reshape(b, rb, geo.num_steps, n), 3, 0).reshape(n, -1)
 
-  live, pages = per_stream(live), per_stream(pages)
+  live, pages = per_stream(live), per_stream(pages)  # [n, L]
+  if not shared_pool:  # fill within each (batch, row block): [n * B * RB, steps]
+    live, pages = (x.reshape(-1, geo.num_steps) for x in (live, pages))
   order = jnp.arange(live.shape[1], dtype=jnp.int32)
   last_live = jax.lax.cummax(jnp.where(live, order, -1), axis=1)
   first_live = jnp.argmax(live, axis=1).astype(jnp.int32)[:, None]
-  source = jnp.where(last_live >= 0, last_live, first_live)  # [n, L]
+  source = jnp.where(last_live >= 0, last_live, first_live)
   fetched = jnp.take_along_axis(pages, source, axis=1)
   # A stream with no live slot at all still loads one block (its first): a page that
   # another stream uses, or page 0 when no sequence has a key.
   any_page = jnp.where(jnp.any(live), pages.reshape(-1)[jnp.argmax(live.reshape(-1))], 0)
-  fetched = jnp.where(jnp.any(live, axis=1, keepdims=True), fetched, any_page)
+  fetched = jnp.where(jnp.any(live, axis=1, keepdims=True), fetched,
+                      any_page if shared_pool else 0)
   return jnp.moveaxis(fetched.reshape(n, b, rb, geo.num_steps), 0, 3)

@@ -196,7 +196,7 @@ def decode_attention(q, k, v, arrays: AttentionArrays, geo: PagedGeometry, *, in
                               (spec.batch, geo.num_slots))
     num_pages = geo.num_slots
   ranges = page_info.slot_ranges(spec, arrays, geo)
-  fetch = page_info.fetch_table(tables, ranges, geo, num_pages)
+  fetch = page_info.fetch_table(tables, ranges, geo, num_pages, shared_pool=spec.paged)
 
   rows = tiles.pad_axis(pack_queries(q.astype(compute_dtype), spec), 2, geo.rows_padded)
   heads, br = spec.num_kv_heads, geo.block_rows
