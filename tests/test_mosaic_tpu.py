@@ -688,18 +688,23 @@ def test_decode_kernel_lowers_to_mosaic_for_tpu(kind, call):
   assert exported.mlir_module().count("tpu_custom_call") == 1
 
 
-def test_decode_kernel_compiles_with_libtpu():
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v6e:2x2"])
+def test_kernels_compile_with_libtpu(topology):
   """With libtpu installed (`pip install "jax[tpu]==<this JAX>"`), the Mosaic compiler
-  itself compiles the kernel for a TPU v5e topology on this CPU host (deviceless AOT):
-  the layout checks that lowering alone does not run."""
+  itself compiles the kernels for TPU topologies on this CPU host (deviceless AOT): the
+  layout and legality checks that lowering alone does not run. Forward and backward
+  with every feature, a paged call and a contiguous decode."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  topology = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-  mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("x",),
+  devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  mesh = jax.sharding.Mesh(np.array(devices[:1]), ("x",),
                            axis_types=(jax.sharding.AxisType.Auto,))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  for call in ("paged", "contiguous"):
-    fn, args = _decode_calls(call)
-    args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in args]
+  q, k, v, kwargs = _all_features()
+  calls = [_grad_of_kernels(q, k, v, kwargs, interpret=False),
+           _decode_calls("paged"), _decode_calls("contiguous")]
+  for fn, args in calls:
+    args = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+            for x in args]
     with jax.set_mesh(mesh):
       jax.jit(fn).lower(*args).compile()  # raises on a kernel Mosaic rejects
