@@ -126,15 +126,15 @@ def cost_estimate(geo: Geometry, *, matmuls_qk: int, matmuls_v: int, exps: int,
   if spec.causal:
     pairs //= 2
   flops = 2 * pairs * (matmuls_qk * spec.head_dim + matmuls_v * spec.head_dim_v)
-  nbytes = sum(jnp.dtype(op.value.dtype).itemsize * _num_elements(op.value.shape)
-               for op in operands)
+  nbytes = sum(num_bytes(op.value) for op in operands)
   return pl.CostEstimate(flops=int(flops), transcendentals=int(exps * pairs),
                          bytes_accessed=int(nbytes))
 
 
-def _num_elements(shape) -> int:
-  n = 1
-  for d in shape:
+def num_bytes(x) -> int:
+  """Bytes of an array or ShapeDtypeStruct."""
+  n = jnp.dtype(x.dtype).itemsize
+  for d in x.shape:
     n *= int(d)
   return n
 
@@ -164,11 +164,11 @@ def call(body, *, name: str, grid: tuple[int, int, int, int], scalars: Sequence[
                                            vmem_limit_bytes=vmem_limit_bytes),
       cost_estimate=cost, interpret=params)
   if params:
-    run = _map_when_vmapped(run)
+    run = map_when_vmapped(run)
   return run(*scalars, *[op.value for op in inputs])
 
 
-def _map_when_vmapped(fn):
+def map_when_vmapped(fn):
   """Under vmap, runs an interpreted pallas_call once per element (lax.map).
 
   TPU interpret mode (JAX 0.10 and 0.11) rejects a vmapped pallas_call whose grid has

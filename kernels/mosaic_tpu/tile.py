@@ -85,7 +85,8 @@ def visibility(geo: Geometry, pos: TilePosition, shape, batch_ref, q_segment_ids
       q_length=scalar(spec.has_q_lengths, layout.Q_LENGTH),
       kv_length=scalar(spec.has_kv_lengths, layout.KV_LENGTH), kv_bound=geo.kv_bound)
   if mask is not None:
-    dense = jnp.broadcast_to(mask != 0, shape)
+    # Compared as int32: TPU v4 has no int8 vector compare.
+    dense = jnp.broadcast_to(mask.astype(jnp.int32) != 0, shape)
     visible = dense if visible is None else jnp.logical_and(visible, dense)
   return visible
 
