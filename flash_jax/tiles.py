@@ -39,6 +39,21 @@ def ungroup_queries(x, spec: AttentionSpec):
   return x.reshape(spec.batch, spec.q_len, spec.num_q_heads, x.shape[-1])
 
 
+def pack_queries(q, spec: AttentionSpec):
+  """[B, T, Nq, H] -> [B, Nkv, T * G, H]: the T tokens x G query heads that share a K/V
+  head as the rows of one tile, token-major (GQA packing of the decode kernels)."""
+  q5 = group_queries(q, spec)  # [B, T, Nkv, G, H]
+  return jnp.transpose(q5, (0, 2, 1, 3, 4)).reshape(
+      spec.batch, spec.num_kv_heads, spec.packed_rows, q.shape[-1])
+
+
+def unpack_rows(x, spec: AttentionSpec):
+  """[B, Nkv, T * G, ...] -> [B, T, Nq, ...] (pack_queries' inverse)."""
+  x = x.reshape((spec.batch, spec.num_kv_heads, spec.q_len, spec.group_size) + x.shape[3:])
+  x = jnp.moveaxis(x, 2, 1)  # [B, T, Nkv, G, ...]
+  return x.reshape((spec.batch, spec.q_len, spec.num_q_heads) + x.shape[4:])
+
+
 def to_grouped_frame(x, spec: AttentionSpec):
   """A 4-D [B?, Nq?, T?, S?] bias or mask -> 5-D [B?, Nkv?, G?, T?, S?]."""
   b, n, t, s = x.shape

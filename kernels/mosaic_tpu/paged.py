@@ -45,20 +45,6 @@ from flash_jax.kernels.mosaic_tpu.page_info import PagedGeometry
 DIMENSION_SEMANTICS = ("parallel", "parallel", "arbitrary")
 
 
-def pack_queries(q, spec: AttentionSpec):
-  """[B, T, Nq, H] -> [B, Nkv, T * G, H]: the rows that share a K/V head, token-major."""
-  q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
-  return jnp.transpose(q5, (0, 2, 1, 3, 4)).reshape(
-      spec.batch, spec.num_kv_heads, spec.packed_rows, q.shape[-1])
-
-
-def unpack_rows(x, spec: AttentionSpec):
-  """[B, Nkv, T * G, ...] -> [B, T, Nq, ...] (pack_queries' inverse)."""
-  x = x.reshape((spec.batch, spec.num_kv_heads, spec.q_len, spec.group_size) + x.shape[3:])
-  x = jnp.moveaxis(x, 2, 1)  # [B, T, Nkv, G, ...]
-  return x.reshape((spec.batch, spec.q_len, spec.num_q_heads) + x.shape[4:])
-
-
 def row_tokens(geo: PagedGeometry):
   """int32 [R_pad, 128]: the token of each packed row, lane-replicated (padded rows repeat
   the last token; they are sliced off)."""
@@ -110,8 +96,17 @@ def _attend_page(refs, k_ref, v_ref, k_start, scalars, *, geo: PagedGeometry, co
         tokens, k_idx, causal=spec.causal, window=spec.window,
         q_offset=scalars(layout.Q_OFFSET), kv_length=kv_length,
         q_length=scalars(layout.Q_LENGTH) if spec.has_q_lengths else None)
-    # Keys past the length may hold junk (NaN, inf): never multiplied, even by P = 0.
-    stored = k_start + jax.lax.broadcasted_iota(jnp.int32, (page, spec.head_dim_v), 0) < kv_length
+    # Keys no row of the block sees (past the length, past the last query under causal,
+    # outside the window) may hold junk (NaN, inf): never multiplied, even by P = 0.
+    first_token = jnp.min(refs["row_tokens"][:, :1], axis=0, keepdims=True)  # [1, 1]
+    last_token = jnp.max(refs["row_tokens"][:, :1], axis=0, keepdims=True)
+    seen = masking.visible_kv_range(
+        first_token, jnp.minimum(last_token + 1, spec.q_len), kv_len=spec.kv_len,
+        causal=spec.causal, window=spec.window, q_offset=scalars(layout.Q_OFFSET),
+        kv_length=kv_length,
+        q_length=scalars(layout.Q_LENGTH) if spec.has_q_lengths else None)
+    stored = masking.keys_in_range(
+        k_start + jax.lax.broadcasted_iota(jnp.int32, (page, spec.head_dim_v), 0), seen)
 
   for h in range(spec.num_kv_heads):
     q = refs["q"][h]  # [br, H]
@@ -198,7 +193,7 @@ def decode_attention(q, k, v, arrays: AttentionArrays, geo: PagedGeometry, *, in
   ranges = page_info.slot_ranges(spec, arrays, geo)
   fetch = page_info.fetch_table(tables, ranges, geo, num_pages, shared_pool=spec.paged)
 
-  rows = tiles.pad_axis(pack_queries(q.astype(compute_dtype), spec), 2, geo.rows_padded)
+  rows = tiles.pad_axis(tiles.pack_queries(q.astype(compute_dtype), spec), 2, geo.rows_padded)
   heads, br = spec.num_kv_heads, geo.block_rows
   row_block = lambda width: pl.BlockSpec((None, heads, br, width),
                                          lambda b, r, *_: (b, 0, r, 0))
@@ -233,8 +228,8 @@ def decode_attention(q, k, v, arrays: AttentionArrays, geo: PagedGeometry, *, in
     run = launch.map_when_vmapped(run)
   scalars = (fetch.reshape(-1), ranges.reshape(-1), layout.batch_scalars(arrays, spec))
   out, lse = run(*scalars, *[x for _, x, _ in inputs])
-  out = unpack_rows(out[:, :, :geo.rows], spec)  # [B, T, Nq, Hv]
-  lse = unpack_rows(lse[:, :, :geo.rows, 0], spec)  # [B, T, Nq]
+  out = tiles.unpack_rows(out[:, :, :geo.rows], spec)  # [B, T, Nq, Hv]
+  lse = tiles.unpack_rows(lse[:, :, :geo.rows, 0], spec)  # [B, T, Nq]
   return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
 
 

@@ -148,20 +148,6 @@ def _split_kv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig,
   store(refs.partial_lse.at[pl.ds(r_lo, block_rows)], lse, tile_mask(r_lo, block_rows, rows))
 
 
-def pack_queries(q, spec: AttentionSpec):
-  """[B, T, Nq, H] -> [B, Nkv, T * G, H]: the rows that share a K/V head, token-major."""
-  q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
-  return jnp.transpose(q5, (0, 2, 1, 3, 4)).reshape(
-      spec.batch, spec.num_kv_heads, spec.packed_rows, q.shape[-1])
-
-
-def unpack_rows(x, spec: AttentionSpec):
-  """[B, Nkv, T * G, ...] -> [B, T, Nq, ...] (pack_queries' inverse)."""
-  x = x.reshape((spec.batch, spec.num_kv_heads, spec.q_len, spec.group_size) + x.shape[3:])
-  x = jnp.moveaxis(x, 2, 1)  # [B, T, Nkv, G, ...]
-  return x.reshape((spec.batch, spec.q_len, spec.num_q_heads) + x.shape[4:])
-
-
 def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
                      config: TritonConfig, interpret: bool):
   """q [B, T, Nq, H]; k, v [B, S, Nkv, H|Hv] or pages [P, page_size, Nkv, H|Hv]
@@ -176,7 +162,7 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
                                           lambda p, b, h: (b, 0, h, 0))
   split_of = lambda p: jax.lax.rem(p, jnp.int32(splits))
   inputs = [
-      Operand("q", pack_queries(q, spec),
+      Operand("q", tiles.pack_queries(q, spec),
               pl.BlockSpec((None, None, rows, head_dim), lambda p, b, h: (b, h, 0, 0))),
       Operand("k", k, kv_block(head_dim)),
       Operand("v", v, kv_block(head_dim_v)),
@@ -199,5 +185,5 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
       name="flash_jax_triton_split_kv", num_warps=config.num_warps_split,
       num_stages=config.num_stages_split, interpret=interpret)
   out, lse = split_kv.merge(partial_out, partial_lse, axis=2)  # [B, Nkv, R, Hv], [B, Nkv, R]
-  return (unpack_rows(out, spec).astype(q.dtype),
-          jnp.transpose(unpack_rows(lse, spec), (0, 2, 1)))
+  return (tiles.unpack_rows(out, spec).astype(q.dtype),
+          jnp.transpose(tiles.unpack_rows(lse, spec), (0, 2, 1)))
