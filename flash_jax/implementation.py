@@ -27,6 +27,7 @@ class Implementation(abc.ABC):
   platforms: ClassVar[tuple[str, ...]]  # jax platform names it runs on natively
   interpretable: ClassVar[bool] = False  # can run on CPU with interpret=True
   config_type: ClassVar[type] = BlockSizes
+  dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")  # input dtypes served
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     """Raises NotImplementedError when this implementation cannot serve the call."""
@@ -36,6 +37,8 @@ class Implementation(abc.ABC):
       hint = "; pass interpret=True to run its kernels on CPU" if self.interpretable else ""
       raise NotImplementedError(
           f"implementation {self.name!r} runs on {'/'.join(self.platforms)}, not {platform!r}{hint}")
+    if spec.dtype not in self.dtypes:
+      raise unsupported(self.name, f"dtype {spec.dtype} (it serves {', '.join(self.dtypes)})")
     self.check_spec(spec)
 
   def check_spec(self, spec: AttentionSpec) -> None:
@@ -94,8 +97,9 @@ def _blockwise_attention_fwd(q, k, v, bias, arrays, impl, spec, config, interpre
 def _blockwise_attention_bwd(impl, spec, config, interpret, residuals, cotangents):
   q, k, v, bias, arrays, out, lse = residuals
   dout, dlse = cotangents
-  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - dlse.astype(jnp.float32)
+  stats = lse.dtype  # float32 (float64 for float64 inputs)
+  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(stats), out.astype(stats))
+  delta = delta - dlse.astype(stats)
   dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
                                     interpret)
   return dq, dk, dv, dbias, None  # the mask arrays are not differentiable
