@@ -98,7 +98,8 @@ def _blockwise_attention_bwd(impl, spec, config, interpret, residuals, cotangent
   q, k, v, bias, arrays, out, lse = residuals
   dout, dlse = cotangents
   stats = lse.dtype  # float32 (float64 for float64 inputs)
-  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(stats), out.astype(stats))
+  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(stats), out.astype(stats),
+                     precision=spec.precision)
   delta = delta - dlse.astype(stats)
   dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
                                     interpret)
