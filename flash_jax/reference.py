@@ -24,10 +24,28 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
   to v's dtype for the PV product, as `jax.nn.dot_product_attention` does. Both products
   run at `spec.precision`. Fully differentiable (lse too).
   """
+  probs, lse = _probabilities(q, k, bias, arrays, spec)  # [B, Nkv, G, T, S], [B, Nkv, G, T]
+  dropout = tiles.tile_dropout(spec, arrays, 0, spec.kv_len)
+  if dropout is not None:
+    probs = probs * dropout
+  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, precision=spec.precision,
+                   preferred_element_type=tiles.accumulation_dtype(spec))
+  return (tiles.ungroup_queries(out, spec).astype(q.dtype),
+          tiles.grouped_stats_to_heads(lse, spec))
+
+
+def attention_weights(q, k, bias, arrays: AttentionArrays, spec: AttentionSpec):
+  """The softmax weights [B, Nq, T, S] before dropout, in the accumulation dtype: 0 on
+  rows that see no key. Materializes T x S: what Flax sows as 'attention_weights'."""
+  probs, _ = _probabilities(q, k, bias, arrays, spec)
+  return probs.reshape(spec.batch, spec.num_q_heads, spec.q_len, spec.kv_len)
+
+
+def _probabilities(q, k, bias, arrays: AttentionArrays, spec: AttentionSpec):
+  """-> (softmax weights [B, Nkv, G, T, S] before dropout, lse [B, Nkv, G, T])."""
   q5 = tiles.group_queries(q, spec)
   bias5 = None if bias is None else tiles.to_grouped_frame(bias, spec)
   mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
-
   logits = tiles.tile_logits(q5, k, bias5, spec)  # [B, Nkv, G, T, S]
   visible = tiles.tile_visibility(spec, arrays, mask5, 0, spec.kv_len)
   logits = masking.masked_logits(logits, visible)
@@ -35,14 +53,7 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
   p = masking.masked_exp(logits, row_max, visible)
   row_sum = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(row_sum > 0, row_sum, 1.0)
-  dropout = tiles.tile_dropout(spec, arrays, 0, spec.kv_len)
-  if dropout is not None:
-    probs = probs * dropout
-  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, precision=spec.precision,
-                   preferred_element_type=tiles.accumulation_dtype(spec))
-  lse = tiles.lse_from_stats(row_max[..., 0], row_sum[..., 0])
-  return (tiles.ungroup_queries(out, spec).astype(q.dtype),
-          tiles.grouped_stats_to_heads(lse, spec))
+  return probs, tiles.lse_from_stats(row_max[..., 0], row_sum[..., 0])
 
 
 class XlaImplementation(Implementation):
