@@ -67,3 +67,23 @@ def assert_accurate(name, x, same_precision, reference, *, dtype):
   verdict = accuracy.judge(x, same_precision, reference, factor=accuracy.factor_for(name),
                            dtype=dtype)
   assert verdict.ok, verdict.describe(name)
+
+
+def dot_precisions(closed_jaxpr) -> list:
+  """The precision of every dot_general in a jaxpr, nested jaxprs included (None: unset)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        precision = eqn.params["precision"]
+        found.append(precision[0] if isinstance(precision, tuple) else precision)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found
