@@ -199,24 +199,18 @@ def _reject_custom_einsums(*, precision, einsum_dot_general, qk_attn_weights_ein
           "flash kernels; pass None, or use Flax's own dot_product_attention")
 
 
-# Flax's precision -> the jax.default_matmul_precision level it asks for (None: default).
-_PRECISION_LEVELS = {jax.lax.Precision.DEFAULT: None, jax.lax.Precision.HIGH: "high",
-                     jax.lax.Precision.HIGHEST: "highest"}
-
-
 def _precision_level(precision) -> str | None:
-  if precision is None:
-    return None
-  if isinstance(precision, (tuple, list)) and len(precision) == 2:  # per operand: the higher
-    levels = [_precision_level(p) for p in precision]
-    return max(levels, key=[None, "high", "highest"].index)
+  """Flax's `precision` -> the jax.default_matmul_precision it asks for (None: default).
+  A per-operand pair asks for the higher of its two."""
   if isinstance(precision, jax.lax.DotAlgorithmPreset):
     return precision.name
-  try:
-    return _PRECISION_LEVELS[jax.lax.Precision(precision)]
-  except (ValueError, KeyError, TypeError):
+  parts = tuple(precision) if isinstance(precision, (tuple, list)) else (precision,)
+  try:  # Precision.DEFAULT, HIGH, HIGHEST have values 0, 1, 2; names map onto them
+    rank = max(0 if p is None else jax.lax.Precision(p).value for p in parts)
+  except (ValueError, TypeError):
     raise ValueError(f"precision must be None, a jax.lax.Precision, its name, a pair of "
                      f"them or a jax.lax.DotAlgorithmPreset, got {precision!r}") from None
+  return (None, "high", "highest")[rank]
 
 
 def _matmul_precision(precision, dtype):
