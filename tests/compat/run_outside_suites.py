@@ -135,7 +135,8 @@ def main(argv=None) -> int:
           lines.append(f"  {outcome:7s} {test_id}{note}{': ' + message if message else ''}")
       summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
       print(f"{label}: {summary}")
-      print("\n".join(lines))
+      if lines:
+        print("\n".join(lines))
   return 1 if unexpected else 0
 
 
