@@ -118,7 +118,7 @@ def test_float64_matches_a_float64_reference(implementation):
                enumerate(((b, t, 4, 16), (b, s, 2, 16), (b, s, 2, 16))))
     bias = jax.random.normal(jax.random.key(3), (b, 1, t, s), jnp.float64)
     mask = jax.random.bernoulli(jax.random.key(4), 0.8, (b, 4, t, s))
-    kv_lengths = jnp.array([s, 20])
+    kv_lengths = jnp.array([s, 20], jnp.int32)
     out, lse = flash_jax.flash_attention(
         q, k, v, bias=bias, mask=mask, causal=True, q_offset=s - t, kv_lengths=kv_lengths,
         implementation=implementation, block_sizes=flash_jax.BlockSizes(block_kv=16)
