@@ -170,10 +170,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           return_residual=False):
   """Drop-in for `jax.nn.dot_product_attention`: same arguments, shapes and defaults.
 
-  query [B, T, N, H] or [T, N, H]; key/value [B, S, K, H] or [S, K, H]. `implementation`
-  takes flash_jax's names (None picks the fastest) and "cudnn", which runs jax.nn's own
-  cuDNN path unchanged. The one difference: a query row that sees no key returns zeros, where
-  jax.nn's XLA path returns the mean of value (and its lse residual here is -inf there).
+  query [B, T, N, H] or [T, N, H]; key/value [B, S, K, H] or [S, K, H]; bfloat16,
+  float16, float32, or float64 (with jax_enable_x64: implementation None, "xla" or
+  "chunked"). `implementation` takes flash_jax's names (None picks the fastest) and
+  "cudnn", which runs jax.nn's own cuDNN path unchanged. The residual (lse [B, T, N] in
+  the output dtype) carries no gradient, as in jax.nn. The one difference: a query row
+  that sees no key returns zeros, where jax.nn's XLA path returns the mean of value (and
+  its lse residual here is -inf there).
   """
   if implementation == "cudnn":  # jax.nn's own cuDNN path, exactly as jax.nn runs it
     return jax.nn.dot_product_attention(
@@ -192,6 +195,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       implementation=implementation, return_lse=return_residual)
   if return_residual:
     out, lse = result
-    residual = jnp.transpose(lse, (0, 2, 1)).astype(out.dtype)  # [B, T, N], as jax.nn
+    # [B, T, N] in the output dtype, without gradient: as jax.nn returns it.
+    residual = jax.lax.stop_gradient(jnp.transpose(lse, (0, 2, 1)).astype(out.dtype))
     return (out[0], residual[0]) if unbatched else (out, residual)
   return result[0] if unbatched else result

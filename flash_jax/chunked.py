@@ -6,7 +6,9 @@ rescaled float32 accumulator, so memory is O(T * block_kv) instead of O(T * S).
 Backward (FlashAttention-2, Algorithm 2): recompute each chunk's probabilities from the
 saved lse, P = exp(logits - lse); dV += P^T dO, dP = dO V^T, dS = P * (dP - delta),
 dQ += dS K, dK = dS^T Q. Key/value chunks are independent, so dK, dV (and dbias
-columns) are scan outputs and dQ the only carry.
+columns) are scan outputs and dQ the only carry. Every product runs at the call's
+matmul precision (`spec.precision`), in the forward and in the backward alike;
+float64 inputs compute in float64.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _chunk_inputs(k, v, bias, arrays: AttentionArrays, spec: AttentionSpec, conf
 class ChunkedImplementation(BlockwiseImplementation):
   name = "chunked"
   platforms = ("cpu", "gpu", "tpu")
+  dtypes = ("bfloat16", "float16", "float32", "float64")
 
   def default_config(self, spec: AttentionSpec) -> BlockSizes:
     return BlockSizes(block_kv=DEFAULT_BLOCK_KV)
@@ -95,6 +98,7 @@ class ChunkedImplementation(BlockwiseImplementation):
     chunks = _chunk_inputs(k, v, bias, arrays, spec, self._resolve(config))
     q5 = tiles.group_queries(q, spec)  # [B, T, Nkv, G, H]
     stat_shape = (spec.batch, spec.num_kv_heads, spec.group_size, spec.q_len, 1)
+    acc_dtype = tiles.accumulation_dtype(spec)
 
     def step(carry, index):
       row_max, row_sum, acc = carry
@@ -111,15 +115,15 @@ class ChunkedImplementation(BlockwiseImplementation):
       dropout = tiles.tile_dropout(spec, chunks.arrays, start, chunks.width)
       if dropout is not None:
         p = p * dropout
-      pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v_c,
-                      preferred_element_type=jnp.float32)
+      pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v_c, precision=spec.precision,
+                      preferred_element_type=acc_dtype)
       return (new_max, row_sum, rescale * acc + pv), None
 
     # Carries are built from q5 so that, inside shard_map, they vary over the same mesh
     # axes as the inputs (check_vma).
-    init = (jnp.full_like(q5, masking.MASK_VALUE, jnp.float32, shape=stat_shape),
-            jnp.zeros_like(q5, jnp.float32, shape=stat_shape),
-            jnp.zeros_like(q5, jnp.float32, shape=stat_shape[:-1] + (spec.head_dim_v,)))
+    init = (jnp.full_like(q5, masking.MASK_VALUE, acc_dtype, shape=stat_shape),
+            jnp.zeros_like(q5, acc_dtype, shape=stat_shape),
+            jnp.zeros_like(q5, acc_dtype, shape=stat_shape[:-1] + (spec.head_dim_v,)))
     (row_max, row_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(chunks.count))
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)  # [B, Nkv, G, T, Hv]
     out = tiles.ungroup_queries(jnp.moveaxis(out, 3, 1), spec).astype(q.dtype)
@@ -138,6 +142,8 @@ class ChunkedImplementation(BlockwiseImplementation):
                   for x in tiles.stats_or_lse(stats, lse))
     delta5 = tiles.heads_to_grouped_stats(delta, spec)[..., None]
     bias_cols_broadcast = chunks.bias5 is not None and chunks.bias5.shape[-1] == 1
+    acc_dtype = tiles.accumulation_dtype(spec)
+    einsum = lambda *a: jnp.einsum(*a, precision=spec.precision, preferred_element_type=acc_dtype)
 
     def step(carry, index):
       dq, dbias_acc = carry
@@ -147,26 +153,25 @@ class ChunkedImplementation(BlockwiseImplementation):
       k_c, v_c = tiles.hide_unseen_keys(visible, k_c, v_c)
       logits = tiles.tile_logits(q5, k_c, bias_c, spec)  # [B, Nkv, G, T, w]
       p = masking.masked_exp(logits - m5, log_l5, visible)
-      dp = jnp.einsum("btkgh,bskh->bkgts", do5, v_c, preferred_element_type=jnp.float32)
+      dp = einsum("btkgh,bskh->bkgts", do5, v_c)
       dropout = tiles.tile_dropout(spec, chunks.arrays, start, chunks.width)
       p_kept = p if dropout is None else p * dropout
       dp = dp if dropout is None else dp * dropout
-      dv_c = jnp.einsum("bkgts,btkgh->bskh", p_kept.astype(dout.dtype), do5,
-                        preferred_element_type=jnp.float32)
+      dv_c = einsum("bkgts,btkgh->bskh", p_kept.astype(dout.dtype), do5)
       ds = p * (dp - delta5)  # d loss / d logits
       if spec.softcap is not None:
         ds = ds * masking.softcap_grad(logits, spec.softcap)
       dbias_c = (None if bias_c is None
                  else tiles.sum_to_shape(masking.bias_grad(ds, bias_c), bias_c.shape))
       ds = (ds * spec.scale).astype(q.dtype)
-      dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_c, preferred_element_type=jnp.float32)
-      dk_c = jnp.einsum("bkgts,btkgh->bskh", ds, q5, preferred_element_type=jnp.float32)
+      dq = dq + einsum("bkgts,bskh->btkgh", ds, k_c)
+      dk_c = einsum("bkgts,btkgh->bskh", ds, q5)
       if bias_cols_broadcast:
         dbias_acc, dbias_c = dbias_acc + dbias_c, None
       return (dq, dbias_acc), (dk_c, dv_c, dbias_c)
 
-    dbias_init = (jnp.zeros_like(chunks.bias5, jnp.float32) if bias_cols_broadcast else None)
-    init = (jnp.zeros_like(q5, jnp.float32), dbias_init)
+    dbias_init = (jnp.zeros_like(chunks.bias5, acc_dtype) if bias_cols_broadcast else None)
+    init = (jnp.zeros_like(q5, acc_dtype), dbias_init)
     (dq, dbias_acc), (dk, dv, dbias_cols) = jax.lax.scan(step, init, jnp.arange(chunks.count))
 
     def join_columns(x, axis):  # [n, ..., w at axis, ...] -> [..., S at axis, ...]

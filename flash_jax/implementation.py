@@ -40,6 +40,7 @@ class Implementation(abc.ABC):
   # True: __call__ takes `sinks=` and folds them into its softmax itself; otherwise
   # flash_attention merges them into (out, lse) afterwards (flash_jax.sinks).
   folds_sinks: ClassVar[bool] = False
+  dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")  # input dtypes served
 
   def check(self, spec: AttentionSpec, *, platform: str, interpret: bool) -> None:
     """Raises NotImplementedError when this implementation cannot serve the call."""
@@ -49,6 +50,8 @@ class Implementation(abc.ABC):
       hint = "; pass interpret=True to run its kernels on CPU" if self.interpretable else ""
       raise NotImplementedError(
           f"implementation {self.name!r} runs on {'/'.join(self.platforms)}, not {platform!r}{hint}")
+    if spec.dtype not in self.dtypes:
+      raise unsupported(self.name, f"dtype {spec.dtype} (it serves {', '.join(self.dtypes)})")
     self.check_spec(spec)
 
   def check_spec(self, spec: AttentionSpec) -> None:
@@ -146,8 +149,10 @@ def _blockwise_attention_fwd(q, k, v, bias, arrays, impl, spec, config, interpre
 def _blockwise_attention_bwd(impl, spec, config, interpret, residuals, cotangents):
   q, k, v, bias, arrays, out, lse, stats = residuals
   dout, dlse = cotangents
-  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - dlse.astype(jnp.float32)
+  stats_dtype = lse.dtype  # float32 (float64 for float64 inputs)
+  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(stats_dtype), out.astype(stats_dtype),
+                     precision=spec.precision)
+  delta = delta - dlse.astype(stats_dtype)
 
   def backward(q, k, v, bias, arrays, out, lse, stats, dout, delta):
     kwargs = {} if stats is None else {"stats": stats}

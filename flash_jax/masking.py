@@ -4,6 +4,9 @@ Every implementation (the materializing reference, the chunked jnp fallback and 
 Pallas kernels) builds its logits, visibility and dropout from these functions, so all
 of them compute the same function. They are plain jnp on broadcastable int32 arrays
 and therefore also run inside Pallas kernel bodies, on a [block_q, block_kv] tile.
+Array arguments share one rank (scalars aside) and broadcast only over size-1 dims:
+nothing here relies on rank promotion, so callers work under
+`jax_numpy_rank_promotion="raise"`.
 
 Coordinates: query row i (0 <= i < T) sits at key position p(i) = i + q_offset. Query i
 sees key j (0 <= j < S) when every active rule allows it:
@@ -58,8 +61,8 @@ def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
                    kv_length=None, kv_bound=None):
   """Bool array: may query row `q_idx` see key `k_idx`? None when every key is visible.
 
-  q_idx, k_idx: broadcastable int32 index arrays (e.g. [bq, 1] and [1, bk]).
-  q_offset, q_length, kv_length: scalars or arrays broadcastable against them.
+  q_idx, k_idx: broadcastable int32 index arrays of one rank (e.g. [bq, 1] and [1, bk]).
+  q_offset, q_length, kv_length: scalars or arrays of that rank broadcastable against them.
   q_segment_ids broadcasts with q_idx, kv_segment_ids with k_idx.
   kv_bound: static S; hides padded key columns k_idx >= S of a tail tile.
   """
@@ -167,24 +170,27 @@ def tile_fully_visible(q_lo, q_hi, k_lo, k_hi, *, kv_len, causal=False, window=N
 
 
 def floor_bias(bias):
-  """float32 bias, finite values below BIAS_FLOOR raised to it; -inf stays (hides the key)."""
-  bias = bias.astype(jnp.float32)
+  """The bias in float32 (float64 stays), finite values below BIAS_FLOOR raised to it;
+  -inf stays (hides the key)."""
+  bias = bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
   return jnp.where(jnp.logical_and(bias < BIAS_FLOOR, bias > -jnp.inf), BIAS_FLOOR, bias)
 
 
 def bias_grad(ds, bias):
   """d loss / d bias from d loss / d logits: 0 where `floor_bias` raised the bias."""
-  return jnp.where(bias.astype(jnp.float32) < BIAS_FLOOR, 0.0, ds)
+  return jnp.where(bias.astype(jnp.promote_types(bias.dtype, jnp.float32)) < BIAS_FLOOR,
+                   jnp.zeros((), ds.dtype), ds)
 
 
 def transform_logits(s, *, scale, bias=None, softcap=None):
-  """float32 q.k^T -> logits: scale, add bias, then soft-cap c * tanh(s / c).
+  """q.k^T (float32; float64 for float64 inputs) -> logits: scale, add bias, then soft-cap
+  c * tanh(s / c).
 
   A -inf bias gives a -inf logit, also through the soft-cap (the key stays hidden).
   """
   s = s * scale
   if bias is not None:
-    s = s + floor_bias(bias)
+    s = s + floor_bias(bias).astype(s.dtype)
   if softcap is not None:
     capped = softcap * jnp.tanh(s / softcap)
     s = capped if bias is None else jnp.where(s == -jnp.inf, s, capped)
@@ -243,6 +249,6 @@ def dropout_keep(seed, batch_idx, head_idx, q_idx, k_idx, rate):
   return (h >> 8).astype(jnp.int32) >= threshold
 
 
-def dropout_multiplier(keep, rate):
-  """keep / (1 - rate) as float32, 0 where dropped."""
-  return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+def dropout_multiplier(keep, rate, dtype=jnp.float32):
+  """keep / (1 - rate) in `dtype` (float32, or float64 for float64 inputs), 0 where dropped."""
+  return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.asarray(0.0, dtype))

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# float64 (with jax_enable_x64) is served by the jnp implementations only.
+SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in ("bfloat16", "float16", "float32", "float64"))
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 # Positions are int32 in every implementation (masking.py). They never overflow when
@@ -45,7 +46,7 @@ class AttentionSpec:
   num_kv_heads: int  # Nkv
   head_dim: int  # H (q and k)
   head_dim_v: int  # Hv (v and the output)
-  dtype: str  # name of the input dtype: 'bfloat16' | 'float16' | 'float32'
+  dtype: str  # name of the input dtype: 'bfloat16' | 'float16' | 'float32' | 'float64'
   scale: float
   causal: bool = False
   # (left, right) in key positions relative to the query's position; None = unbounded.
@@ -76,6 +77,9 @@ class AttentionSpec:
     """Query rows that share one key/value head: T * G. Decode kernels pack them into
     the rows of one tile, so each K/V tile is read once per K/V head (GQA packing)."""
     return self.q_len * self.group_size
+  # jax.default_matmul_precision when the call was made (None: the platform default). The
+  # jnp implementations pass it to every product, forward and backward alike.
+  precision: str | None = None
 
   @property
   def group_size(self) -> int:
@@ -245,7 +249,7 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
   batch, q_len, num_q_heads, head_dim = q.shape
   kb, kv_len, num_kv_heads, k_head_dim = k.shape
   if q.dtype not in SUPPORTED_DTYPES:
-    raise TypeError(f"q dtype must be one of bfloat16, float16, float32, got {q.dtype}")
+    raise TypeError(f"q dtype must be one of bfloat16, float16, float32, float64, got {q.dtype}")
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
   if kb != batch or v.shape[0] != batch:
@@ -338,7 +342,7 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
       mask_shape=None if mask is None else tuple(mask.shape),
       has_q_offset=q_offset is not None, has_segment_ids=segment_ids is not None,
       has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
-      dropout_rate=float(dropout_rate))
+      dropout_rate=float(dropout_rate), precision=jax.config.jax_default_matmul_precision)
   return spec, q, k, v, bias, AttentionArrays(**arrays)
 
 

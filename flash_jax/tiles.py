@@ -3,7 +3,9 @@ kernels' wrappers (padding to whole blocks).
 
 A tile is all queries against the key columns [k_start, k_start + width), laid out in
 the grouped frame [B, Nkv, G, T, width] (G = query heads per key/value head), so GQA
-never materializes repeated K/V. Masking rules come from `masking`.
+never materializes repeated K/V. Masking rules come from `masking`. Every operand of a
+broadcasting op has the tile's rank (5), so calls pass under
+`jax_numpy_rank_promotion="raise"`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ def pad_axis(x, axis: int, size: int, value=0):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pad, constant_values=value)
+
+
+def accumulation_dtype(spec: AttentionSpec) -> jnp.dtype:
+  """The dtype of logits, softmax statistics, accumulators and lse: float32, or float64
+  for float64 inputs (which only the jnp implementations serve)."""
+  return jnp.promote_types(spec.jnp_dtype, jnp.float32)
+
+
+def _frame_index(values, axis: int):
+  """int32 1-D `values` as a 5-D [B, Nkv, G, T, w] frame index varying along `axis`."""
+  shape = [1] * 5
+  shape[axis] = values.shape[0]
+  return values.reshape(shape)
 
 
 def group_queries(q, spec: AttentionSpec):
@@ -81,19 +96,20 @@ def columns(x, k_start, width):
   return jax.lax.dynamic_slice_in_dim(x, k_start, width, axis=x.ndim - 1)
 
 
-def tile_logits(q5, k, bias5, spec: AttentionSpec, precision=None):
-  """q5 [B, T, Nkv, G, H], k [B, w, Nkv, H] -> float32 logits [B, Nkv, G, T, w]."""
-  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
-                 preferred_element_type=jnp.float32)
+def tile_logits(q5, k, bias5, spec: AttentionSpec):
+  """q5 [B, T, Nkv, G, H], k [B, w, Nkv, H] -> logits [B, Nkv, G, T, w] in the
+  accumulation dtype, at the call's matmul precision (`spec.precision`)."""
+  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=spec.precision,
+                 preferred_element_type=accumulation_dtype(spec))
   return masking.transform_logits(s, scale=spec.scale, bias=bias5, softcap=spec.softcap)
 
 
 def tile_visibility(spec: AttentionSpec, arrays: AttentionArrays, mask5, k_start, width,
                     kv_bound=None):
-  """Bool [B, Nkv|1, G|1, T, w] (or None): positional rules, segment ids and dense mask."""
-  col = lambda x: None if x is None else x[:, None, None, None, None]  # [B] -> [B,1,1,1,1]
-  q_idx = jnp.arange(spec.q_len, dtype=jnp.int32)[:, None]  # [T, 1]
-  k_idx = k_start + jnp.arange(width, dtype=jnp.int32)[None, :]  # [1, w]
+  """Bool [B|1, Nkv|1, G|1, T, w] (or None): positional rules, segment ids and dense mask."""
+  col = lambda x: None if x is None else _frame_index(x, 0)  # [B] -> [B, 1, 1, 1, 1]
+  q_idx = _frame_index(jnp.arange(spec.q_len, dtype=jnp.int32), 3)  # [1, 1, 1, T, 1]
+  k_idx = k_start + _frame_index(jnp.arange(width, dtype=jnp.int32), 4)  # [1, 1, 1, 1, w]
   q_seg = kv_seg = None
   if arrays.q_segment_ids is not None:
     q_seg = arrays.q_segment_ids[:, None, None, :, None]  # [B, 1, 1, T, 1]
@@ -121,16 +137,17 @@ def hide_unseen_keys(visible, *xs):
 
 
 def tile_dropout(spec: AttentionSpec, arrays: AttentionArrays, k_start, width):
-  """float32 multiplier keep / (1 - rate) on [B, Nkv, G, T, w], or None without dropout."""
+  """Multiplier keep / (1 - rate) on [B, Nkv, G, T, w] in the accumulation dtype, or None
+  without dropout."""
   if not spec.has_dropout:
     return None
-  b = jnp.arange(spec.batch, dtype=jnp.int32)[:, None, None, None, None]
+  b = _frame_index(jnp.arange(spec.batch, dtype=jnp.int32), 0)  # [B, 1, 1, 1, 1]
   h = jnp.arange(spec.num_q_heads, dtype=jnp.int32).reshape(
       1, spec.num_kv_heads, spec.group_size, 1, 1)
-  i = jnp.arange(spec.q_len, dtype=jnp.int32)[:, None]
-  j = k_start + jnp.arange(width, dtype=jnp.int32)[None, :]
+  i = _frame_index(jnp.arange(spec.q_len, dtype=jnp.int32), 3)  # [1, 1, 1, T, 1]
+  j = k_start + _frame_index(jnp.arange(width, dtype=jnp.int32), 4)  # [1, 1, 1, 1, w]
   keep = masking.dropout_keep(arrays.dropout_seed, b, h, i, j, spec.dropout_rate)
-  return masking.dropout_multiplier(keep, spec.dropout_rate)
+  return masking.dropout_multiplier(keep, spec.dropout_rate, accumulation_dtype(spec))
 
 
 def lse_from_stats(row_max, row_sum):

@@ -79,3 +79,23 @@ def attend_paged(target: Target, *args, **kwargs):
     if target.name in JNP_IMPLEMENTATIONS:
       raise
     pytest.skip(f"{target.id}: {e}")
+
+
+def dot_precisions(closed_jaxpr) -> list:
+  """The precision of every dot_general in a jaxpr, nested jaxprs included (None: unset)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        precision = eqn.params["precision"]
+        found.append(precision[0] if isinstance(precision, tuple) else precision)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found

@@ -24,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 import flash_jax  # noqa: E402
 from flash_jax import accuracy  # noqa: E402
+from conftest import dot_precisions  # noqa: E402
 import flash_jax.flax as fjf  # noqa: E402
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -203,14 +204,21 @@ def test_broadcast_dropout_with_gqa_bias_and_segment_ids():
   np.testing.assert_allclose(out[1:2, :, 3:4], one, atol=1e-6)
 
 
-# ---- arguments that cannot be honoured ---------------------------------------------------
+# ---- errors, as Flax raises them -----------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(precision=jax.lax.Precision.HIGHEST), NotImplementedError, "precision"),
-    (dict(module=object()), NotImplementedError, "sow"),
     (dict(qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum),
      NotImplementedError, "qk_attn_weights_einsum"),
     (dict(einsum_dot_general=jax.lax.dot_general), NotImplementedError, "einsum_dot_general"),
+    # Flax's own ValueErrors for combinations it rejects:
+    (dict(qk_attn_weights_einsum=jnp.einsum), ValueError, "together"),
+    (dict(attn_weights_value_einsum=jnp.einsum), ValueError, "together"),
+    (dict(precision=jax.lax.Precision.DEFAULT, qk_attn_weights_einsum=jnp.einsum,
+          attn_weights_value_einsum=jnp.einsum), ValueError, "mutually exclusive"),
+    (dict(einsum_dot_general=jax.lax.dot_general, qk_attn_weights_einsum=jnp.einsum,
+          attn_weights_value_einsum=jnp.einsum), ValueError, "mutually exclusive"),
+    (dict(precision="sloppy"), ValueError, "precision"),
+    (dict(module=object()), TypeError, "module"),
     (dict(dropout_rate=0.1), ValueError, "dropout_rng"),
     (dict(mask=jnp.ones((2, 3, 9, 13), bool)), ValueError, "mask"),
     (dict(mask=jnp.ones((1, 2, 2, 9, 13), bool)), ValueError, "mask"),
@@ -218,6 +226,24 @@ def test_broadcast_dropout_with_gqa_bias_and_segment_ids():
 def test_rejects_what_it_cannot_honour(kwargs, error, match):
   q, k, v = normal(0, (2, 9, 2, 16)), normal(1, (2, 13, 2, 16)), normal(2, (2, 13, 2, 16))
   with pytest.raises(error, match=match):
+    fjf.dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 16, 4, 8), (16, 4, 8), (16, 4, 8)), "same rank"),
+    (((2, 16, 4, 8), (3, 16, 4, 8), (3, 16, 4, 8)), "batch dims"),
+    (((2, 16, 4, 8), (2, 16, 4, 8), (2, 15, 4, 8)), "lengths must match"),
+    (((2, 16, 4, 8), (2, 16, 4, 7), (2, 16, 4, 8)), "depths must match"),
+    (((2, 16, 5, 8), (2, 16, 2, 8), (2, 16, 2, 8)), "must be a multiple"),
+    (((2, 16, 4, 8), (2, 16, 2, 8), (2, 16, 1, 8)), "must be a multiple"),
+    (((16, 8), (16, 8), (16, 8)), "rank >= 3"),
+])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_bad_shapes_raise_value_error_with_flax_wording(shapes, match, dropout):
+  """Checked before anything else, also on the broadcast-dropout path."""
+  q, k, v = (jnp.ones(s) for s in shapes)
+  kwargs = dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)) if dropout else {}
+  with pytest.raises(ValueError, match=match):
     fjf.dot_product_attention(q, k, v, **kwargs)
 
 
@@ -301,8 +327,150 @@ def test_linen_multi_head_attention_with_our_attention_fn():
     reference = run(theirs, params)
   assert_accurate("linen output", mine[0], same[0], reference[0], "float32")
   assert_accurate("linen grads", mine[1], same[1], reference[1], "float32")
-  with pytest.raises(NotImplementedError, match="sow"):
-    ours.apply(params, x, y, sow_weights=True)
+
+
+# ---- precision, sown weights, float64, rank promotion ----------------------------------------
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_precision_reaches_every_product_of_float32_inputs(implementation):
+  """HIGH/HIGHEST (as Flax's modules pass them) run the forward and the backward of the
+  jnp implementations at that precision; bfloat16 inputs, exact already, get none."""
+  fn = fjf.make_attention_fn(implementation=implementation)
+  for dtype, precision, expected in (
+      ("float32", jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST),
+      ("float32", "high", jax.lax.Precision.HIGH),
+      ("float32", (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGHEST),
+       jax.lax.Precision.HIGHEST),
+      ("float32", jax.lax.Precision.DEFAULT, None),
+      ("bfloat16", jax.lax.Precision.HIGHEST, None)):
+    q, k, v = (normal(i, (2, 9, 2, 16), dtype) for i in range(3))
+    call = lambda q, k, v: fn(q, k, v, mask=random_mask(3, (2, 1, 9, 9)), precision=precision)
+    out, vjp = jax.vjp(call, q, k, v)
+    forward = dot_precisions(jax.make_jaxpr(call)(q, k, v))
+    backward = dot_precisions(jax.make_jaxpr(vjp)(out))
+    assert forward and backward
+    assert set(forward) == set(backward) == {expected}, (dtype, precision)
+
+
+def test_multi_head_attention_with_precision_highest():
+  """nnx and linen modules built with precision=HIGHEST (it also sets the projections')."""
+  x = normal(1, (2, 10, 32))
+  ours = nnx.MultiHeadAttention(4, 32, qkv_features=64, decode=False, rngs=nnx.Rngs(0),
+                                precision=jax.lax.Precision.HIGHEST,
+                                attention_fn=fjf.dot_product_attention)
+  theirs = nnx.MultiHeadAttention(4, 32, qkv_features=64, decode=False, rngs=nnx.Rngs(0),
+                                  precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(ours(x, is_causal=True), theirs(x, is_causal=True),
+                             atol=2e-5, rtol=2e-5)
+  linen_ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64,
+                                               precision=jax.lax.Precision.HIGHEST,
+                                               attention_fn=fjf.dot_product_attention)
+  linen_theirs = linen_ours.clone(attention_fn=nn.dot_product_attention)
+  params = linen_theirs.init(jax.random.key(0), x)
+  np.testing.assert_allclose(linen_ours.apply(params, x), linen_theirs.apply(params, x),
+                             atol=2e-5, rtol=2e-5)
+
+
+def _nnx_sown(module, *args, **kwargs):
+  out, intermediates = nnx.capture(lambda m: m(*args, sow_weights=True, **kwargs),
+                                   nnx.Intermediate)(module)
+  return out, intermediates
+
+
+def test_nnx_sow_weights_match_flax_and_leave_the_output_unchanged():
+  x, y = normal(1, (2, 10, 32)), normal(2, (2, 12, 24))
+  mask = random_mask(3, (2, 1, 10, 12))
+  ours = _nnx_mha(fjf.dot_product_attention, num_kv_heads=2)
+  theirs = _nnx_mha(num_kv_heads=2)
+  out, sown = _nnx_sown(ours, x, y, mask=mask)
+  _, flax_sown = _nnx_sown(theirs, x, y, mask=mask)
+  [weights], [flax_weights] = sown["attention_weights"], flax_sown["attention_weights"]
+  assert weights.shape == flax_weights.shape == (2, 4, 10, 12)
+  assert weights.dtype == flax_weights.dtype
+  np.testing.assert_allclose(weights, flax_weights, atol=2e-6)
+  np.testing.assert_array_equal(out, ours(x, y, mask=mask))  # sowing changes nothing
+  _, nothing = nnx.capture(lambda m: m(x, y, mask=mask), nnx.Intermediate)(ours)
+  assert not nothing
+
+
+def test_sown_weights_follow_flash_jax_masking_and_structured_masks():
+  """Rows that see no key sow zeros (Flax: uniform weights); causal/window of
+  make_attention_fn are in the weights, and weights @ value is the output."""
+  q, k, v = (normal(i, (1, 12, 2, 8)) for i in range(3))
+  mask = jnp.ones((1, 1, 12, 12), bool).at[:, :, 3].set(False)
+
+  class Sink(nnx.Module):
+    pass
+
+  fn = fjf.make_attention_fn(causal=True, window=(4, 0))
+  out, sown = nnx.capture(lambda m: fn(q, k, v, mask=mask, module=m), nnx.Intermediate)(Sink())
+  [weights] = sown["attention_weights"]  # [1, 2, 12, 12]
+  np.testing.assert_array_equal(weights[0, :, 3], 0.0)  # row 3 sees only itself: masked
+  i, j = np.arange(12)[:, None], np.arange(12)[None, :]
+  assert not np.any(np.asarray(weights)[..., (j > i) | (j < i - 4)])
+  np.testing.assert_allclose(jnp.einsum("bnts,bsnh->btnh", weights, v), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("force_fp32, weights_dtype", [(True, "float32"), (False, "bfloat16")])
+def test_linen_sow_weights_dtype_and_collection(force_fp32, weights_dtype):
+  x = normal(1, (2, 6, 16))
+  module = nn.MultiHeadDotProductAttention(
+      num_heads=2, qkv_features=8, dtype=jnp.bfloat16, force_fp32_for_softmax=force_fp32,
+      attention_fn=fjf.dot_product_attention)
+  params = module.init(jax.random.key(0), x)
+  out, variables = module.apply(params, x, mutable=["intermediates"], sow_weights=True)
+  [weights] = variables["intermediates"]["attention_weights"]
+  assert weights.shape == (2, 2, 6, 6) and weights.dtype == jnp.dtype(weights_dtype)
+  theirs = module.clone(attention_fn=nn.dot_product_attention)
+  _, flax_variables = theirs.apply(params, x, mutable=["intermediates"], sow_weights=True)
+  np.testing.assert_allclose(np.asarray(weights, np.float32), np.asarray(
+      flax_variables["intermediates"]["attention_weights"][0], np.float32), atol=1e-2)
+  np.testing.assert_array_equal(out, module.apply(params, x))
+
+
+def test_float64_as_attention_fn():
+  with jax.enable_x64():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8), jnp.float64)
+    mask = random_mask(1, (2, 1, 5, 5))
+    ours = nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=nnx.Rngs(0),
+                                  param_dtype=jnp.float64, attention_fn=fjf.dot_product_attention)
+    theirs = nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=nnx.Rngs(0),
+                                    param_dtype=jnp.float64)
+    out = ours(x, mask=mask)
+    assert out.dtype == jnp.float64
+    q, k, v = (jax.random.normal(jax.random.key(i), (3, 7, 2, 4), jnp.float64) for i in range(3))
+    flax_out = nnx.dot_product_attention(q, k, v)
+    ours_out = fjf.dot_product_attention(q, k, v)
+    expected = theirs(x, mask=mask)
+  # Flax's fast path is jax.nn, whose softmax runs in float32 even for float64 inputs.
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours_out, flax_out, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_fn_under_rank_promotion_raise():
+  """Flax's mask/bias forms (fewer dims, broadcast batch and heads), several batch dims,
+  GQA, shared and per-head dropout, sown weights."""
+  q = normal(0, (2, 3, 9, 4, 16))
+  k, v = normal(1, (2, 3, 13, 2, 16)), normal(2, (2, 3, 13, 2, 16))
+  bias, mask = normal(3, (4, 9, 13)), random_mask(4, (3, 1, 9, 13))
+
+  class Sink(nnx.Module):
+    pass
+
+  def run():
+    outs = [fjf.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=True)]
+    for broadcast in (True, False):
+      outs.append(fjf.dot_product_attention(
+          q, k, v, mask=mask, dropout_rate=0.2, dropout_rng=jax.random.key(5),
+          broadcast_dropout=broadcast))
+    out, sown = nnx.capture(lambda m: fjf.dot_product_attention(q, k, v, mask=mask, module=m),
+                            nnx.Intermediate)(Sink())
+    return outs + [out, sown["attention_weights"][0]]
+
+  with jax.numpy_rank_promotion("raise"):
+    strict = run()
+  for a, b in zip(strict, run()):
+    np.testing.assert_array_equal(a, b)
 
 
 # ---- FlashAttention modules ------------------------------------------------------------

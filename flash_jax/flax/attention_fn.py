@@ -17,26 +17,36 @@ Where they differ from Flax (documented, never silent):
     batch element and head, as in Flax: we run one flash call per (batch, head) under
     `jax.vmap` with the same rng, so all see the hash's (0, 0) slice. That is exact but
     launches batch x heads small problems; broadcast_dropout=False is the fast path;
-  * `precision`, `module` (sowing attention weights) and custom einsums cannot be
-    honoured by a kernel that never materializes the weights: non-default values
-    raise NotImplementedError. `force_fp32_for_softmax` is always honoured (softmax
-    statistics are float32 in every implementation).
+  * `precision`: HIGH/HIGHEST (or their names, or a dot algorithm preset) apply to
+    float32 and float64 inputs: the jnp implementations ("xla", "chunked") run every
+    product, forward and backward, at that precision; the Triton and Mosaic TPU kernels
+    always multiply float32 operands at full float32 precision (HIGHEST). bfloat16 and
+    float16 inputs need none: their products are exact in the float32 accumulators;
+  * `module` (Flax's `sow_weights=True`) is a debugging aid: the attention weights
+    [batch..., Nq, T, S] (before dropout; 0 on rows that see no key) are computed a
+    second time on the slow, materializing path and sown as 'attention_weights', as
+    Flax does; the output still comes from the flash call, unchanged;
+  * custom einsums (`einsum_dot_general`, `qk_attn_weights_einsum`,
+    `attn_weights_value_einsum`) cannot run inside a flash kernel: they raise
+    NotImplementedError (and ValueError where Flax itself rejects the combination).
+    `force_fp32_for_softmax` is always honoured (softmax statistics are float32 in every
+    implementation; it also makes sown weights float32, as in Flax).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import api, dispatch, sinks as sinks_lib
+from flash_jax import api, dispatch, reference, sinks as sinks_lib
+from flash_jax import spec as spec_lib
 from flash_jax.config import BlockSizes
 from flash_jax.spec import normalize_window
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +100,10 @@ class AttentionFn:
         attention weights when `not deterministic and dropout_rate > 0` (see the
         module docstring for how the keep-mask differs from Flax's).
       dtype: computation dtype; default: q, k, v promoted to a common dtype.
-      precision, module: must be None (a flash kernel cannot honour them).
+      precision: matmul precision of float32/float64 inputs (module docstring).
+      module: a Flax module (nnx or linen) to sow the attention weights into, as
+        'attention_weights' (Flax's sow_weights=True): a debugging aid that materializes
+        them on the slow path beside the flash call.
       promote_dtype: nnx's dtype promotion hook, called as promote_dtype((q, k, v), dtype=dtype).
       is_causal: nnx's flag; combined (or) with this function's own `causal`.
       force_fp32_for_softmax: linen's flag; always honoured.
@@ -104,13 +117,11 @@ class AttentionFn:
     Returns:
       [batch..., T, Nq, Hv] in the computation dtype.
     """
-    _reject_unhonourable(precision=precision, module=module,
-                         einsum_dot_general=einsum_dot_general,
-                         qk_attn_weights_einsum=qk_attn_weights_einsum,
-                         attn_weights_value_einsum=attn_weights_value_einsum)
-    del force_fp32_for_softmax  # softmax statistics are always float32
+    _reject_custom_einsums(precision=precision, einsum_dot_general=einsum_dot_general,
+                           qk_attn_weights_einsum=qk_attn_weights_einsum,
+                           attn_weights_value_einsum=attn_weights_value_einsum)
     query, key, value = _promote(query, key, value, dtype, promote_dtype)
-    batch_shape = _check_batch_dims(query, key, value)
+    batch_shape = _check_shapes(query, key, value)
     flat_batch = math.prod(batch_shape)
     flatten = lambda x: x.reshape((flat_batch,) + x.shape[len(batch_shape):])
     q, k, v = flatten(query), flatten(key), flatten(value)  # [B, T|S, N, H]
@@ -122,16 +133,23 @@ class AttentionFn:
     use_dropout = not deterministic and dropout_rate > 0.0
     if use_dropout and dropout_rng is None:
       raise ValueError(f"dropout_rate={dropout_rate} with deterministic=False needs a dropout_rng")
-    kwargs = dict(causal=self.causal or bool(is_causal), window=self.window,
-                  softcap=self.softcap, scale=self.scale, implementation=self.implementation,
-                  block_sizes=self.block_sizes, interpret=self.interpret)
+    structure = dict(causal=self.causal or bool(is_causal), window=self.window,
+                     softcap=self.softcap, scale=self.scale)
+    kwargs = dict(structure, implementation=self.implementation, block_sizes=self.block_sizes,
+                  interpret=self.interpret)
     if use_dropout:
       kwargs.update(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
-    if use_dropout and broadcast_dropout:
-      out = _attention_shared_dropout(q, k, v, bias, mask, segment_ids, sinks, kwargs)
-    else:
-      out = api.flash_attention(q, k, v, bias=bias, mask=mask, segment_ids=segment_ids,
-                                sinks=sinks, **kwargs)
+    # The jnp implementations read the call's jax.default_matmul_precision (spec.precision).
+    with _matmul_precision(precision, q.dtype):
+      if module is not None:
+        weights_dtype = jnp.float32 if force_fp32_for_softmax else q.dtype
+        weights = _attention_weights(q, k, v, bias, mask, segment_ids, structure)
+        _sow(module, weights.astype(weights_dtype).reshape(batch_shape + weights.shape[1:]))
+      if use_dropout and broadcast_dropout:
+        out = _attention_shared_dropout(q, k, v, bias, mask, segment_ids, sinks, kwargs)
+      else:
+        out = api.flash_attention(q, k, v, bias=bias, mask=mask, segment_ids=segment_ids,
+                                  sinks=sinks, **kwargs)
     return out.reshape(batch_shape + out.shape[1:])
 
 
@@ -163,28 +181,65 @@ dot_product_attention = AttentionFn()
 """Drop-in for `flax.nnx.dot_product_attention` / `flax.linen.dot_product_attention`."""
 
 
-def _reject_unhonourable(**values: Any) -> None:
-  precision = values.pop("precision")
-  if not _is_default_precision(precision):
-    raise NotImplementedError(
-        f"flash_jax attention cannot honour precision={precision!r}: its matmuls run at the "
-        "inputs' own precision with float32 accumulation; pass precision=None (on Flax's "
-        "attention modules this also sets the projections' precision)")
-  if values.pop("module") is not None:
-    raise NotImplementedError(
-        "flash_jax attention cannot sow attention weights (module=..., sow_weights=True): "
-        "it never materializes them; use Flax's own dot_product_attention to inspect them")
-  for name, value in values.items():
+def _reject_custom_einsums(*, precision, einsum_dot_general, qk_attn_weights_einsum,
+                           attn_weights_value_einsum) -> None:
+  """Flax's own checks of the einsum overrides (ValueError), then NotImplementedError:
+  a flash kernel cannot call a user's einsum."""
+  custom = qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None
+  if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
+    raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be specified "
+                     "together")
+  if custom and (precision is not None or einsum_dot_general is not None):
+    raise ValueError("precision/einsum_dot_general and qk_attn_weights_einsum/"
+                     "attn_weights_value_einsum are mutually exclusive; specify only one of them")
+  for name, value in (("einsum_dot_general", einsum_dot_general),
+                      ("qk_attn_weights_einsum", qk_attn_weights_einsum)):
     if value is not None:
-      raise NotImplementedError(f"flash_jax attention cannot honour a custom {name}; pass None")
+      raise NotImplementedError(
+          f"flash_jax attention cannot honour a custom {name}: its products run inside the "
+          "flash kernels; pass None, or use Flax's own dot_product_attention")
 
 
-def _is_default_precision(precision) -> bool:
-  if isinstance(precision, str):
-    return precision.lower() in ("default", "fastest")
-  if isinstance(precision, (tuple, list)):
-    return all(_is_default_precision(p) for p in precision)
-  return precision is None or precision == jax.lax.Precision.DEFAULT
+def _precision_level(precision) -> str | None:
+  """Flax's `precision` -> the jax.default_matmul_precision it asks for (None: default).
+  A per-operand pair asks for the higher of its two."""
+  if isinstance(precision, jax.lax.DotAlgorithmPreset):
+    return precision.name
+  parts = tuple(precision) if isinstance(precision, (tuple, list)) else (precision,)
+  try:  # Precision.DEFAULT, HIGH, HIGHEST have values 0, 1, 2; names map onto them
+    rank = max(0 if p is None else jax.lax.Precision(p).value for p in parts)
+  except (ValueError, TypeError):
+    raise ValueError(f"precision must be None, a jax.lax.Precision, its name, a pair of "
+                     f"them or a jax.lax.DotAlgorithmPreset, got {precision!r}") from None
+  return (None, "high", "highest")[rank]
+
+
+def _matmul_precision(precision, dtype):
+  """A context setting jax.default_matmul_precision for float32/float64 inputs (a no-op
+  for bfloat16/float16 inputs, whose products are exact in float32 accumulators)."""
+  level = _precision_level(precision)
+  if level is None or jnp.dtype(dtype).itemsize < 4:
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(level)
+
+
+def _attention_weights(q, k, v, bias, mask, segment_ids, structure):
+  """Softmax weights [B, Nq, T, S] before dropout, on the materializing path."""
+  spec, q, k, _, bias, arrays = spec_lib.normalize(q, k, v, bias=bias, mask=mask,
+                                                   segment_ids=segment_ids, **structure)
+  return reference.attention_weights(q, k, bias, arrays, spec)
+
+
+def _sow(module, weights) -> None:
+  """Sows into Flax's collection: linen's 'intermediates', nnx's Intermediate."""
+  from flax import linen, nnx  # flash_jax.flax imports flax; flash_jax alone does not
+  if isinstance(module, linen.Module):
+    module.sow("intermediates", "attention_weights", weights)
+  elif isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  else:
+    raise TypeError(f"module must be a flax.nnx or flax.linen Module to sow the attention "
+                    f"weights into, got {type(module).__name__}")
 
 
 def _promote(query, key, value, dtype, promote_dtype):
@@ -201,14 +256,24 @@ def _promote(query, key, value, dtype, promote_dtype):
   return query.astype(dtype), key.astype(dtype), value.astype(dtype)
 
 
-def _check_batch_dims(query, key, value) -> tuple[int, ...]:
-  if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
-    raise ValueError("query, key, value must share one rank >= 3 ([batch..., length, heads, "
-                     f"head_dim]), got shapes {query.shape}, {key.shape}, {value.shape}")
+def _check_shapes(query, key, value) -> tuple[int, ...]:
+  """Flax's shape checks, as ValueError with Flax's wording; -> the batch shape."""
+  shapes = f"{query.shape}, {key.shape}, {value.shape}"
+  if not query.ndim == key.ndim == value.ndim:
+    raise ValueError(f"query, key, value must have same rank, got shapes {shapes}")
+  if query.ndim < 3:
+    raise ValueError(f"query, key, value must have rank >= 3 ([batch..., length, heads, "
+                     f"head_dim]), got shapes {shapes}")
   batch_shape = query.shape[:-3]
   if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-    raise ValueError(f"query, key, value batch dims must match, got shapes {query.shape}, "
-                     f"{key.shape}, {value.shape}")
+    raise ValueError(f"query, key, value batch dims must match, got shapes {shapes}")
+  if key.shape[-3] != value.shape[-3]:
+    raise ValueError(f"key, value lengths must match, got shapes {shapes}")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"query, key depths must match, got shapes {shapes}")
+  if key.shape[-2] != value.shape[-2] or query.shape[-2] % key.shape[-2]:
+    raise ValueError(f"query heads must be a multiple of key/value heads (which must match), "
+                     f"got shapes {shapes}")
   return batch_shape
 
 

@@ -41,14 +41,15 @@ SKIP, PARTIAL, FULL = 0, 1, 2
 
 
 def _per_batch(x):
-  return None if x is None else x[:, None, None]  # [B] -> [B, 1, 1] against [nq, nk]
+  return None if x is None else x[:, None, None]  # [B] -> [B, 1, 1] against [1, nq, nk]
 
 
 def _positional(spec: AttentionSpec, arrays: AttentionArrays, geo: Geometry):
   """(any visible, all visible) bool [B|1, nq, nk] from causal, window, offsets, lengths."""
-  q_lo = jnp.arange(geo.num_q_blocks, dtype=jnp.int32)[:, None] * geo.block_q  # [nq, 1]
+  # Block bounds are 3-D like the per-batch scalars: no implicit rank promotion.
+  q_lo = jnp.arange(geo.num_q_blocks, dtype=jnp.int32)[None, :, None] * geo.block_q  # [1,nq,1]
   q_hi = jnp.minimum(q_lo + geo.block_q, spec.q_len)  # padded rows are sliced off: ignore them
-  k_lo = jnp.arange(geo.num_kv_blocks, dtype=jnp.int32)[None, :] * geo.block_kv  # [1, nk]
+  k_lo = jnp.arange(geo.num_kv_blocks, dtype=jnp.int32)[None, None, :] * geo.block_kv  # [1,1,nk]
   k_hi = k_lo + geo.block_kv  # unclipped: a tile with padded keys is never FULL
   q_offset, q_length = _per_batch(arrays.q_offset), _per_batch(arrays.q_lengths)
   kv_length = _per_batch(arrays.kv_lengths)

@@ -44,19 +44,30 @@ def widen(x, width: int):
   return jnp.tile(x, (1, width // LANES))
 
 
+def _matmul(a, b, contract_a: int, contract_b: int):
+  """float32-accumulated product at an explicit precision: float32 operands (float32 and
+  float16 inputs) ask for full float32 products, as the Triton kernels do; bfloat16 ones
+  are exact at DEFAULT. Explicit, so a caller's jax.default_matmul_precision never reaches
+  the kernel (Mosaic lowers only DEFAULT and HIGHEST)."""
+  precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32
+               else jax.lax.Precision.DEFAULT)
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+
+
 def matmul_nt(a, b):
   """a [m, k] . b [n, k]^T -> float32 [m, n] (contracts the lane dims: no transpose)."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return _matmul(a, b, 1, 1)
 
 
 def matmul_tn(a, b):
   """a [k, m]^T . b [k, n] -> float32 [m, n] (dK = dS^T Q, dV = P^T dO)."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return _matmul(a, b, 0, 0)
 
 
 def matmul_nn(a, b):
   """a [m, k] . b [k, n] -> float32 [m, n]."""
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return _matmul(a, b, 1, 0)
 
 
 def logits(q, k, bias, geo: Geometry):
