@@ -139,7 +139,7 @@ def fetch_table(tables, ranges, geo: PagedGeometry, num_pages: int, *, shared_po
   """
   b, rb, n = ranges.shape[0], ranges.shape[1], geo.pages_per_step
   slots = geo.num_steps * n
-  slot = jnp.arange(slots, dtype=jnp.int32)
+  slot = jnp.arange(slots, dtype=jnp.int32)[None, None, :]  # [1, 1, slots]
   live = ((slot >= ranges[:, :, LIVE_LO, None])
           & (slot < ranges[:, :, LIVE_HI, None]))  # [B, RB, slots]
   tables = tables[:, :min(slots, tables.shape[1])]
