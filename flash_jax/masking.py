@@ -115,7 +115,9 @@ def visible_kv_range(q_lo, q_hi, *, kv_len, causal=False, window=None, q_offset=
   if kv_length is not None:
     k_hi = jnp.minimum(k_hi, kv_length)
   if q_length is not None:
-    k_hi = jnp.where(q_hi > q_lo, k_hi, 0)
+    # Explicit int32 branches: Pallas' Triton lowering (JAX 0.11/0.12) turns a select
+    # between two Python int literals into an i1 select, which Triton rejects.
+    k_hi = jnp.where(q_hi > q_lo, jnp.asarray(k_hi, jnp.int32), jnp.int32(0))
   k_lo = jnp.clip(k_lo, 0, kv_len)
   return k_lo, jnp.clip(k_hi, k_lo, kv_len)
 
