@@ -12,7 +12,8 @@ process on the same card, since cards and runs differ by several percent.
 
 Tables go between `<!-- perf_tables:NAME -->` and `<!-- /perf_tables -->` markers in
 docs/performance.md (one per backend) and README.md (the head-dim-128 summary); the plot
-is docs/performance.svg. Plain Python and the standard library: runs anywhere, no GPU.
+is docs/performance.svg. Runs anywhere, no GPU (the decode tables reuse the bench's own
+formatter, flash_jax.bench_decode.table).
 """
 
 from __future__ import annotations
@@ -144,46 +145,19 @@ def summary_table(all_results, link_base: str) -> str:
       + _provenance(shown, link_base), "", *lines, ""])
 
 
-# Rated HBM bandwidth by card (vendor datasheets), for the decode tables' fraction column.
-RATED_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
-DECODE_CONTENDERS = ("flash_jax", "flash_jax paged", "jax.nn[cudnn]", "jax.nn[xla]")
-
-
 def decode_table(path: pathlib.Path, run, link_base: str) -> str:
-  """One decode run (`python -m flash_jax.bench --decode`): a row per problem, each
-  contender's microseconds, TB/s of K/V bytes (share of the rated bandwidth) and ratio
-  to cuDNN (its time over theirs)."""
-  rated = RATED_BANDWIDTH.get(run["device"])
-  problems: dict[tuple, dict] = {}
-  for r in run["rows"]:
-    key = (r["batch"], r["kv_len"], r["q_len"], r["num_q_heads"], r["num_kv_heads"],
-           r["head_dim"])
-    problems.setdefault(key, {})[r["implementation"]] = r
-  names = [n for n in DECODE_CONTENDERS if any(n in p for p in problems.values())]
-  lines = ["| B | S | T | heads q/kv | d | " + " | ".join(f"`{n}`" for n in names) + " |",
-           "| ---: | ---: | ---: | --- | ---: | " + " | ".join("---" for _ in names) + " |"]
-  for (b, s, t, nq, nkv, d), by_name in problems.items():
-    base = by_name.get(BASELINE, {}).get("us")
-    cells = []
-    for name in names:
-      r = by_name.get(name, {})
-      if "us" not in r:
-        cells.append("–")
-        continue
-      cell = f"{r['us']:.0f} µs, {r['tbps']:.2f} TB/s"
-      if rated:
-        cell += f" ({r['tbps'] * 1e12 / rated:.0%})"
-      if base and name != BASELINE:
-        cell += f", {base / r['us']:.2f}×"
-      cells.append(cell)
-    lines.append(f"| {b} | {s} | {t} | {nq}/{nkv} | {d} | " + " | ".join(cells) + " |")
+  """One decode run (`python -m flash_jax.bench --decode`), as the bench prints it
+  (`flash_jax.bench_decode.table`), with its provenance."""
+  from flash_jax import bench_decode  # pylint: disable=import-outside-toplevel
+  rated = bench_decode.RATED_BANDWIDTH.get(run["device"])
   protocol = {"loop": "calls inside one compiled loop", "call": "one host dispatch per call"}
   return "\n".join([
       f"bf16, ragged lengths 75–100% of S, page size 64; {protocol[run['protocol']]}; "
       f"TB/s of the K/V bytes that must be read"
       + (f" (share of the rated {rated / 1e12:.1f} TB/s)" if rated else "")
       + f", ratio to cuDNN in the same run. Measured on {run['device']}, {path.name[:10]}, "
-      f"JAX {run['jax']} ([{path.name}]({link_base}{path.name})).", "", *lines, ""])
+      f"JAX {run['jax']} ([{path.name}]({link_base}{path.name})).", "",
+      bench_decode.table(run["rows"], run["device"]), ""])
 
 
 def decode_tables(link_base: str, folder: pathlib.Path = MEASUREMENTS) -> dict[str, str]:

@@ -164,28 +164,36 @@ def measure(problems, fns, *, warmup: int, repeats: int, protocol: str = "loop",
   return rows
 
 
+# The contenders' column order in tables.
+TABLE_ORDER = ("flash_jax", "flash_jax paged", "jax.nn[cudnn]", "jax.nn[xla]")
+
+
 def table(rows, device_kind: str) -> str:
-  """One line per problem: us, TB/s (and fraction of rated bandwidth), ratio to cuDNN."""
+  """A markdown row per problem: each contender's microseconds, TB/s of K/V bytes (share
+  of the card's rated bandwidth) and ratio to cuDNN (its time over theirs)."""
   rated = RATED_BANDWIDTH.get(device_kind)
-  names = list(dict.fromkeys(r["implementation"] for r in rows))
-  by_problem = {}
+  problems: dict[tuple, dict] = {}
   for r in rows:
-    key = (r["batch"], r["kv_len"], r["q_len"], r["num_q_heads"], r["num_kv_heads"], r["head_dim"])
-    by_problem.setdefault(key, {})[r["implementation"]] = r
-  lines = ["| problem | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-  for (b, s, t, nq, nkv, d), by_name in by_problem.items():
+    key = (r["batch"], r["kv_len"], r["q_len"], r["num_q_heads"], r["num_kv_heads"],
+           r["head_dim"])
+    problems.setdefault(key, {})[r["implementation"]] = r
+  names = [n for n in TABLE_ORDER if any(n in p for p in problems.values())]
+  names += sorted({n for p in problems.values() for n in p} - set(names))
+  lines = ["| B | S | T | heads q/kv | d | " + " | ".join(f"`{n}`" for n in names) + " |",
+           "| ---: | ---: | ---: | --- | ---: | " + " | ".join("---" for _ in names) + " |"]
+  for (b, s, t, nq, nkv, d), by_name in problems.items():
     base = by_name.get("jax.nn[cudnn]", {}).get("us")
     cells = []
     for name in names:
       r = by_name.get(name, {})
       if "us" not in r:
-        cells.append("error")
+        cells.append("–")
         continue
-      cell = f"{r['us']:.0f} us, {r['tbps']:.2f} TB/s"
+      cell = f"{r['us']:.0f} µs, {r['tbps']:.2f} TB/s"
       if rated:
         cell += f" ({r['tbps'] * 1e12 / rated:.0%})"
       if base and name != "jax.nn[cudnn]":
-        cell += f", {base / r['us']:.2f}x"
+        cell += f", {base / r['us']:.2f}×"
       cells.append(cell)
-    lines.append(f"| B={b} S={s} T={t} {nq}/{nkv} d{d} | " + " | ".join(cells) + " |")
+    lines.append(f"| {b} | {s} | {t} | {nq}/{nkv} | {d} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -37,16 +37,26 @@ def skip_if_unsupported(target: Target, case=None):
     pytest.skip(f"{case.dtype} not in {target.id}'s dtypes")
 
 
-def attend(target: Target, q, k, v, **kwargs):
-  """flash_attention through `target`; a kernel's NotImplementedError skips the case."""
+def _through(target: Target, api_function, *args, **kwargs):
+  """api_function (flash_attention, paged_attention) run by `target`; a kernel's
+  NotImplementedError skips the case."""
   try:
-    return flash_jax.flash_attention(q, k, v, implementation=target.name,
-                                     interpret=target.interpret,
-                                     block_sizes=target.block_sizes, **kwargs)
+    return api_function(*args, implementation=target.name, interpret=target.interpret,
+                        block_sizes=target.block_sizes, **kwargs)
   except NotImplementedError as e:
     if target.name in JNP_IMPLEMENTATIONS:
       raise
     pytest.skip(f"{target.id}: {e}")
+
+
+def attend(target: Target, q, k, v, **kwargs):
+  """flash_attention through `target`."""
+  return _through(target, flash_jax.flash_attention, q, k, v, **kwargs)
+
+
+def attend_paged(target: Target, *args, **kwargs):
+  """flash_jax.paged_attention through `target`."""
+  return _through(target, flash_jax.paged_attention, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -67,18 +77,6 @@ def assert_accurate(name, x, same_precision, reference, *, dtype):
   verdict = accuracy.judge(x, same_precision, reference, factor=accuracy.factor_for(name),
                            dtype=dtype)
   assert verdict.ok, verdict.describe(name)
-
-
-def attend_paged(target: Target, *args, **kwargs):
-  """flash_jax.paged_attention through `target`, skipping where a kernel declines."""
-  try:
-    return flash_jax.paged_attention(*args, implementation=target.name,
-                                     interpret=target.interpret,
-                                     block_sizes=target.block_sizes, **kwargs)
-  except NotImplementedError as e:
-    if target.name in JNP_IMPLEMENTATIONS:
-      raise
-    pytest.skip(f"{target.id}: {e}")
 
 
 def dot_precisions(closed_jaxpr) -> list:
