@@ -7,6 +7,10 @@ is 3.5x. Every available flash_jax implementation and jax.nn.dot_product_attenti
 ('xla', and 'cudnn' on NVIDIA) run in one process, timed call by call in turn
 (`time_interleaved`); the table gives TFLOP/s and each row's ratio to cuDNN. On CPU the
 defaults shrink so that a run takes about a minute.
+
+`--peers torch` adds PyTorch SDPA's cuDNN and flash backends when they can run here
+(flash_jax/bench_peers.py); `--plot out.png` draws TFLOP/s against sequence length
+(flash_jax/bench_plot.py, needs matplotlib), also from earlier runs' JSON (`--from-json`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 import flash_jax
+from flash_jax import bench_peers
+from flash_jax import bench_plot  # matplotlib only when a plot is drawn
 from flash_jax import dispatch
 
 
@@ -173,11 +179,13 @@ def error_text(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
+def run(problems, contenders, *, warmup, repeats, log=sys.stderr, peers=()):
   """One row per (problem, contender). Per problem, every contender is compiled and warmed
   up first, then all are timed together (`time_interleaved`); inputs rotate between two
-  sets."""
+  sets. `peers` (flash_jax/bench_peers.py) add their contenders, timed the same way."""
   rows = []
+  names = [*contenders, *(name for peer in peers for name in peer.contenders)]
+  width = max(14, *map(len, names)) if names else 14
   for n, problem in enumerate(problems):
     args = [_inputs(problem, seed) for seed in (0, 1)]
     compiled, declined = {}, {}
@@ -189,8 +197,13 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
         compiled[name] = _compiled(fn, problem)
       except NotImplementedError as e:
         declined[name] = e
+    for peer in peers:
+      try:
+        compiled.update(peer.timed_functions(problem, args))
+      except NotImplementedError as e:
+        declined.update(dict.fromkeys(peer.contenders, e))
     seconds, failed = time_contenders(compiled, args, warmup=warmup, repeats=repeats)
-    for name in contenders:
+    for name in names:
       row = dict(dataclasses.asdict(problem), batch=problem.batch, heads=problem.heads,
                  implementation=name)
       error = declined.get(name) or failed.get(name)
@@ -201,7 +214,7 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr):
       else:
         row.update(status=f"error: {error_text(error)}")
       rows.append(row)
-      print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>14}: "
+      print(f"[{n + 1}/{len(problems)}] {_describe(problem)} {name:>{width}}: "
             f"{_cell(row)}", file=log, flush=True)
   return rows
 
@@ -230,7 +243,9 @@ def table(rows) -> str:
     cells = []
     for n in names:
       r = by_name.get(n, {})
-      if "tflops" not in r:
+      if not r:  # not timed at this problem (runs merged by --from-json)
+        cells.append(f"{'-':>22}")
+      elif "tflops" not in r:
         cells.append(f"{'n/a' if r.get('status', '').startswith('n/a') else 'error':>22}")
       elif base:
         cells.append(f"{r['tflops']:7.1f} TF/s ({r['tflops'] / base:4.2f}x)".rjust(22))
@@ -263,8 +278,25 @@ def main(argv=None):
                       help="the decode benchmark instead (flash_jax/bench_decode.py)")
   parser.add_argument("--protocol", choices=["loop", "call"], default="loop",
                       help="--decode: calls in a compiled loop, or one host dispatch each")
+  parser.add_argument("--peers", nargs="+", default=[], choices=sorted(bench_peers.PEERS),
+                      help="other libraries' attention timed beside the others when they can "
+                      "run here (torch: PyTorch SDPA's cuDNN and flash backends on CUDA)")
+  parser.add_argument("--plot", metavar="PATH", default=None,
+                      help="also draw TFLOP/s against sequence length to PATH (.png, .svg, "
+                      f".pdf); needs matplotlib: pip install '{bench_plot.EXTRA}'")
+  parser.add_argument("--from-json", metavar="FILE", nargs="+", default=None,
+                      help="run nothing: the table (and --plot) of earlier runs' --json files, "
+                      "the later file winning where two time the same problem")
   args = parser.parse_args(argv)
+  if args.plot:
+    _require_matplotlib(parser)
+  if args.from_json:
+    if args.decode or args.peers:
+      parser.error("--from-json reads earlier runs: it takes no --decode or --peers")
+    return _main_from_json(args)
   if args.decode:
+    if args.peers or args.plot:
+      parser.error("--peers and --plot apply to the attention bench, not to --decode")
     return _main_decode(args, platform)
 
   names = args.implementations or [e.name for e in dispatch.REGISTRY if platform in e.platforms]
@@ -272,14 +304,42 @@ def main(argv=None):
   problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype)
               for m in args.modes for d in args.head_dims for s in args.seq_lens for c in causals]
   device = jax.devices()[0]
+  peers, peer_report = bench_peers.load(args.peers, platform)
+  contenders = _contenders(platform, names)
+  count = len(contenders) + sum(len(peer.contenders) for peer in peers)
   print(f"flash_jax {flash_jax.__version__} on {device.device_kind} ({platform}), jax {jax.__version__}; "
-        f"{len(problems)} problems x {len(names) + 1 + (platform == 'gpu')} contenders", flush=True)
-  rows = run(problems, _contenders(platform, names), warmup=args.warmup, repeats=args.repeats)
+        f"{len(problems)} problems x {count} contenders", flush=True)
+  for name, report in peer_report.items():
+    print(f"peer {name}: {report}", flush=True)
+  rows = run(problems, contenders, warmup=args.warmup, repeats=args.repeats, peers=peers)
   with open(args.json, "w") as f:
     json.dump(dict(device=device.device_kind, platform=platform, jax=jax.__version__,
-                   rows=rows), f, indent=1)
+                   **(dict(peers=peer_report) if peer_report else {}), rows=rows), f, indent=1)
   print(table(rows))
   print(f"(rows written to {args.json})")
+  if args.plot:
+    _plot(rows, args.plot, f"{device.device_kind}, JAX {jax.__version__}, {args.dtype}")
+
+
+def _require_matplotlib(parser):
+  """Fails before anything runs, not after a long run, when --plot cannot draw."""
+  try:
+    bench_plot.require_matplotlib()
+  except ImportError as e:
+    parser.error(str(e))
+
+
+def _plot(rows, path, title):
+  print(f"(plot written to {bench_plot.save(rows, path, title=title)})")
+
+
+def _main_from_json(args):
+  runs = bench_plot.load(args.from_json)
+  for path in runs["skipped"]:
+    print(f"(skipped {path}: a decode run)", file=sys.stderr)
+  print(table(runs["rows"]))
+  if args.plot:
+    _plot(runs["rows"], args.plot, runs["title"])
 
 
 def _main_decode(args, platform):
