@@ -115,7 +115,8 @@ def _declined_reasons(attend, *args) -> str:
       attend(*args)
     except RuntimeError:
       pass
-  return "; ".join(str(w.message).splitlines()[0] for w in caught)
+  # PyTorch warns "<kernel> not used because:", then one warning per reason.
+  return "; ".join(str(w.message).splitlines()[0] for w in caught).replace(":; ", ": ")
 
 
 def load_torch(platform: str) -> TorchSDPA:
