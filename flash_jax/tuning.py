@@ -284,13 +284,15 @@ class UserTables:
     self.remove()
 
 
-def use_table(table: str | os.PathLike | Mapping) -> UserTables:
+def use_table(table: str | os.PathLike | Mapping | Table) -> UserTables:
   """Makes the default configs come from `table` first: a table file, a folder of them,
-  or a table as a dict (the JSON's content). Read and checked now (ValueError if bad);
-  it counts for calls traced afterwards, above the tables named in FLASH_JAX_TUNING_PATH
-  and the shipped ones. Returns a handle: `.remove()` drops it, and so does leaving
-  `with use_table(...):`."""
-  if isinstance(table, Mapping):
+  or a table as a dict (the JSON's content) or a parsed `Table`. Read and checked now
+  (ValueError if bad); it counts for calls traced afterwards, above the tables named in
+  FLASH_JAX_TUNING_PATH and the shipped ones. Returns a handle: `.remove()` drops it, and
+  so does leaving `with use_table(...):`."""
+  if isinstance(table, Table):
+    tables = (table,)
+  elif isinstance(table, Mapping):
     tables = (parse(dict(table), "<use_table dict>"),)
   else:
     tables = read_tables(table)
