@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import itertools
 import math
 import sys
@@ -246,13 +247,14 @@ def _distinct(settings, winners, fields_list, specs, log) -> tuple[dict, dict]:
   """name -> (fields, table) of the candidates that give distinct configs on `specs`
   (a config the backend shrinks to fit the GPU may equal another), and the dropped."""
   impl = dispatch.get_implementation(settings.implementation)
+  config_lib = importlib.import_module(tuning.SCHEMA_MODULES[settings.implementation])
   kept, seen, dropped = {}, {}, {}
   for fields in fields_list:
     name = _name(fields)
     try:
       table = _overlay(settings, winners, fields)
-      with tuning.use_table(table):
-        configs = tuple(impl.default_config(spec) for spec in specs)
+      with tuning.use_table(table):  # what the kernels run: blocks fitted to the call too
+        configs = tuple(config_lib.resolve(impl.default_config(spec), spec) for spec in specs)
     except ValueError as e:
       dropped[name] = f"invalid: {e}"
       log(f"  DROP {name}: invalid: {e}")
@@ -265,8 +267,9 @@ def _distinct(settings, winners, fields_list, specs, log) -> tuple[dict, dict]:
   return kept, dropped
 
 
-def _sweep_training(settings, group, problems, kept, outcome, log):
+def _sweep_training(settings, problems, kept, outcome, log):
   """Checks then times each kept candidate on the training problems of one entry."""
+  references, passed = {}, set()  # a check problem's (exact, same precision); (name, check)
   for problem in problems:
     arg_sets = [_inputs(problem, seed) for seed in (0, 1)]
     timed = {name: bench.timed_function(_under(table, _attention(settings, problem.causal)),
@@ -275,21 +278,26 @@ def _sweep_training(settings, group, problems, kept, outcome, log):
     check = _check_problem(problem)
     check_args = arg_sets[0] if check == problem else _inputs(check, 2)
     names = ("out",) if problem.mode == "fwd" else ("out", "dq", "dk", "dv")
-    with jax.default_matmul_precision("highest"):
-      exact = _flat(problem.mode, bench.timed_function(
-          _attention(settings, problem.causal, "xla"), problem.mode)(*_upcast(check_args)))
-    same = _flat(problem.mode, bench.timed_function(
-        _attention(settings, problem.causal, "xla"), problem.mode)(*check_args))
     for name in list(timed):
+      if (name, check) in passed:
+        continue
+      if check not in references:
+        reference = bench.timed_function(_attention(settings, problem.causal, "xla"),
+                                         problem.mode)
+        with jax.default_matmul_precision("highest"):
+          exact = _flat(problem.mode, reference(*_upcast(check_args)))
+        references[check] = exact, _flat(problem.mode, reference(*check_args))
       fn = timed[name] if check == problem else bench.timed_function(
           _under(kept[name][1], _attention(settings, problem.causal)), problem.mode)
       try:
         got = _flat(problem.mode, jax.block_until_ready(fn(*check_args)))
-        ok, text = _judge(names, got, same, exact, problem.dtype)
+        ok, text = _judge(names, got, references[check][1], references[check][0], problem.dtype)
       except Exception as e:  # compile or launch failure: report, go on
         ok, text = False, bench.error_text(e)
       log(f"  {'ok  ' if ok else 'DROP'} {name}: {_describe(check)} {text}")
-      if not ok:
+      if ok:
+        passed.add((name, check))
+      else:
         outcome.dropped[name] = f"{_describe(problem)}: {text}"
         del timed[name]
     seconds, failed = bench.time_contenders(timed, arg_sets, warmup=settings.warmup,
@@ -297,7 +305,7 @@ def _sweep_training(settings, group, problems, kept, outcome, log):
     _record(outcome, problem, seconds, failed, log)
 
 
-def _sweep_decode(settings, group, problems, kept, outcome, log):
+def _sweep_decode(settings, problems, kept, outcome, log):
   """Checks then times each kept candidate, contiguous and paged, on decode problems."""
   for problem in problems:
     sets = (bench_decode.make_inputs(problem, 0), bench_decode.make_inputs(problem, 1))
@@ -312,8 +320,9 @@ def _sweep_decode(settings, group, problems, kept, outcome, log):
         continue
       for layout, fn in _decode_calls(settings).items():
         fn = _under(table, fn)
+        jitted = jax.jit(fn)
         try:
-          ok, text = _judge(("out",), (jax.block_until_ready(jax.jit(fn)(sets[0])),), (same,),
+          ok, text = _judge(("out",), (jax.block_until_ready(jitted(sets[0])),), (same,),
                             (exact,), problem.dtype)
         except Exception as e:  # compile or launch failure: report, go on
           ok, text = False, bench.error_text(e)
@@ -323,7 +332,7 @@ def _sweep_decode(settings, group, problems, kept, outcome, log):
           timed = {k: f for k, f in timed.items() if not k.startswith(f"{name} | ")}
           break
         timed[f"{name} | {layout}"] = (bench_decode.looped(fn) if settings.protocol == "loop"
-                                       else jax.jit(fn))
+                                       else jitted)
     arg_sets = [sets] if settings.protocol == "loop" else [(x,) for x in sets]
     seconds, failed = bench.time_contenders(timed, arg_sets, warmup=settings.warmup,
                                             repeats=settings.repeats)
@@ -362,14 +371,16 @@ def _reason(outcome: Outcome, ranking, default_name: str | None, settings: Setti
   times = ", ".join(f"{label} {t * 1e3:.3g} ms" for label, t in outcome.seconds[best].items())
   count = f"{len(ranking)} candidate{'s' if len(ranking) > 1 else ''}"
   text = f"Fastest of {count} that passed the check, timed ({times})"
-  if len(ranking) > 1:
-    runner_up, score = ranking[1]
-    text += f"; runner-up {runner_up}: +{(score / ranking[0][1] - 1) * 100:.1f}%"
   scores = dict(ranking)
-  if default_name is not None and default_name != best and default_name in scores:
-    text += f"; the previous default: +{(scores[default_name] / ranking[0][1] - 1) * 100:.1f}%"
-  elif default_name == best:
+  gap = lambda name: f"+{(scores[name] / scores[best] - 1) * 100:.1f}%"
+  runner_up = ranking[1][0] if len(ranking) > 1 else None
+  if runner_up is not None:
+    which = ", the previous default," if runner_up == default_name else ""
+    text += f"; runner-up{which} {runner_up}: {gap(runner_up)}"
+  if default_name == best:
     text += "; it is the previous default"
+  elif default_name in scores and default_name != runner_up:
+    text += f"; the previous default: {gap(default_name)}"
   if outcome.dropped:
     text += f"; dropped {len(outcome.dropped)}: " + "; ".join(
         f"{name} ({why[:100]})" for name, why in outcome.dropped.items())
@@ -403,7 +414,7 @@ def tune_group(settings: Settings, group: Group, problems, winners: list[dict], 
     kept, dropped = _distinct(settings, winners, fields_list, specs, log)
     outcome = Outcome({name: fields for name, (fields, _) in kept.items()}, dropped=dropped)
     sweep = _sweep_decode if group.mode == "decode" else _sweep_training
-    sweep(settings, group, members, kept, outcome, log)
+    sweep(settings, members, kept, outcome, log)
     ranking = outcome.ranking()
     if not ranking:
       log(f"  no candidate passed for {match}: no entry")
