@@ -81,6 +81,10 @@ class Schema:
   fields: tuple[str, ...]
   required: tuple[str, ...]
   check: Callable[[dict], None]
+  # Devices without a table of their own: those of a compute capability (major) listed
+  # here take its table (sm90: H800, H20, GH200, H100 PCIe share the H100's architecture);
+  # every other one takes the reference, the card the defaults were measured on, whose
+  # table sets every field for every call.
   reference: str = "NVIDIA H100 80GB HBM3"
   by_capability: Mapping[int, str] = dataclasses.field(
       default_factory=lambda: {9: "NVIDIA H100 80GB HBM3"})
