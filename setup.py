@@ -12,6 +12,9 @@ kernel_packages = ["flash_jax.kernels"] + [
 setup(
     packages=find_packages(include=["flash_jax", "flash_jax.*"]) + kernel_packages,
     package_dir={"flash_jax.kernels": "kernels"},
-    # PEP 561: flash_jax ships its type annotations (covers flash_jax.kernels too).
-    package_data={"flash_jax": ["py.typed"]},
+    # PEP 561: flash_jax ships its type annotations (covers flash_jax.kernels too); the GPU
+    # backends ship their tuning tables (flash_jax/tuning.py).
+    package_data={"flash_jax": ["py.typed"],
+                  "flash_jax.kernels.mosaic_gpu.tuning": ["*.json"],
+                  "flash_jax.kernels.triton.tuning": ["*.json"]},
 )

@@ -11,6 +11,7 @@ from flash_jax.paged import write_kv_pages
 from flash_jax.ring import ring_attention, sharded_ring_attention
 from flash_jax.ring_layout import from_ring_layout, to_ring_layout
 from flash_jax.spec import AttentionSpec
+from flash_jax import tuning  # noqa: F401  (flash_jax.tuning.use_table: the tuning tables)
 
 __all__ = [
     "AttentionSpec",

@@ -15,7 +15,9 @@ import flash_jax
 from conftest import assert_accurate
 from flash_jax import masking, spec as spec_lib
 from flash_jax.kernels.mosaic_gpu import compat, ranges
-from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes, default_config, resolve
+from flash_jax import tuning
+from flash_jax.kernels.mosaic_gpu.config import (TUNING, MosaicGPUBlockSizes, default_config,
+                                                  resolve, table_key)
 
 RULES = [
     dict(causal=False, window=None),
@@ -139,10 +141,11 @@ def test_config_defaults_and_validation():
   assert all(isinstance(getattr(default_config(_spec(d, causal=causal)), switch), bool)
              for d in (64, 128, 256) for causal in (False, True)
              for switch in MosaicGPUBlockSizes.switches)
-  # The causal d128 default keeps the sequential dK/dV; the rest of its config is shared.
-  causal_128 = default_config(_spec(128, causal=True))
-  assert default_config(_spec(128)).dkv_ping_pong and not causal_128.dkv_ping_pong
-  assert dataclasses.replace(causal_128, dkv_ping_pong=True) == default_config(_spec(128))
+  # The defaults are the tuning table's (tests/test_tuning.py checks the tables).
+  for d, causal in itertools.product((64, 128, 256), (False, True)):
+    spec = _spec(d, causal=causal)
+    fields = tuning.lookup(TUNING, table_key(spec)).fields
+    assert default_config(spec) == MosaicGPUBlockSizes(**fields)
 
 
 def test_features_served_and_declined(monkeypatch):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import flash_jax
-from flash_jax import BlockSizes, reference
+from flash_jax import BlockSizes, reference, tuning
 from flash_jax import spec as spec_lib
 from flash_jax.kernels.triton import IMPLEMENTATION, TritonConfig
 from flash_jax.kernels.triton import config as config_lib
@@ -64,17 +64,27 @@ def test_resolve_keeps_user_fields_and_fits_blocks_to_short_sequences():
   spec = _spec(t=20, s=4096)
   config = config_lib.resolve(TritonConfig(block_kv=32, num_warps=2), spec)
   assert (config.block_kv, config.num_warps) == (32, 2)
-  assert config.block_q == 32  # 20 rows fit in one tile of 32
+  assert config.block_q == min(32, _table_fields(spec)["block_q"])  # 20 rows: no tile over 32
   plain = config_lib.resolve(BlockSizes(block_q=16), spec)  # a plain BlockSizes works too
   assert isinstance(plain, TritonConfig) and plain.block_q == 16
 
 
+def _table_fields(spec):
+  return tuning.lookup(config_lib.TUNING, config_lib.table_key(spec)).fields
+
+
+SHRINKABLE = [name for pair in config_lib._STREAMED_BLOCK.values() for name in pair]
+
+
 def test_defaults_fit_shared_memory():
-  """Plain d128 keeps its tuned tiles; a bias, mask and segment ids shrink the stages."""
+  """Plain d128 keeps the tuning table's tiles; a bias, mask and segment ids shrink stages
+  or streamed blocks until every kernel fits."""
   budget = config_lib.shared_memory_budget()
   plain = _spec(t=4096, s=4096, h=128)
   config = config_lib.heuristic_config(plain)
-  assert (config.block_q, config.block_kv, config.num_stages) == (128, 128, 3)
+  table = _table_fields(plain)
+  assert {name: getattr(config, name) for name in SHRINKABLE} == {
+      name: table[name] for name in SHRINKABLE}
   t = 130
   featured = _spec(t=t, s=t, h=72, bias=jnp.zeros((1, 2, t, t), jnp.bfloat16),
                    mask=jnp.ones((1, 1, t, t), bool),
@@ -82,7 +92,8 @@ def test_defaults_fit_shared_memory():
   config = config_lib.heuristic_config(featured)
   for kernel in ("fwd", "dkv", "dq"):
     assert config_lib.shared_memory_estimate(config, featured, kernel) <= budget
-  assert config.num_stages < 3
+  table = _table_fields(featured)
+  assert any(getattr(config, name) < table[name] for name in SHRINKABLE)
 
 
 def test_flash_attention_validates_block_sizes():

@@ -9,7 +9,9 @@ wgmma needs 64-row operand tiles, hence the multiples of 64.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
+from flash_jax import tuning
 from flash_jax.config import BlockSizes
 from flash_jax.spec import AttentionSpec
 
@@ -30,12 +32,11 @@ class MosaicGPUBlockSizes(BlockSizes):
   num_stages_dkv: int | None = None
   num_stages_dq: int | None = None
   # Forward schedule: True overlaps each step's softmax with the previous step's PV
-  # matmul inside a warpgroup (FlashAttention-3 section 3.2); None: the head-dim default.
+  # matmul inside a warpgroup (FlashAttention-3 section 3.2); None: the tuning table's.
   overlap_softmax: bool | None = None
   # dK/dV schedule: True makes its two consumers take turns on the tensor cores (one's
   # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
-  # ping-pong); None: the default (on at d64 and at non-causal d128; docs/performance.md,
-  # "Why these defaults"). One consumer at d256: no effect.
+  # ping-pong); None: the tuning table's. One consumer at d256: no effect.
   dkv_ping_pong: bool | None = None
   switches = ("overlap_softmax", "dkv_ping_pong")
 
@@ -52,41 +53,38 @@ class MosaicGPUBlockSizes(BlockSizes):
     self.require_multiple(WGMMA_ROWS)
 
 
-# Heuristic defaults per head dim, chosen so that the float32 accumulators of one
-# warpgroup (block_q x H for O, block_q x block_kv for S) fit in 232 registers per
-# thread and the resident tiles + each ring fit in 227 KiB of shared memory. The
-# measurements behind them: docs/performance.md, "Why these defaults".
-_DEFAULTS = {
-    # At d64 each backward step is short: 128-wide streamed blocks halve the steps.
-    64: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=False,
-             block_q_dkv=128, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
-             block_q_dq=64, block_kv_dq=128, num_stages_dq=2),
-    # At d128 a third forward slot fits (230536 of 232448 bytes) but did not pay at
-    # s16384; with the dK/dV ping-pong 2 slots beat 3. Causal: _CAUSAL_DEFAULTS.
-    128: dict(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True,
-              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=True,
-              block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
-    # At d256 every kernel's resident tiles and a 2-slot ring fill shared memory.
-    256: dict(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True,
-              block_q_dkv=64, block_kv_dkv=64, num_stages_dkv=2, dkv_ping_pong=False,
-              block_q_dq=64, block_kv_dq=64, num_stages_dq=2),
-}
+def _check_table_fields(fields: dict) -> None:
+  """A tuning entry's fields as MosaicGPUBlockSizes and `resolve` take them."""
+  MosaicGPUBlockSizes(**fields)
+  if fields.get("block_q", WGMMA_ROWS) != WGMMA_ROWS:
+    raise ValueError(f"block_q={fields['block_q']} must be {WGMMA_ROWS}")
 
 
-# Causal calls at d128 keep the sequential dK/dV: faster than the ping-pong in 3 of 4
-# causal timings, where the ping-pong won all 4 non-causal ones.
-_CAUSAL_DEFAULTS = {128: dict(dkv_ping_pong=False)}
+def table_key(spec: AttentionSpec) -> dict:
+  """What a tuning entry can match on: the head dim, causal and the dtype."""
+  return dict(head_dim=spec.head_dim, causal=spec.causal, dtype=spec.dtype)
+
+
+# The defaults are data: kernels/mosaic_gpu/tuning/<device kind>.json, one file per GPU,
+# each entry with the measurement behind it (flash_jax/tuning.py reads them).
+TUNING = tuning.Schema(
+    implementation="mosaic_gpu",
+    directory=pathlib.Path(__file__).parent / "tuning",
+    keys={"head_dim": (64, 128, 256), "causal": (False, True),
+          "dtype": ("bfloat16", "float16")},
+    key=table_key,
+    fields=tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes)),
+    required=tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes)),
+    check=_check_table_fields)
 
 
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
-  fields = dict(_DEFAULTS[spec.head_dim])
-  if spec.causal:
-    fields.update(_CAUSAL_DEFAULTS.get(spec.head_dim, {}))
-  return MosaicGPUBlockSizes(**fields)
+  """The tuning table's config for this call on the current device."""
+  return MosaicGPUBlockSizes(**tuning.lookup(TUNING, table_key(spec)).fields)
 
 
 def resolve(config: BlockSizes, spec: AttentionSpec) -> MosaicGPUBlockSizes:
-  """Fills the fields a user left None from the heuristic; accepts a plain BlockSizes."""
+  """Fills the fields a user left None from the tuning table; accepts a plain BlockSizes."""
   default = default_config(spec)
   if not isinstance(config, MosaicGPUBlockSizes):
     config = MosaicGPUBlockSizes(**config.block_fields())

@@ -1,16 +1,18 @@
 """Tile sizes, warps and pipeline stages of the Triton kernels, and their heuristic.
 
 `TritonConfig` extends the shared `BlockSizes` with the Triton knobs of each of the
-three kernels (forward, dK/dV, dQ). It is frozen and hashable, so it is a static
-argument of the custom VJP; fields left None are filled by `resolve` from
-`heuristic_config`, which picks per head dim, dtype and GPU generation.
+three kernels (forward, dK/dV, dQ) and of the split-KV kernel. It is frozen and
+hashable, so it is a static argument of the custom VJP; fields left None are filled by
+`resolve` from `heuristic_config`: the device's tuning table (kernels/triton/tuning/),
+fitted to the call and to the GPU's shared memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
-from flash_jax import device, split_kv
+from flash_jax import device, split_kv, tuning
 from flash_jax.config import BlockSizes, next_power_of_two
 from flash_jax.spec import AttentionSpec
 
@@ -148,57 +150,77 @@ def fit_shared_memory(config: TritonConfig, spec: AttentionSpec) -> TritonConfig
 
 
 def heuristic_config(spec: AttentionSpec) -> TritonConfig:
-  """Defaults per head dim, dtype and GPU (measured: docs/performance.md, triton).
-
-  The table holds the H100's best bf16 configs of a per-kernel sweep. float32 halves
-  the blocks (registers), and `fit_shared_memory` shrinks stages and streamed blocks
-  where features add tiles or the GPU has less shared memory (Ampere: 163 KiB).
-  """
-  head_dim = padded_head_dim(max(spec.head_dim, spec.head_dim_v))
-  if head_dim <= 64:
-    fwd = dict(block_q=64, block_kv=64, num_warps=4, num_stages=3)
-    dkv = dict(block_q_dkv=32, block_kv_dkv=128, num_warps_dkv=4, num_stages_dkv=3)
-    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=4, num_stages_dq=3)
-  elif head_dim <= 128:
-    fwd = dict(block_q=128, block_kv=128, num_warps=8, num_stages=3)
-    dkv = dict(block_q_dkv=64, block_kv_dkv=128, num_warps_dkv=8, num_stages_dkv=3)
-    dq = dict(block_q_dq=128, block_kv_dq=64, num_warps_dq=8, num_stages_dq=3)
-  else:
-    fwd = dict(block_q=128, block_kv=64, num_warps=8, num_stages=2)
-    dkv = dict(block_q_dkv=64, block_kv_dkv=64, num_warps_dkv=8, num_stages_dkv=2)
-    dq = dict(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=2)
-  config = {**fwd, **dkv, **dq, **split_kv_config(spec)}
-  if spec.jnp_dtype.itemsize == 4:  # float32 tiles take twice the registers
-    for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
-      config[name] = max(MIN_BLOCK, config[name] // 2)
-  return fit_shared_memory(TritonConfig(**config), spec)
+  """The device's tuning table (kernels/triton/tuning/, flash_jax/tuning.py) fitted to
+  the call: its split-KV split count planned for the call's shape, then stages and
+  streamed blocks shrunk until each kernel fits the GPU's shared memory."""
+  fields = tuning.lookup(TUNING, table_key(spec)).fields
+  kernel_fields = {name: value for name, value in fields.items() if name not in PLAN_FIELDS}
+  config = TritonConfig(**{**kernel_fields, **split_kv_config(spec, fields)})
+  return fit_shared_memory(config, spec)
 
 
-# The split-KV kernel streams K/V and computes little: its blocks and the programs in
-# flight are chosen for bandwidth. Measured on an H200 (bf16, 2026-11-30, the decode
-# benchmark's problems, split counts 1..64; docs/performance.md, "Decode"): about two
-# programs per multiprocessor was fastest or within the noise (cuDNN's own spread, 1-4%)
-# from B=1 S=131072 (32 splits) to B=64 S=4096 (1 split), T=16 and MQA/MHA included;
-# 64-key blocks with 3 stages were as fast as any (32 and 128, 2-4 stages).
-SPLIT_KV_ROWS = 64  # packed query rows per tile at most (GQA 32/8 with T = 16)
-SPLIT_KV_PER_MULTIPROCESSOR = 2  # programs per multiprocessor the splits aim for
-SPLIT_KV_MIN_BLOCKS = 4  # key blocks a split streams at least
 DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan in interpret mode
 
 
-def split_kv_config(spec: AttentionSpec) -> dict:
-  """The split-KV kernel's fields: blocks, warps, stages and the number of splits."""
-  head_dim = padded_head_dim(max(spec.head_dim, spec.head_dim_v))
-  rows = min(SPLIT_KV_ROWS, max(MIN_BLOCK, next_power_of_two(spec.packed_rows)))
-  block_kv = _fit(64 if head_dim <= 128 else 32, spec.kv_len)
-  row_blocks = -(-spec.packed_rows // rows)
-  splits = split_kv.num_splits(
-      programs=spec.batch * spec.num_kv_heads * row_blocks, kv_blocks=-(-spec.kv_len // block_kv),
-      multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
-      per_multiprocessor=SPLIT_KV_PER_MULTIPROCESSOR, min_blocks_per_split=SPLIT_KV_MIN_BLOCKS)
+def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
+  """The split-KV kernel's fields for this call: the table's (`fields`, default: the
+  lookup's) with blocks fitted to the call, and num_splits, unless the table fixes it,
+  planned for about `split_programs_per_multiprocessor` programs per multiprocessor."""
+  if fields is None:
+    fields = tuning.lookup(TUNING, table_key(spec)).fields
+  rows = _fit(fields["block_q_split"], spec.packed_rows)
+  block_kv = _fit(fields["block_kv_split"], spec.kv_len)
+  splits = fields.get("num_splits")
+  if splits is None:
+    splits = split_kv.num_splits(
+        programs=spec.batch * spec.num_kv_heads * -(-spec.packed_rows // rows),
+        kv_blocks=-(-spec.kv_len // block_kv),
+        multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
+        per_multiprocessor=fields["split_programs_per_multiprocessor"],
+        min_blocks_per_split=fields["split_min_blocks"])
   return dict(block_q_split=rows, block_kv_split=block_kv,
-              num_warps_split=4 if head_dim <= 128 else 8, num_stages_split=3, num_splits=splits,
-              prefetch_pages=True)
+              num_warps_split=fields["num_warps_split"],
+              num_stages_split=fields["num_stages_split"], num_splits=splits,
+              prefetch_pages=fields["prefetch_pages"])
+
+
+# ---- the tuning table ------------------------------------------------------------------
+# The defaults are data: kernels/triton/tuning/<device kind>.json, one file per GPU,
+# each entry with the measurement behind it (flash_jax/tuning.py reads them).
+
+# Fields of a table entry that are no TritonConfig field: how split_kv_config plans the
+# number of splits of a call (split_kv.num_splits).
+PLAN_FIELDS = ("split_programs_per_multiprocessor", "split_min_blocks")
+TILE_HEAD_DIMS = (16, 32, 64, 128, 256)  # padded_head_dim of every head dim up to 256
+
+
+def table_key(spec: AttentionSpec) -> dict:
+  """What a tuning entry can match on: the tile head dim (padded_head_dim of the larger
+  of H and Hv), the dtype, causal, and whether the call is decode-shaped (the split-KV
+  kernel serves it) or paged."""
+  return dict(head_dim=padded_head_dim(max(spec.head_dim, spec.head_dim_v)), dtype=spec.dtype,
+              causal=spec.causal, decode=split_kv.decode_shaped(spec), paged=spec.paged)
+
+
+def _check_table_fields(fields: dict) -> None:
+  plan = {name: fields.pop(name) for name in PLAN_FIELDS if name in fields}
+  for name, value in plan.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  TritonConfig(**fields)
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TritonConfig))
+TUNING = tuning.Schema(
+    implementation="triton",
+    directory=pathlib.Path(__file__).parent / "tuning",
+    keys={"head_dim": TILE_HEAD_DIMS, "dtype": ("bfloat16", "float16", "float32"),
+          "causal": (False, True), "decode": (False, True), "paged": (False, True)},
+    key=table_key,
+    fields=_CONFIG_FIELDS + PLAN_FIELDS,
+    # num_splits depends on the call's shape: planned unless a table fixes it.
+    required=tuple(name for name in _CONFIG_FIELDS if name != "num_splits") + PLAN_FIELDS,
+    check=_check_table_fields)
 
 
 def _fit(block: int, length: int) -> int:
