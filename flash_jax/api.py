@@ -74,7 +74,12 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
   return (out, lse) if return_lse else out
 
 
-@functools.cache
+# Bounded: each entry holds a jitted function and its compiled executables (code memory
+# the process maps); a program uses few distinct calls, a long-lived one must not grow.
+COMPILED_CALLS = 256
+
+
+@functools.lru_cache(maxsize=COMPILED_CALLS)
 def _named_call(impl, spec, config, interpret):
   """`impl` under a jit named flash_jax_<implementation>: the jaxpr shows which one ran,
   and eager calls reuse the compiled function of an identical call. Sinks merge into
@@ -138,7 +143,7 @@ def _config(impl, spec, block_sizes):
   return block_sizes
 
 
-@functools.cache
+@functools.lru_cache(maxsize=COMPILED_CALLS)
 def _forward_only_call(impl, spec, config, interpret):
   """`impl`'s forward under a jit named flash_jax_paged_<implementation>; any attempt to
   differentiate it raises (its jvp rule is the error)."""
@@ -155,6 +160,14 @@ def _forward_only_call(impl, spec, config, interpret):
   named = lambda *args: call(*args)
   named.__name__ = f"flash_jax_paged_{impl.name}"
   return jax.jit(named)
+
+
+def clear_caches() -> None:
+  """Drops flash_jax's compiled calls and JAX's caches (`jax.clear_caches`)."""
+  _named_call.cache_clear()
+  _forward_only_call.cache_clear()
+  sharding.clear_caches()
+  jax.clear_caches()
 
 
 def which_implementation(q, k, v, *, implementation=None, interpret=False, **kwargs) -> str:

@@ -326,7 +326,7 @@ def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand
   return SdyShardingRule(operands, results, need_replication_factors=replicated)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _partitioned_op(impl, spec, config, interpret, names, backward):
   """The forward (backward) of `impl` for one static call, partitioned and vmappable."""
   body = functools.partial(_backward_body if backward else _forward_body,
@@ -416,6 +416,11 @@ class PartitionedImplementation(BlockwiseImplementation):
 
   def __repr__(self):
     return f"<flash_jax implementation {self.name!r}, partitioned under jit>"
+
+
+def clear_caches() -> None:
+  """Drops the partitioned ops built so far (they hold compiled code)."""
+  _partitioned_op.cache_clear()
 
 
 def partitioned(impl: Implementation) -> Implementation:

@@ -14,6 +14,27 @@ from targets import TARGETS, Target
 
 JNP_IMPLEMENTATIONS = ("xla", "chunked")  # these serve every call: NotImplementedError fails
 
+MAPPED_REGIONS_BUDGET = 30000  # half of Linux's default vm.max_map_count (65530)
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as maps:
+      return sum(1 for _ in maps)
+  except OSError:  # not Linux: nothing to count
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+  """Drops the compiled executables once the process maps many memory regions. XLA's
+  CPU JIT maps memory for every executable and JAX keeps them cached; the whole suite in
+  one process compiles more than Linux's vm.max_map_count allows, and past it XLA aborts."""
+  yield
+  if _mapped_regions() > MAPPED_REGIONS_BUDGET:
+    flash_jax.api.clear_caches()
+
+
 def _target_param(target: Target):
   marks = [pytest.mark.gpu] if target.platform == "gpu" else []
   return pytest.param(target, id=target.id, marks=marks)
