@@ -124,6 +124,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lengths, *, causal=Tru
   Returns out [B, T, Nq, Hv] in q's dtype (and lse). Forward only: differentiating it
   raises. Write new tokens with `write_kv_pages` first.
   """
+  return_lse = spec_lib.check_bool("return_lse", return_lse)
   spec, q, k_pages, v_pages, arrays = paged.normalize_paged(
       q, k_pages, v_pages, block_tables, kv_lengths, causal=causal, q_offset=q_offset,
       scale=scale, window=window, softcap=softcap)
