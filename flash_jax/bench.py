@@ -40,6 +40,7 @@ class Problem:
   tokens: int
   model_dim: int
   dtype: str
+  head_dim_v: int | None = None  # None: Hv = H
 
   @property
   def batch(self) -> int:
@@ -49,17 +50,33 @@ class Problem:
   def heads(self) -> int:
     return max(1, self.model_dim // self.head_dim)
 
+  @property
+  def value_head_dim(self) -> int:
+    return self.head_dim_v or self.head_dim
+
   def flops(self) -> float:
     return attention_flops(self.batch, self.heads, self.seq_len, self.seq_len, self.head_dim,
-                           causal=self.causal, backward=self.mode == "fwd_bwd")
+                           causal=self.causal, backward=self.mode == "fwd_bwd",
+                           head_dim_v=self.value_head_dim)
 
 
 def attention_flops(batch, heads, q_len, kv_len, head_dim, *, causal: bool,
-                    backward: bool = False) -> float:
-  """The FlashAttention papers' count: 4·B·N·T·S·H forward (two matmuls of 2·T·S·H), half
-  when causal; the backward is 2.5x the forward, so forward+backward is 3.5x."""
-  forward = 4.0 * batch * heads * q_len * kv_len * head_dim / (2 if causal else 1)
+                    backward: bool = False, head_dim_v: int | None = None) -> float:
+  """The FlashAttention papers' count: 4·B·N·T·S·H forward (two matmuls of 2·T·S·H; with
+  Hv != H, 2·T·S·(H + Hv)), half when causal; the backward is 2.5x the forward, so
+  forward+backward is 3.5x."""
+  head_dims = head_dim + (head_dim_v or head_dim)
+  forward = 2.0 * batch * heads * q_len * kv_len * head_dims / (2 if causal else 1)
   return forward * (3.5 if backward else 1.0)
+
+
+def parse_head_dims(text: str) -> tuple[int, int | None]:
+  """--head-dims entries: '128' -> (128, None); '192:128' -> (192, 128) (Hv != H)."""
+  h, _, hv = text.partition(":")
+  try:
+    return int(h), (int(hv) if hv else None)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"head dims are H or H:Hv, got {text!r}") from None
 
 
 # The matmuls a two-kernel backward's kernels really issue per tile pair, in units of the
@@ -85,8 +102,10 @@ def _contenders(platform: str, names) -> dict:
 def _inputs(problem: Problem, seed: int):
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   shape = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+  shape_v = shape[:3] + (problem.value_head_dim,)
   dtype = jnp.dtype(problem.dtype)
-  return tuple(jax.random.normal(key, shape, dtype) for key in keys)  # q, k, v, dout
+  return tuple(jax.random.normal(key, s, dtype)  # q, k, v, dout
+               for key, s in zip(keys, (shape, shape, shape_v, shape_v)))
 
 
 def timed_function(fn, mode: str):
@@ -191,6 +210,8 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr, peers=()):
     compiled, declined = {}, {}
     for name, fn in contenders.items():
       try:
+        if name.startswith("jax.nn") and problem.value_head_dim != problem.head_dim:
+          raise NotImplementedError("jax.nn.dot_product_attention needs Hv == H")
         if name in dispatch.implementation_names():
           q, k, v, _ = args[0]
           flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name)
@@ -220,7 +241,8 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr, peers=()):
 
 
 def _describe(p: Problem) -> str:
-  return (f"{p.mode:7} d{p.head_dim:<3} s{p.seq_len:<5} {'causal' if p.causal else 'full  '} "
+  dims = bench_plot.head_dims_label(dataclasses.asdict(p))
+  return (f"{p.mode:7} d{dims:<3} s{p.seq_len:<5} {'causal' if p.causal else 'full  '} "
           f"b{p.batch}xh{p.heads}")
 
 
@@ -233,7 +255,7 @@ def table(rows) -> str:
   names = list(dict.fromkeys(r["implementation"] for r in rows))
   keyed = {}
   for r in rows:
-    key = (r["mode"], r["head_dim"], r["seq_len"], r["causal"])
+    key = (r["mode"], bench_plot.head_dims_label(r), r["seq_len"], r["causal"])
     keyed.setdefault(key, {})[r["implementation"]] = r
   header = f"{'mode':7} {'d':>4} {'seq':>6} {'causal':>6} | " + " | ".join(
       f"{n:>22}" for n in names)
@@ -262,7 +284,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq-lens", type=int, nargs="+",
                       default=[128, 256] if on_cpu else [512, 1024, 2048, 4096, 8192, 16384])
-  parser.add_argument("--head-dims", type=int, nargs="+", default=[64] if on_cpu else [64, 128, 256])
+  parser.add_argument("--head-dims", type=parse_head_dims, nargs="+",
+                      default=["64"] if on_cpu else ["64", "128", "256"],
+                      help="H, or H:Hv for a value head dim Hv != H (MLA: 192:128)")
   parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
   parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
   parser.add_argument("--tokens", type=int, default=512 if on_cpu else 16384,
@@ -302,8 +326,9 @@ def main(argv=None):
 
   names = args.implementations or [e.name for e in dispatch.REGISTRY if platform in e.platforms]
   causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
-  problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype)
-              for m in args.modes for d in args.head_dims for s in args.seq_lens for c in causals]
+  problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype, head_dim_v=dv)
+              for m in args.modes for d, dv in args.head_dims for s in args.seq_lens
+              for c in causals]
   device = jax.devices()[0]
   peers, peer_report = bench_peers.load(args.peers, platform)
   contenders = _contenders(platform, names)

@@ -60,8 +60,19 @@ def _title(sources) -> str:
                    for device, jax_version, dtype in sources)
 
 
+def head_dims(row) -> tuple[int, int]:
+  """(H, Hv) of a bench row (rows without "head_dim_v" have Hv = H)."""
+  return row["head_dim"], row.get("head_dim_v") or row["head_dim"]
+
+
+def head_dims_label(row) -> str:
+  """'128', or '192/128' where Hv != H."""
+  h, hv = head_dims(row)
+  return str(h) if hv == h else f"{h}/{hv}"
+
+
 def _problem(row) -> tuple:
-  return (row["mode"], row["head_dim"], row["causal"], row["seq_len"])
+  return (row["mode"], head_dims(row), row["causal"], row["seq_len"])
 
 
 def figure(rows, *, title: str | None = None):
@@ -76,13 +87,13 @@ def figure(rows, *, title: str | None = None):
   names = sorted(dict.fromkeys(r["implementation"] for r in rows), key=_kind)
   sections = sorted({(r["mode"], r["causal"]) for r in timed},
                     key=lambda s: (list(MODES).index(s[0]), s[1]))
-  head_dims = sorted({r["head_dim"] for r in timed})
-  fig = Figure(figsize=(4.2 * len(head_dims), 3.2 * len(sections) + 0.8), layout="constrained")
-  grid = fig.subplots(len(sections), len(head_dims), squeeze=False)
+  dims = sorted({head_dims(r) for r in timed})
+  fig = Figure(figsize=(4.2 * len(dims), 3.2 * len(sections) + 0.8), layout="constrained")
+  grid = fig.subplots(len(sections), len(dims), squeeze=False)
   handles = {}
   for (mode, causal), panels in zip(sections, grid):
-    for head_dim, ax in zip(head_dims, panels):
-      here = [r for r in timed if (r["mode"], r["causal"], r["head_dim"]) == (mode, causal, head_dim)]
+    for dim, ax in zip(dims, panels):
+      here = [r for r in timed if (r["mode"], r["causal"], head_dims(r)) == (mode, causal, dim)]
       if not here:  # e.g. a head dim timed forward only
         ax.remove()
         continue
@@ -98,7 +109,7 @@ def figure(rows, *, title: str | None = None):
       ax.minorticks_off()
       ax.set_ylim(bottom=0)
       ax.grid(alpha=0.3)
-      ax.set_title(f"{MODES.get(mode, mode)}, head dim {head_dim}, "
+      ax.set_title(f"{MODES.get(mode, mode)}, head dim {head_dims_label(here[0])}, "
                    f"{'causal' if causal else 'not causal'}", fontsize=10)
       ax.set_xlabel("sequence length")
       ax.set_ylabel("TFLOP/s")

@@ -136,6 +136,26 @@ def hide_unseen_keys(visible, *xs):
   return tuple(jnp.where(seen, x, jnp.zeros((), x.dtype)) for x in xs)
 
 
+def zero_keys_no_row_sees(spec: AttentionSpec, arrays: AttentionArrays, *xs):
+  """Zeroes the rows of k/v-shaped `xs` ([B, S, Nkv, D]) whose key no query row of the
+  call sees by position (`masking.visible_kv_range` over all rows: lengths, causal with
+  q_offset, window), for kernels that load whole key blocks unmasked (TMA): junk there
+  (NaN, inf) would otherwise meet P = 0 in a matmul. One elementwise pass, and only when
+  the positional rules can hide a key."""
+  can_hide = (spec.has_kv_lengths or spec.has_q_lengths or spec.has_q_offset
+              or spec.window is not None or (spec.causal and spec.kv_len > spec.q_len))
+  if not can_hide:
+    return xs
+  col = lambda x: None if x is None else x[:, None]  # [B] -> [B, 1]
+  key_range = masking.visible_kv_range(
+      0, spec.q_len, kv_len=spec.kv_len, causal=spec.causal, window=spec.window,
+      q_offset=col(arrays.q_offset), kv_length=col(arrays.kv_lengths),
+      q_length=col(arrays.q_lengths))
+  seen = masking.keys_in_range(jnp.arange(spec.kv_len, dtype=jnp.int32)[None, :], key_range)
+  seen = jnp.broadcast_to(seen, (spec.batch, spec.kv_len))[:, :, None, None]  # [B, S, 1, 1]
+  return tuple(jnp.where(seen, x, jnp.zeros((), x.dtype)) for x in xs)
+
+
 def tile_dropout(spec: AttentionSpec, arrays: AttentionArrays, k_start, width):
   """Multiplier keep / (1 - rate) on [B, Nkv, G, T, w] in the accumulation dtype, or None
   without dropout."""

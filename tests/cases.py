@@ -70,6 +70,9 @@ CASES = (
     # the last query position of a causal decode step.
     Case(2, 40, 97, 4, 2, 32, "float32", ("causal", "q_offset_array", "lengths", "junk_kv")),
     Case(2, 1, 130, 4, 1, 64, "bfloat16", ("causal", "q_offset_array", "junk_kv")),
+    # Head dims the Hopper kernels serve zero-padded: 80, and MLA's 192 with Hv = 128.
+    Case(2, 97, 97, 2, 1, 80, "float16", ("lengths", "junk_kv")),
+    Case(1, 130, 200, 4, 2, 192, "bfloat16", ("causal", "q_offset_int"), head_dim_v=128),
 )
 
 

@@ -59,6 +59,27 @@ def test_bench_runs_and_reports_every_contender(tmp_path, capsys):
   assert "chunked" in table and "jax.nn[xla]" in table and "fwd_bwd" in table
 
 
+def test_value_head_dim_problems(tmp_path, capsys):
+  """'H:Hv' problems (MLA's 192:128): v and dout have Hv, FLOPs count 2·T·S·(H + Hv), and
+  jax.nn (which needs Hv == H) is declined, not an error."""
+  assert bench.parse_head_dims("192:128") == (192, 128) and bench.parse_head_dims("64") == (64, None)
+  with pytest.raises(Exception, match="H or H:Hv"):
+    bench.parse_head_dims("x")
+  mla = bench.Problem(64, 32, False, "fwd", 128, 64, "float32", head_dim_v=16)
+  # 2·T·S·(32 + 16) per head is the paper count 4·T·S·H at H = 24 (same batch and heads).
+  assert mla.flops() == pytest.approx(bench.Problem(64, 24, False, "fwd", 128, 64,
+                                                    "float32").flops())
+  out = tmp_path / "rows.json"
+  bench.main(["--seq-lens", "64", "--head-dims", "32:16", "--causal", "false", "--modes", "fwd",
+              "--tokens", "128", "--model-dim", "64", "--dtype", "float32",
+              "--implementations", "chunked", "--warmup", "1", "--repeats", "2",
+              "--json", str(out)])
+  rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+  assert rows["chunked"]["head_dim_v"] == 16 and rows["chunked"]["tflops"] > 0
+  assert rows["jax.nn[xla]"]["status"].startswith("n/a")
+  assert "32/16" in capsys.readouterr().out
+
+
 def test_run_reports_declined_and_failing_contenders():
   problem = bench.Problem(64, 32, False, "fwd", 128, 64, "float32")
 

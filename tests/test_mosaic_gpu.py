@@ -151,7 +151,7 @@ def test_config_defaults_and_validation():
 def test_features_served_and_declined(monkeypatch):
   impl = flash_jax.dispatch.get_implementation("mosaic_gpu")
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
-  for d in (64, 128, 256):
+  for d in (64, 80, 96, 112, 128, 192, 256):
     impl.check_spec(_spec(d, q_offset=3, kv_lengths=jnp.array([5])))
   with pytest.raises(NotImplementedError, match="dropout"):
     impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
@@ -218,6 +218,29 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedule
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("head_dim,head_dim_v", [(192, 128), (96, 96), (80, 80), (64, 40)],
+                         ids=str)
+def test_padded_head_dims_lower_for_cuda(monkeypatch, head_dim, head_dim_v):
+  """Head dims other than the kernels' (and Hv != H) run zero-padded to a kernel head dim:
+  forward and backward lower, with kv_lengths (junk keys zeroed first)."""
+  from flash_jax.kernels.mosaic_gpu.implementation import (MosaicGPUImplementation,
+                                                           kernel_head_dim, kernel_spec)
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  q = jax.ShapeDtypeStruct((2, 200, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 333, 2, head_dim), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((2, 333, 2, head_dim_v), jnp.bfloat16)
+  spec = spec_lib.normalize(q, k, v)[0]
+  assert kernel_head_dim(spec) == {192: 192, 96: 128, 80: 128, 64: 64}[head_dim]
+  assert kernel_spec(spec).scale == spec.scale == pytest.approx(head_dim ** -0.5)
+  attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
+                                                   causal=True, kv_lengths=jnp.array([300, 9]))
+  grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  assert jax.eval_shape(attn, q, k, v).shape == (2, 200, 4, head_dim_v)
+  for fn in (attn, grads):
+    assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, v).mlir_module()
+
+
 def test_three_slot_d128_forward_fits_shared_memory(monkeypatch):
   """Q plus three 128-row K/V slots at d128 leave 248 bytes of the 227 KiB: this lowers
   only without the 2 KiB Pallas reserves for cross-warp reductions by default
@@ -247,22 +270,26 @@ def test_default_on_hopper_and_unsupported_features():
   for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))),
                  dict(mask=jnp.ones((1, 1, 256, 256), bool))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) != "mosaic_gpu"
-  with pytest.raises(NotImplementedError, match="head_dim"):
-    q96 = jnp.ones((1, 256, 2, 96), jnp.bfloat16)
-    flash_jax.flash_attention(q96, q96, q96, implementation="mosaic_gpu")
+  for head_dim, head_dim_v in ((96, 96), (80, 80), (192, 128)):
+    q = jnp.ones((1, 256, 2, head_dim), jnp.bfloat16)
+    v = jnp.ones((1, 256, 2, head_dim_v), jnp.bfloat16)
+    assert flash_jax.which_implementation(q, q, v, causal=True) == "mosaic_gpu"
 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("head_dim,causal,t,s,groups", [
-    (64, True, 384, 384, 2), (128, False, 200, 333, 1), (256, True, 256, 256, 1),
-    (128, True, 300, 200, 4)])
-def test_matches_reference_on_gpu(head_dim, causal, t, s, groups):
+@pytest.mark.parametrize("head_dim,head_dim_v,causal,t,s,groups", [
+    (64, 64, True, 384, 384, 2), (128, 128, False, 200, 333, 1), (256, 256, True, 256, 256, 1),
+    (128, 128, True, 300, 200, 4),
+    # Zero-padded to the kernels' head dims (MLA's 192/128, and 80, 96, 112).
+    (192, 128, True, 300, 333, 2), (192, 192, False, 200, 256, 1), (96, 96, True, 256, 256, 2),
+    (80, 80, False, 200, 333, 1), (112, 112, True, 384, 384, 1), (128, 64, False, 130, 200, 1)])
+def test_matches_reference_on_gpu(head_dim, head_dim_v, causal, t, s, groups):
   keys = jax.random.split(jax.random.PRNGKey(head_dim + t), 4)
   q = jax.random.normal(keys[0], (1, t, 2 * groups, head_dim), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, s, 2, head_dim), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (1, s, 2, head_dim), jnp.bfloat16)
-  dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  v = jax.random.normal(keys[2], (1, s, 2, head_dim_v), jnp.bfloat16)
+  dout = jax.random.normal(keys[3], q.shape[:3] + (head_dim_v,), jnp.bfloat16)
 
   def grads(impl, q, k, v):
     f = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal, implementation=impl)
@@ -311,8 +338,8 @@ def _poisoned(x, lengths, round_to: int, poison: float):
     (128, dict(window=(70, 30), q_lengths=True, kv_lengths=True, dkv_ping_pong=False)),
 ], ids=str)
 def test_lengths_offsets_segments_with_poison(head_dim, options):
-  """Rows past q_lengths and keys past kv_lengths hold junk (finite in the boundary
-  block, NaN beyond it); outputs, lse and gradients match the float32 reference on clean
+  """Rows past q_lengths hold junk (finite in the boundary block, NaN beyond it), keys
+  past kv_lengths inf in the boundary block and NaN beyond it; outputs, lse and gradients match the float32 reference on clean
   inputs by the accuracy rule, and hidden rows get zero output and gradients."""
   b, t, s = 2, 300, 460
   kwargs = _feature_kwargs(options, b, t, s)
@@ -329,8 +356,8 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
   else:
     q_bad = q
   # Key blocks are up to 256 wide (the d64 forward).
-  k_bad = _poisoned(k, kwargs["kv_lengths"], 256, 30.0) if "kv_lengths" in kwargs else k
-  v_bad = _poisoned(v, kwargs["kv_lengths"], 256, 1e4) if "kv_lengths" in kwargs else v
+  k_bad = _poisoned(k, kwargs["kv_lengths"], 256, jnp.inf) if "kv_lengths" in kwargs else k
+  v_bad = _poisoned(v, kwargs["kv_lengths"], 256, -jnp.inf) if "kv_lengths" in kwargs else v
 
   def run(impl, q, k, v):
     def f(q, k, v):

@@ -60,9 +60,15 @@ def _check_table_fields(fields: dict) -> None:
     raise ValueError(f"block_q={fields['block_q']} must be {WGMMA_ROWS}")
 
 
+TABLE_HEAD_DIMS = (64, 128, 256)
+
+
 def table_key(spec: AttentionSpec) -> dict:
-  """What a tuning entry can match on: the head dim, causal and the dtype."""
-  return dict(head_dim=spec.head_dim, causal=spec.causal, dtype=spec.dtype)
+  """What a tuning entry can match on: the head dim, causal and the dtype. A kernel head
+  dim without entries of its own (192) takes those of the next larger one (256): its
+  tiles fit wherever 256's do (registers and shared memory)."""
+  head_dim = next(d for d in TABLE_HEAD_DIMS if d >= spec.head_dim)
+  return dict(head_dim=head_dim, causal=spec.causal, dtype=spec.dtype)
 
 
 # The defaults are data: kernels/mosaic_gpu/tuning/<device kind>.json, one file per GPU,
@@ -70,7 +76,7 @@ def table_key(spec: AttentionSpec) -> dict:
 TUNING = tuning.Schema(
     implementation="mosaic_gpu",
     directory=pathlib.Path(__file__).parent / "tuning",
-    keys={"head_dim": (64, 128, 256), "causal": (False, True),
+    keys={"head_dim": TABLE_HEAD_DIMS, "causal": (False, True),
           "dtype": ("bfloat16", "float16")},
     key=table_key,
     fields=tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes)),

@@ -8,16 +8,23 @@ implementation=None moves on to the next implementation (Triton, chunked).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
-from flash_jax import versions
+from flash_jax import tiles, versions
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
 from flash_jax.kernels.mosaic_gpu import compat, config as config_lib
 from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Head dims the kernels are built for: multiples of wgmma's 64-column tiles of 2-byte
+# operands (128-byte swizzle). Every other head dim up to 256, and a value head dim
+# Hv != H, runs zero-padded to the next one (`kernel_head_dim`): zero columns add nothing
+# to q.k^T, zero value columns give zero output columns, and both are sliced off. The
+# price is the padded FLOPs (96 -> 128: +33% of the matmuls; (192, 128) -> 192: +20%).
+KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Features whose arrays the kernels do not read yet. (q_offset, segment ids and the
 # per-batch lengths reach the kernels through `features`.)
@@ -43,10 +50,7 @@ class MosaicGPUImplementation(BlockwiseImplementation):
         raise unsupported(self.name, feature)
     if spec.dtype not in SUPPORTED_DTYPES:
       raise unsupported(self.name, f"dtype {spec.dtype} (only {', '.join(SUPPORTED_DTYPES)})")
-    if spec.head_dim not in SUPPORTED_HEAD_DIMS:
-      raise unsupported(self.name, f"head_dim={spec.head_dim} (only {SUPPORTED_HEAD_DIMS})")
-    if spec.head_dim_v != spec.head_dim:
-      raise unsupported(self.name, f"head_dim_v={spec.head_dim_v} != head_dim={spec.head_dim}")
+    # spec.normalize bounds both head dims by 256, the largest of KERNEL_HEAD_DIMS.
 
   def check_config(self, config) -> None:
     if not isinstance(config, config_lib.BlockSizes):
@@ -54,19 +58,45 @@ class MosaicGPUImplementation(BlockwiseImplementation):
                       f"got {type(config).__name__}")
 
   def default_config(self, spec: AttentionSpec) -> config_lib.MosaicGPUBlockSizes:
-    return config_lib.default_config(spec)
+    return config_lib.default_config(kernel_spec(spec))
 
   @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
     del bias, interpret  # check_spec rejected bias
-    return forward_kernel.forward(q, k, v, arrays, spec, config_lib.resolve(config, spec))
+    k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # TMA loads whole key blocks
+    padded = kernel_spec(spec)
+    q, k, v = (pad_head_dim(x, padded) for x in (q, k, v))
+    out, lse = forward_kernel.forward(q, k, v, arrays, padded, config_lib.resolve(config, padded))
+    return out[..., :spec.head_dim_v], lse
 
   @versions.names_jax_version
   def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
     del bias, out, interpret
-    dq, dk, dv = backward_kernels.backward(q, k, v, lse, dout, delta, arrays, spec,
-                                           config_lib.resolve(config, spec))
-    return dq, dk, dv, None
+    k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # as in forward
+    padded = kernel_spec(spec)
+    q, k, v, dout = (pad_head_dim(x, padded) for x in (q, k, v, dout))
+    dq, dk, dv = backward_kernels.backward(q, k, v, lse, dout, delta, arrays, padded,
+                                           config_lib.resolve(config, padded))
+    return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v], None
+
+
+def kernel_head_dim(spec: AttentionSpec) -> int:
+  """The kernels' head dim for a call: the smallest of KERNEL_HEAD_DIMS that holds both
+  H and Hv."""
+  return next(d for d in KERNEL_HEAD_DIMS if d >= max(spec.head_dim, spec.head_dim_v))
+
+
+def kernel_spec(spec: AttentionSpec) -> AttentionSpec:
+  """`spec` at the kernels' head dim (the scale stays the call's)."""
+  d = kernel_head_dim(spec)
+  if spec.head_dim == spec.head_dim_v == d:
+    return spec
+  return dataclasses.replace(spec, head_dim=d, head_dim_v=d)
+
+
+def pad_head_dim(x, padded: AttentionSpec):
+  """[..., D] -> [..., D_kernel] with zero columns."""
+  return tiles.pad_axis(x, x.ndim - 1, padded.head_dim)
 
 
 IMPLEMENTATION = MosaicGPUImplementation()
