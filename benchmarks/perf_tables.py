@@ -44,7 +44,7 @@ MARKER = re.compile(r"(<!-- perf_tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-
 class Result:
   """One implementation's time on one problem, with cuDNN's from the same run."""
   mode: str
-  head_dim: int
+  head_dims: tuple[int, int]  # (H, Hv)
   seq_len: int
   causal: bool
   tflops: float
@@ -74,7 +74,7 @@ def _runs(folder: pathlib.Path, decode: bool):
 
 
 def load(folder: pathlib.Path = MEASUREMENTS) -> dict[str, dict[tuple, Result]]:
-  """{implementation: {(mode, head_dim, seq_len, causal): Result}}, newest file winning."""
+  """{implementation: {(mode, (H, Hv), seq_len, causal): Result}}, newest file winning."""
   results: dict[str, dict[tuple, Result]] = {}
   for path, run in _runs(folder, decode=False):
     timed = [r for r in run["rows"] if "tflops" in r]
@@ -89,7 +89,14 @@ def load(folder: pathlib.Path = MEASUREMENTS) -> dict[str, dict[tuple, Result]]:
 
 
 def _key(row) -> tuple:
-  return (row["mode"], row["head_dim"], row["seq_len"], row["causal"])
+  head_dims = (row["head_dim"], row.get("head_dim_v") or row["head_dim"])
+  return (row["mode"], head_dims, row["seq_len"], row["causal"])
+
+
+def _dims(head_dims) -> str:
+  """(128, 128) -> 'd128'; (192, 128) -> 'd192/128' (Hv != H)."""
+  h, hv = head_dims
+  return f"d{h}" if h == hv else f"d{h}/{hv}"
 
 
 def _cell(result: Result | None) -> str:
@@ -116,7 +123,7 @@ def backend_table(name: str, results: dict[tuple, Result], link_base: str) -> st
   head_dims = sorted({k[1] for k in results})
   rows = sorted({(k[0], k[3], k[2]) for k in results},
                 key=lambda r: (list(MODES).index(r[0]), r[1], r[2]))
-  lines = [f"| mode | causal | seq | " + " | ".join(f"d{d}" for d in head_dims) + " |",
+  lines = [f"| mode | causal | seq | " + " | ".join(_dims(d) for d in head_dims) + " |",
            "| --- | --- | ---: | " + " | ".join("---:" for _ in head_dims) + " |"]
   for mode, causal, seq in rows:
     cells = [_cell(results.get((mode, d, seq, causal))) for d in head_dims]
@@ -130,7 +137,8 @@ def backend_table(name: str, results: dict[tuple, Result], link_base: str) -> st
 def summary_table(all_results, link_base: str) -> str:
   """Head dim 128 at the sequence lengths the first backend was timed at, every backend."""
   backends = [b for b in BACKENDS if b in all_results]
-  keys = sorted({k for k in all_results[backends[0]] if k[1] == SUMMARY_HEAD_DIM},
+  summary = (SUMMARY_HEAD_DIM, SUMMARY_HEAD_DIM)
+  keys = sorted({k for k in all_results[backends[0]] if k[1] == summary},
                 key=lambda k: (list(MODES).index(k[0]), k[2], k[3]))
   lines = ["| mode | seq | causal | " + " | ".join(f"`{b}`" for b in backends) + " |",
            "| --- | ---: | --- | " + " | ".join("---:" for _ in backends) + " |"]
@@ -215,6 +223,8 @@ def plot(all_results) -> str:
 
 
 def _panel(name, results, top) -> tuple[str, int]:
+  """The paper's head dims (COLORS) only; the tables show every head dim measured."""
+  results = {k: r for k, r in results.items() if k[1][0] in COLORS and k[1][0] == k[1][1]}
   head_dims = sorted({k[1] for k in results})
   groups = sorted({(k[0], k[3], k[2]) for k in results},
                   key=lambda r: (list(MODES).index(r[0]), r[1], r[2]))
@@ -234,8 +244,8 @@ def _panel(name, results, top) -> tuple[str, int]:
       r = results.get((mode, d, seq, causal))
       if r is not None and r.ratio is not None:
         out.append(f'<rect x="{x}" y="{y_of(r.ratio):.1f}" width="{bar}" '
-                   f'height="{top + PANEL_H - y_of(r.ratio):.1f}" fill="{COLORS.get(d, "#888")}">'
-                   f'<title>{MODES[mode]} d{d} s{seq} {"causal" if causal else "full"}: '
+                   f'height="{top + PANEL_H - y_of(r.ratio):.1f}" fill="{COLORS[d[0]]}">'
+                   f'<title>{MODES[mode]} {_dims(d)} s{seq} {"causal" if causal else "full"}: '
                    f'{r.ratio:.2f}×</title></rect>')
       x += bar + GAP
     label = f"{seq // 1024}k" if seq >= 1024 else str(seq)

@@ -5,7 +5,8 @@ where it lives. Modules load lazily, so importing flash_jax never imports a GPU-
 TPU-only module. `implementation=None` takes the first entry for the current platform
 whose `check` passes; a named implementation that cannot serve a call raises
 `NotImplementedError` from its `check`, never falling back silently. Decode-shaped
-calls (`split_kv.decode_shaped`) try implementations with split-KV kernels first.
+calls (`split_kv.decode_shaped`) try implementations with split-KV kernels first; an
+implementation that knows itself slower for a call (`slower_than_next`) is tried last.
 Adding a backend means adding one line here.
 """
 
@@ -87,8 +88,11 @@ def select(spec: AttentionSpec, implementation: str | None, *, interpret: bool =
   reasons = []
   candidates = [get_implementation(entry.name) for entry in REGISTRY
                 if platform in entry.platforms]
-  if split_kv.decode_shaped(spec):  # split-KV kernels first, in registry order otherwise
-    candidates.sort(key=lambda impl: not impl.split_kv_kernels)
+  # Split-KV kernels first for decode-shaped calls, implementations that know themselves
+  # slower for this call last, registry order otherwise (a stable sort).
+  decode = split_kv.decode_shaped(spec)
+  candidates.sort(key=lambda impl: (decode and not impl.split_kv_kernels,
+                                    impl.slower_than_next(spec)))
   for impl in candidates:
     try:
       impl.check(spec, platform=platform, interpret=False)

@@ -57,6 +57,12 @@ class Implementation(abc.ABC):
   def check_spec(self, spec: AttentionSpec) -> None:
     """Feature and shape support; the default serves every call."""
 
+  def slower_than_next(self, spec: AttentionSpec) -> bool:
+    """True for calls this implementation serves but measurably slower than those listed
+    after it (e.g. through padding): dispatch with implementation=None tries it last."""
+    del spec
+    return False
+
   def check_config(self, config) -> None:
     if not isinstance(config, self.config_type):
       raise TypeError(f"block_sizes for {self.name!r} must be a {self.config_type.__name__}, "

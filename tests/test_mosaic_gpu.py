@@ -157,6 +157,20 @@ def test_features_served_and_declined(monkeypatch):
     impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
 
 
+def test_padded_small_head_dims_go_to_triton_first(monkeypatch):
+  """mosaic_gpu serves every head dim, but below PREFERRED_MIN_HEAD_DIM its padding loses
+  to Triton (measured): implementation=None then picks Triton; named, mosaic_gpu serves."""
+  from flash_jax.kernels.mosaic_gpu import implementation as mosaic
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  for head_dim, head_dim_v, want in ((32, 32, "triton"), (16, 64, "mosaic_gpu"),
+                                     (96, 96, "mosaic_gpu"), (192, 128, "mosaic_gpu")):
+    q = jnp.zeros((1, 256, 2, head_dim), jnp.bfloat16)
+    v = jnp.zeros((1, 256, 2, head_dim_v), jnp.bfloat16)
+    spec = spec_lib.normalize(q, q, v, causal=True)[0]
+    assert flash_jax.dispatch.select(spec, None, platform="gpu").name == want, head_dim
+    assert flash_jax.dispatch.select(spec, "mosaic_gpu", platform="gpu") is mosaic.IMPLEMENTATION
+
+
 def test_not_picked_off_hopper():
   """Off sm90 the implementation raises, so implementation=None picks another."""
   impl = flash_jax.dispatch.get_implementation("mosaic_gpu")

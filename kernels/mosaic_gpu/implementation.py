@@ -25,6 +25,10 @@ from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
 # to q.k^T, zero value columns give zero output columns, and both are sliced off. The
 # price is the padded FLOPs (96 -> 128: +33% of the matmuls; (192, 128) -> 192: +20%).
 KERNEL_HEAD_DIMS = (64, 128, 192, 256)
+# Below this head dim the padding costs more than Triton's unpadded kernels: H200, bf16,
+# s4k (docs/measurements/2026-11-30_h200_head_dims.json): d32 (2x the FLOPs) runs at
+# 0.86-0.92x cuDNN, Triton at 1.10-1.20x; d80 (1.6x) at 0.88-0.93x, Triton at 0.71-0.85x.
+PREFERRED_MIN_HEAD_DIM = 40
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Features whose arrays the kernels do not read yet. (q_offset, segment ids and the
 # per-batch lengths reach the kernels through `features`.)
@@ -51,6 +55,9 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     if spec.dtype not in SUPPORTED_DTYPES:
       raise unsupported(self.name, f"dtype {spec.dtype} (only {', '.join(SUPPORTED_DTYPES)})")
     # spec.normalize bounds both head dims by 256, the largest of KERNEL_HEAD_DIMS.
+
+  def slower_than_next(self, spec: AttentionSpec) -> bool:
+    return max(spec.head_dim, spec.head_dim_v) < PREFERRED_MIN_HEAD_DIM
 
   def check_config(self, config) -> None:
     if not isinstance(config, config_lib.BlockSizes):
