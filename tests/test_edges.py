@@ -1,6 +1,7 @@
 """Special-value and edge probes: nothing a user passes gives a silent wrong result or a NaN.
 
-Every CPU target (xla, chunked, triton and mosaic_tpu in interpret mode) gets junk in
+Every CPU target (xla, chunked, triton and mosaic_tpu in interpret mode), and the GPU
+kernels under `pytest -m gpu` (in bfloat16 where they take no float32), get junk in
 hidden keys, rows whose every key carries a -inf or a huge negative bias, huge windows
 and offsets, and is held to the xla reference, which must itself be NaN-free. Wrong
 argument types and second-order derivatives raise errors that name what is wrong.
@@ -26,16 +27,29 @@ CPU_TARGETS = (
     Target("triton", interpret=True, block_sizes=BlockSizes(block_q=16, block_kv=16)),
     Target("mosaic_tpu", interpret=True),
 )
-TARGET_PARAMS = [pytest.param(t, id=t.id) for t in CPU_TARGETS]
+GPU_TARGETS = (
+    Target("triton", platform="gpu"),
+    Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16",)),
+)
+TARGET_PARAMS = ([pytest.param(t, id=t.id) for t in CPU_TARGETS]
+                 + [pytest.param(t, id=t.id, marks=pytest.mark.gpu) for t in GPU_TARGETS])
 B, T, S, NQ, NKV, H = 2, 24, 40, 2, 1, 16
 F32_LOWEST = float(np.finfo(np.float32).min)
 
 
-def _inputs(seed=0, t=T, s=S):
+def _dtype(target: Target | None) -> str:
+  """float32 where the target takes it, else bfloat16; skips GPU targets off a GPU."""
+  if target is not None and target.platform == "gpu" and jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  return "float32" if target is None or "float32" in target.dtypes else "bfloat16"
+
+
+def _inputs(seed=0, t=T, s=S, target: Target | None = None):
+  dtype = _dtype(target)
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(keys[0], (B, t, NQ, H))
-  k = jax.random.normal(keys[1], (B, s, NKV, H))
-  v = jax.random.normal(keys[2], (B, s, NKV, H))
+  q = jax.random.normal(keys[0], (B, t, NQ, H), dtype)
+  k = jax.random.normal(keys[1], (B, s, NKV, H), dtype)
+  v = jax.random.normal(keys[2], (B, s, NKV, H), dtype)
   return q, k, v, keys[3]
 
 
@@ -67,7 +81,8 @@ _REFERENCES = {}
 
 
 def _references(name, q, k, v, bias=None, **kwargs):
-  """(same precision, exact) xla results, computed once per probe for every target."""
+  """(same precision, exact) xla results, computed once per probe and dtype."""
+  name = f"{name}-{q.dtype}"
   if name not in _REFERENCES:
     _REFERENCES[name] = (_results(Target("xla"), q, k, v, bias, **kwargs),
                          _exact(q, k, v, bias, **kwargs))
@@ -77,10 +92,10 @@ def _references(name, q, k, v, bias=None, **kwargs):
 NAMES = ("out", "lse", "dq", "dk", "dv", "dbias")
 
 
-def _assert_matches(results, same, exact):
+def _assert_matches(results, same, exact, dtype="float32"):
   for name, r, s_, e in zip(NAMES, results, same, exact):
-    assert not np.isnan(np.asarray(r)).any(), f"{name}: NaN"
-    assert_accurate(name, r, s_, e, dtype="float32")
+    assert not np.isnan(np.asarray(r, np.float32)).any(), f"{name}: NaN"
+    assert_accurate(name, r, s_, e, dtype=dtype)
 
 
 # ---- junk in hidden keys -----------------------------------------------------------------
@@ -96,14 +111,14 @@ JUNK_RULES = {
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_junk_in_unseen_keys_has_no_effect(target, rule):
   """NaN/inf in keys no row sees change nothing, forward or backward; their dk, dv are 0."""
-  q, k, v, _ = _inputs(1)
+  q, k, v, _ = _inputs(1, target=target)
   kwargs = JUNK_RULES[rule]
   junk_k, junk_v = poison_unseen_keys(k, v, kwargs, T)
   hidden = unseen_keys(kwargs, B, T, S)
-  assert hidden.any() and np.isnan(np.asarray(junk_k)).any()
+  assert hidden.any() and np.isnan(np.asarray(junk_k, np.float32)).any()
   got = _results(target, q, junk_k, junk_v, **kwargs)
   # The answer with finite values there: hidden keys must not matter whatever they hold.
-  _assert_matches(got, *_references(f"junk-{rule}", q, k, v, **kwargs))
+  _assert_matches(got, *_references(f"junk-{rule}", q, k, v, **kwargs), dtype=_dtype(target))
   dk, dv = got[3], got[4]
   assert np.all(np.asarray(dk)[hidden] == 0) and np.all(np.asarray(dv)[hidden] == 0)
 
@@ -126,7 +141,9 @@ def _row_bias(key):
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_rows_of_huge_negative_or_infinite_bias(target, softcap):
-  q, k, v, key = _inputs(2)
+  if target.name == "mosaic_gpu":
+    pytest.skip("mosaic_gpu takes no bias")
+  q, k, v, key = _inputs(2, target=target)
   bias = _row_bias(key)
   kwargs = dict(causal=True, q_offset=S - T, softcap=softcap)
   got = _results(target, q, k, v, bias, **kwargs)
@@ -161,7 +178,7 @@ def test_reference_is_nan_free_on_the_where_mask_idiom():
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_huge_window_sides_are_unbounded(target):
-  q, k, v, _ = _inputs(4)
+  q, k, v, _ = _inputs(4, target=target)
   huge = _call(target, q, k, v, window=(3, 2**31 - 1), q_offset=5)
   unbounded = _call(target, q, k, v, window=(3, None), q_offset=5)
   for a, b in zip(huge, unbounded):
@@ -170,7 +187,9 @@ def test_huge_window_sides_are_unbounded(target):
   far = jax.jit(lambda off: _call(target, q, k, v, causal=True, q_offset=off))(
       jnp.full((B,), 2**31 - 5, jnp.int32))
   plain = _call(Target("xla"), q, k, v)
-  np.testing.assert_allclose(far[0], plain[0], atol=1e-5)
+  atol = 1e-5 if q.dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(far[0], np.float32), np.asarray(plain[0], np.float32),
+                             atol=atol)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -244,8 +263,8 @@ def _hvp(target: Target, q, k, v, direction):
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_second_order_derivatives(target):
   """xla and chunked differentiate twice (and agree); the kernels say they cannot."""
-  q, k, v, key = _inputs(10)
-  direction = jax.random.normal(key, q.shape)
+  q, k, v, key = _inputs(10, target=target)
+  direction = jax.random.normal(key, q.shape, q.dtype)
   if target.name in ("xla", "chunked"):
     got = _hvp(target, q, k, v, direction)
     expected = _hvp(Target("xla"), q, k, v, direction)
