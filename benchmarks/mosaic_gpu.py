@@ -158,7 +158,7 @@ def kernels(log, head_dims, seqs, sweep=False):
           "dkv": (lambda config: jax.jit(lambda *t: tuple(
               backward_kernels._dkv(*t, names, feature_arrays, spec=spec, config=config,
                                     s_pad=s_pad, outputs=outputs)
-              for outputs in backward_kernels.dkv_launches(h))), tuple(tensors)),
+              for outputs in backward_kernels.dkv_launches(spec))), tuple(tensors)),
           "dq": (lambda config: jax.jit(lambda *t: backward_kernels._dq(
               *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad)),
                  tuple(tensors)),

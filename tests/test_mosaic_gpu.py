@@ -232,21 +232,23 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedule
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("head_dim,head_dim_v", [(192, 128), (96, 96), (80, 80), (64, 40)],
-                         ids=str)
+@pytest.mark.parametrize("head_dim,head_dim_v", [(192, 128), (96, 96), (80, 80), (64, 40),
+                                                (128, 256), (256, 64)], ids=str)
 def test_padded_head_dims_lower_for_cuda(monkeypatch, head_dim, head_dim_v):
   """Head dims other than the kernels' (and Hv != H) run zero-padded to a kernel head dim:
   forward and backward lower, with kv_lengths (junk keys zeroed first)."""
-  from flash_jax.kernels.mosaic_gpu.implementation import (MosaicGPUImplementation,
-                                                           kernel_head_dim, kernel_spec)
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation, kernel_spec
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
   q = jax.ShapeDtypeStruct((2, 200, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 333, 2, head_dim), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((2, 333, 2, head_dim_v), jnp.bfloat16)
   spec = spec_lib.normalize(q, k, v)[0]
-  assert kernel_head_dim(spec) == {192: 192, 96: 128, 80: 128, 64: 64}[head_dim]
-  assert kernel_spec(spec).scale == spec.scale == pytest.approx(head_dim ** -0.5)
+  padded = kernel_spec(spec)
+  assert (padded.head_dim, padded.head_dim_v) == {
+      (192, 128): (192, 128), (96, 96): (128, 128), (80, 80): (128, 128), (64, 40): (64, 64),
+      (128, 256): (128, 256), (256, 64): (256, 64)}[head_dim, head_dim_v]
+  assert padded.scale == spec.scale == pytest.approx(head_dim ** -0.5)
   attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
                                                    causal=True, kv_lengths=jnp.array([300, 9]))
   grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))

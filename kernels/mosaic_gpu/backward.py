@@ -6,7 +6,7 @@ lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
     dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
 Both kernels use the forward's layout: a producer warpgroup streams blocks through a
-TMA ring (`pipeline`), two consumer warpgroups (one at head dim 256, for shared
+TMA ring (`pipeline`), two consumer warpgroups (one above head dim 128, for shared
 memory) each own 64 rows of the output and issue wgmma with float32 accumulators in
 registers; each step issues its independent wgmmas in one scope (S with dP, then dV
 with dK) so it waits on the tensor cores twice, not four times.
@@ -20,8 +20,8 @@ Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 arithmetic. With segment ids every visited block is masked; the ids of the resident
 rows are copied beside them, those of the streamed blocks ride the ring.
 Statistics are in base 2, as in the forward.
-For head dim 256 one warpgroup cannot hold both 64 x 256 float32 accumulators of dK
-and dV, so dK and dV run as two launches of the same kernel (`dkv_launches`).
+Where one warpgroup cannot hold both float32 accumulators, 64 x H of dK and 64 x Hv of
+dV (H + Hv > 256), dK and dV run as two launches of the same kernel (`dkv_launches`).
 """
 
 from __future__ import annotations
@@ -51,32 +51,35 @@ def _logits_base2(qk, spec: AttentionSpec):
   return logits * LOG2E, masking.softcap_grad(logits, spec.softcap)
 
 
-def consumer_warpgroups(head_dim: int) -> int:
-  """Consumers per CTA: two, except at head dim 256, where the shared memory of two
-  consumers' resident tiles (K and V, or Q and dO) plus a 2-slot ring exceeds 227 KiB."""
-  return 1 if head_dim > 128 else NUM_COMPUTE_WGS
+def consumer_warpgroups(spec: AttentionSpec) -> int:
+  """Consumers per CTA: two, except at head dims above 128 (H or Hv), where the shared
+  memory of two consumers' resident tiles (K and V, or Q and dO) plus a 2-slot ring
+  exceeds 227 KiB."""
+  return 1 if max(spec.head_dim, spec.head_dim_v) > 128 else NUM_COMPUTE_WGS
 
 
-def dkv_launches(head_dim: int) -> tuple[tuple[str, ...], ...]:
+def dkv_launches(spec: AttentionSpec) -> tuple[tuple[str, ...], ...]:
   """The dK/dV kernel's launches, each with the outputs it accumulates: one launch for
-  both, except at head dim 256, where one warpgroup cannot hold both 64 x 256 float32
-  accumulators."""
-  return (("dk", "dv"),) if head_dim <= 128 else (("dk",), ("dv",))
+  both where one warpgroup holds both float32 accumulators, 64 x H and 64 x Hv (H + Hv
+  <= 256), two launches otherwise."""
+  return ((("dk", "dv"),) if spec.head_dim + spec.head_dim_v <= 256
+          else (("dk",), ("dv",)))
 
 
 def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
              config: MosaicGPUBlockSizes):
-  """-> dq [B, T, Nq, H], dk, dv [B, S, Nkv, H] in the input dtype."""
+  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv], dout [B, T, Nq, Hv] -> dq, dk,
+  dv of the inputs' shapes and dtype."""
   operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config)
   grads = {}
-  for outputs in dkv_launches(spec.head_dim):
+  for outputs in dkv_launches(spec):
     grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
                                    outputs=outputs)))
   dk, dv = grads["dk"], grads["dv"]
   dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
     group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
-                                spec.head_dim).astype(jnp.float32).sum(axis=3).astype(k.dtype)
+                                x.shape[-1]).astype(jnp.float32).sum(axis=3).astype(k.dtype)
     dk, dv = group(dk), group(dv)
   return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
 
@@ -86,15 +89,15 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   """The dK/dV and dQ kernels' operands (q, k, v, dout, lse2, delta, feature names,
   feature arrays), padded, with t_pad and s_pad. (Also used by the per-kernel timing in
   benchmarks/mosaic_gpu.py.)"""
-  wgs = consumer_warpgroups(spec.head_dim)
+  wgs = consumer_warpgroups(spec)
   rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
   t_pad = tiles.round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
   s_pad = tiles.round_up(spec.kv_len, math.lcm(rows_dkv, config.block_kv_dq))
   # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
   # hidden (kv_bound). Rows that saw no key have lse = -inf: base 0 keeps exp2 finite,
   # and the mask zeroes their P (every key they could pair with is masked).
-  q, dout = tiles.pad_axis(q, 1, t_pad), tiles.pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H]
-  k, v = tiles.pad_axis(k, 1, s_pad), tiles.pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H]
+  q, dout = tiles.pad_axis(q, 1, t_pad), tiles.pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H|Hv]
+  k, v = tiles.pad_axis(k, 1, s_pad), tiles.pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H|Hv]
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
   lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
@@ -104,12 +107,13 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
-  """dK and/or dV per query head: [B, S_pad, Nq, H] each."""
+  """dK [B, S_pad, Nq, H] and/or dV [B, S_pad, Nq, Hv] per query head."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages_dkv
-  wgs = consumer_warpgroups(spec.head_dim)
+  wgs = consumer_warpgroups(spec)
   rows_per_cta = wgs * block_kv
   num_kv_tiles = s_pad // rows_per_cta
-  head_dim, dtype = spec.head_dim, q.dtype
+  head_dim, head_dim_v, dtype = spec.head_dim, spec.head_dim_v, q.dtype
+  dims = {"dk": head_dim, "dv": head_dim_v}
   need_dk, need_dv = "dk" in outputs, "dv" in outputs
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
@@ -153,7 +157,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       k_lo = cta_k_lo + wg * block_kv
-      k_smem, v_smem = kv_smem2.at[wg], v_smem2.at[wg]  # [block_kv, H]
+      k_smem, v_smem = kv_smem2.at[wg], v_smem2.at[wg]  # [block_kv, H], [block_kv, Hv]
       rows = (batch, pl.ds(k_lo, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[wg])
@@ -168,14 +172,14 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
                                               block_q=block_q, kv_len=spec.kv_len,
                                               **rules.positional)
-      zeros = lambda: compat.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
-                                         compat.wgmma_layout())
+      zeros = lambda name: compat.layout_cast(jnp.zeros((block_kv, dims[name]), jnp.float32),
+                                              compat.wgmma_layout())
 
       def step(i, carry, *, masked: bool):
         slot = pipeline.slot_of(i - q_lo_blk, stages)
         for stream in streams:
           plgpu.barrier_wait(stream.ready.at[slot])
-        q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H]
+        q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H], [block_q, Hv]
 
         def scores(refs):  # S^T = K Q^T and dP^T = V dO^T [block_kv, block_q]: one wait
           plgpu.wgmma(refs[0], k_smem, q_smem.transpose((1, 0)))
@@ -221,7 +225,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         pipeline.release(streams, slot)
         return carry
 
-      carry = {name: zeros() for name in outputs}
+      carry = {name: zeros(name) for name in outputs}
       if ping_pong:
         pl.when(wg == 1)(rendezvous)  # consumer 1 starts half a step behind
       carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
@@ -245,9 +249,9 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   transforms = compat.smem_transforms(dtype)
   scratch = [
       plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((wgs, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_kv, head_dim_v), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, head_dim_v), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_q), jnp.float32),
       plgpu.SMEM((stages, block_q), jnp.float32),
       plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=wgs),  # K, V (ids) rows
@@ -258,8 +262,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   if ping_pong:
     scratch.append(plgpu.Barrier(num_arrivals=2))  # schedule
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
-  out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, head_dim), dtype)
-                   for _ in outputs)
+  out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, dims[name]), dtype)
+                   for name in outputs)
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_kv_tiles, spec.batch),
@@ -273,10 +277,10 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         config: MosaicGPUBlockSizes, t_pad: int):
   """dQ: [B, T_pad, Nq, H]."""
   block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages_dq
-  wgs = consumer_warpgroups(spec.head_dim)
+  wgs = consumer_warpgroups(spec)
   rows_per_cta = wgs * block_q
   num_q_tiles = t_pad // rows_per_cta
-  head_dim, dtype = spec.head_dim, q.dtype
+  head_dim, head_dim_v, dtype = spec.head_dim, spec.head_dim_v, q.dtype
   s_pad = k.shape[1]
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   segments = spec.has_segment_ids
@@ -307,7 +311,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
       q_lo = cta_q_lo + wg * block_q
-      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]  # [block_q, H]
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]  # [block_q, H], [block_q, Hv]
       rows = (batch, pl.ds(q_lo, block_q), head)
       plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, rows_ready.at[wg])
       plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rows_ready.at[wg])
@@ -333,7 +337,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         slot = pipeline.slot_of(j - lo, stages)
         plgpu.barrier_wait(k_ready.at[slot])
         plgpu.barrier_wait(v_ready.at[slot])
-        k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]  # [block_kv, H]
+        k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]  # [block_kv, H], [block_kv, Hv]
 
         def s_and_dp(refs):  # S = Q K^T and dP = dO V^T in one scope: one wgmma wait
           s_ref, dp_ref = refs
@@ -377,11 +381,11 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
   transforms = compat.smem_transforms(dtype)
   scratch = [
       plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, block_q, head_dim_v), dtype, transforms=transforms),
       plgpu.SMEM((wgs, block_q), jnp.float32),
       plgpu.SMEM((wgs, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, head_dim_v), dtype, transforms=transforms),
       plgpu.Barrier(num_arrivals=5 if segments else 4, num_barriers=wgs),  # Q, dO, lse, delta (ids)
       *pipeline.ring_barriers(stages, wgs),
       *pipeline.ring_barriers(stages, wgs),

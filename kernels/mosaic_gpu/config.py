@@ -64,10 +64,11 @@ TABLE_HEAD_DIMS = (64, 128, 256)
 
 
 def table_key(spec: AttentionSpec) -> dict:
-  """What a tuning entry can match on: the head dim, causal and the dtype. A kernel head
-  dim without entries of its own (192) takes those of the next larger one (256): its
-  tiles fit wherever 256's do (registers and shared memory)."""
-  head_dim = next(d for d in TABLE_HEAD_DIMS if d >= spec.head_dim)
+  """What a tuning entry can match on: the head dim, causal and the dtype. The head dim
+  is the larger of H and Hv (the larger tiles bound registers and shared memory); one
+  without entries of its own (192) takes those of the next larger (256), whose tiles
+  are larger still."""
+  head_dim = next(d for d in TABLE_HEAD_DIMS if d >= max(spec.head_dim, spec.head_dim_v))
   return dict(head_dim=head_dim, causal=spec.causal, dtype=spec.dtype)
 
 

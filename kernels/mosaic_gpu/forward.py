@@ -52,7 +52,8 @@ LN2 = math.log(2.0)
 
 
 def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
-  """q [B, T, Nq, H], k/v [B, S, Nkv, H] -> out [B, T, Nq, H], lse [B, Nq, T] float32.
+  """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv],
+  lse [B, Nq, T] float32. H and Hv: multiples of 64 (the implementation pads others).
 
   `arrays`: the call's AttentionArrays (offsets, lengths, segment ids; see `features`).
   """
@@ -66,7 +67,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   k = tiles.pad_axis(k, 1, s_pad)  # [B, S_pad, Nkv, H]
   v = tiles.pad_axis(v, 1, s_pad)
   num_q_tiles = t_pad // rows_per_cta
-  head_dim, dtype = spec.head_dim, q.dtype
+  head_dim, head_dim_v, dtype = spec.head_dim, spec.head_dim_v, q.dtype
+  # The output tile is staged in Q's shared memory where the shapes agree, else in its own.
+  own_out_tile = head_dim_v != head_dim
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   feature_names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   segments = spec.has_segment_ids
@@ -98,6 +101,10 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
     (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, k_free,
      v_ready, v_free, schedule, turn, *segment_scratch) = refs
+    if own_out_tile:
+      out_smem2, *segment_scratch = segment_scratch
+    else:
+      out_smem2 = qo_smem2
     if segments:
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -116,7 +123,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _consumer():
       plgpu.set_max_registers(pipeline.CONSUMER_REGISTERS, action="increase")
-      q_smem = qo_smem2.at[wg]  # [block_q, H]; reused for the output tile
+      q_smem = qo_smem2.at[wg]  # [block_q, H]
+      out_smem = out_smem2.at[wg]  # [block_q, Hv]: q_smem itself when Hv == H
       q_lo = cta_q_lo + wg * block_q
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_lo, block_q), head], q_smem,
                               q_ready.at[wg])
@@ -135,8 +143,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       start_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
                                      compat.row_layout())  # [block_q], base 2
       start_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
-      start_acc = compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
-                                     compat.wgmma_layout())  # [block_q, H]
+      start_acc = compat.layout_cast(jnp.zeros((block_q, head_dim_v), jnp.float32),
+                                     compat.wgmma_layout())  # [block_q, Hv]
       slot_of = lambda j: pipeline.slot_of(j - lo, stages)
 
       def online_softmax(qk, j, row_max, row_sum, *, masked: bool, extra_visible=None,
@@ -189,7 +197,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         plgpu.barrier_arrive(k_free.at[slot])  # reading the accumulator waited on wgmma
         p16, new_max, rescale, row_sum = online_softmax(qk, j, row_max, row_sum, masked=masked)
         acc = rescaled(acc, rescale)
-        if head_dim <= 128:
+        if max(head_dim, head_dim_v) <= 128:
           # Finish the softmax before handing the tensor cores over (FA3 section 3.2).
           acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
         plgpu.barrier_arrive(schedule)  # softmax done
@@ -299,11 +307,11 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       # (where, not a product: an empty CTA's accumulator may hold junk, NaN included)
       out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]),
                       acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
-      q_smem[...] = out.astype(dtype)
+      out_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
       lse_smem[...] = jnp.where(seen, (base2(row_max) + jnp.log2(safe_sum)) * LN2, -jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])
+      plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_lo, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -320,7 +328,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   scratch = [
       plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
       plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_kv, head_dim_v), dtype, transforms=transforms),
       plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32),
       plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=NUM_COMPUTE_WGS),
       *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS),  # K: ready, free
@@ -328,6 +336,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),  # schedule (sequential ping-pong)
       plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),  # turn[w] (overlapped ping-pong)
   ]
+  if own_out_tile:
+    scratch.append(plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim_v), dtype,
+                              transforms=transforms))
   if segments:
     scratch += [plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.int32),
                 plgpu.SMEM((stages, block_kv), jnp.int32),
@@ -335,7 +346,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   kernel.__name__ = "flash_jax_mosaic_gpu_fwd"
   out, lse = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+      out_type=(jax.ShapeDtypeStruct(q.shape[:3] + (head_dim_v,), dtype),
                 jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad), jnp.float32)),
       scratch_types=scratch,
       grid=(spec.num_q_heads, num_q_tiles, spec.batch),

@@ -19,11 +19,12 @@ from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
 from flash_jax.kernels.mosaic_gpu import compat, config as config_lib
 from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
 
-# Head dims the kernels are built for: multiples of wgmma's 64-column tiles of 2-byte
-# operands (128-byte swizzle). Every other head dim up to 256, and a value head dim
-# Hv != H, runs zero-padded to the next one (`kernel_head_dim`): zero columns add nothing
-# to q.k^T, zero value columns give zero output columns, and both are sliced off. The
-# price is the padded FLOPs (96 -> 128: +33% of the matmuls; (192, 128) -> 192: +20%).
+# Head dims the kernels are built for, for H and Hv each: multiples of wgmma's
+# 64-column tiles of 2-byte operands (128-byte swizzle); H != Hv as they come (MLA's
+# 192/128). Every other head dim up to 256 runs zero-padded to the next one
+# (`kernel_head_dim`): zero columns add nothing to q.k^T, zero value columns give zero
+# output columns, and both are sliced off. The price is the padded FLOPs (96 -> 128:
+# +33% of the matmuls).
 KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 # Below this head dim the padding costs more than Triton's unpadded kernels: H200, bf16,
 # s4k (docs/measurements/2026-11-30_h200_head_dims.json): d32 (2x the FLOPs) runs at
@@ -72,7 +73,8 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     del bias, interpret  # check_spec rejected bias
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # TMA loads whole key blocks
     padded = kernel_spec(spec)
-    q, k, v = (pad_head_dim(x, padded) for x in (q, k, v))
+    q, k = (pad_head_dim(x, padded.head_dim) for x in (q, k))
+    v = pad_head_dim(v, padded.head_dim_v)
     out, lse = forward_kernel.forward(q, k, v, arrays, padded, config_lib.resolve(config, padded))
     return out[..., :spec.head_dim_v], lse
 
@@ -81,29 +83,28 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     del bias, out, interpret
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # as in forward
     padded = kernel_spec(spec)
-    q, k, v, dout = (pad_head_dim(x, padded) for x in (q, k, v, dout))
+    q, k = (pad_head_dim(x, padded.head_dim) for x in (q, k))
+    v, dout = (pad_head_dim(x, padded.head_dim_v) for x in (v, dout))
     dq, dk, dv = backward_kernels.backward(q, k, v, lse, dout, delta, arrays, padded,
                                            config_lib.resolve(config, padded))
     return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v], None
 
 
-def kernel_head_dim(spec: AttentionSpec) -> int:
-  """The kernels' head dim for a call: the smallest of KERNEL_HEAD_DIMS that holds both
-  H and Hv."""
-  return next(d for d in KERNEL_HEAD_DIMS if d >= max(spec.head_dim, spec.head_dim_v))
+def kernel_head_dim(head_dim: int) -> int:
+  """The kernels' head dim for a call's H or Hv: the smallest of KERNEL_HEAD_DIMS that
+  holds it."""
+  return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
 def kernel_spec(spec: AttentionSpec) -> AttentionSpec:
-  """`spec` at the kernels' head dim (the scale stays the call's)."""
-  d = kernel_head_dim(spec)
-  if spec.head_dim == spec.head_dim_v == d:
-    return spec
-  return dataclasses.replace(spec, head_dim=d, head_dim_v=d)
+  """`spec` at the kernels' head dims (the scale stays the call's)."""
+  return dataclasses.replace(spec, head_dim=kernel_head_dim(spec.head_dim),
+                             head_dim_v=kernel_head_dim(spec.head_dim_v))
 
 
-def pad_head_dim(x, padded: AttentionSpec):
-  """[..., D] -> [..., D_kernel] with zero columns."""
-  return tiles.pad_axis(x, x.ndim - 1, padded.head_dim)
+def pad_head_dim(x, head_dim: int):
+  """[..., D] -> [..., head_dim] with zero columns."""
+  return tiles.pad_axis(x, x.ndim - 1, head_dim)
 
 
 IMPLEMENTATION = MosaicGPUImplementation()
