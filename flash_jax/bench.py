@@ -41,6 +41,7 @@ class Problem:
   model_dim: int
   dtype: str
   head_dim_v: int | None = None  # None: Hv = H
+  dropout_rate: float = 0.0
 
   @property
   def batch(self) -> int:
@@ -85,12 +86,18 @@ def parse_head_dims(text: str) -> tuple[int, int | None]:
 KERNEL_MATMULS = {"fwd": 1.0, "dkv": 2.0, "dq": 1.5}
 
 
-def _contenders(platform: str, names) -> dict:
-  """name -> attention function (q, k, v, causal) for every contender on this platform."""
+def _contenders(platform: str, names, dropout_rate: float = 0.0) -> dict:
+  """name -> attention function (q, k, v, causal) for every contender on this platform
+  (jax.nn's only without dropout: it has none)."""
   fns = {}
+  dropout = {}
+  if dropout_rate:
+    dropout = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.PRNGKey(0))
   for name in names:
     fns[name] = lambda q, k, v, causal, name=name: flash_jax.flash_attention(
-        q, k, v, causal=causal, implementation=name)
+        q, k, v, causal=causal, implementation=name, **dropout)
+  if dropout_rate:
+    return fns
   fns["jax.nn[xla]"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
       q, k, v, is_causal=causal, implementation="xla")
   if platform == "gpu":
@@ -214,7 +221,10 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr, peers=()):
           raise NotImplementedError("jax.nn.dot_product_attention needs Hv == H")
         if name in dispatch.implementation_names():
           q, k, v, _ = args[0]
-          flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name)
+          dropout = (dict(dropout_rate=problem.dropout_rate, dropout_rng=jax.random.PRNGKey(0))
+                     if problem.dropout_rate else {})
+          flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name,
+                                         **dropout)
         compiled[name] = _compiled(fn, problem)
       except NotImplementedError as e:
         declined[name] = e
@@ -299,6 +309,9 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
   parser.add_argument("--repeats", type=int, default=3 if on_cpu else 20)
   parser.add_argument("--json", default="bench_results.json", help="where to write all rows")
+  parser.add_argument("--dropout", type=float, default=0.0, metavar="RATE",
+                      help="attention dropout at this rate (flash_jax's contenders only: "
+                      "jax.nn has none)")
   parser.add_argument("--decode", action="store_true",
                       help="the decode benchmark instead (flash_jax/bench_decode.py)")
   parser.add_argument("--protocol", choices=["loop", "call"], default="loop",
@@ -319,6 +332,8 @@ def main(argv=None):
     if args.decode or args.peers:
       parser.error("--from-json reads earlier runs: it takes no --decode or --peers")
     return _main_from_json(args)
+  if args.dropout and (args.peers or args.decode):
+    parser.error("--dropout times flash_jax's implementations only: no --peers or --decode")
   if args.decode:
     if args.peers or args.plot:
       parser.error("--peers and --plot apply to the attention bench, not to --decode")
@@ -326,12 +341,13 @@ def main(argv=None):
 
   names = args.implementations or [e.name for e in dispatch.REGISTRY if platform in e.platforms]
   causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
-  problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype, head_dim_v=dv)
+  problems = [Problem(s, d, c, m, args.tokens, args.model_dim, args.dtype, head_dim_v=dv,
+                      dropout_rate=args.dropout)
               for m in args.modes for d, dv in args.head_dims for s in args.seq_lens
               for c in causals]
   device = jax.devices()[0]
   peers, peer_report = bench_peers.load(args.peers, platform)
-  contenders = _contenders(platform, names)
+  contenders = _contenders(platform, names, args.dropout)
   count = len(contenders) + sum(len(peer.contenders) for peer in peers)
   print(f"flash_jax {flash_jax.__version__} on {device.device_kind} ({platform}), jax {jax.__version__}; "
         f"{len(problems)} problems x {count} contenders", flush=True)

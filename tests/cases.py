@@ -73,6 +73,9 @@ CASES = (
     # Head dims the Hopper kernels serve zero-padded: 80, and MLA's 192 with Hv = 128.
     Case(2, 97, 97, 2, 1, 80, "float16", ("lengths", "junk_kv")),
     Case(1, 130, 200, 4, 2, 192, "bfloat16", ("causal", "q_offset_int"), head_dim_v=128),
+    # Dropout without bias or mask, in the dtypes the Hopper kernels take.
+    Case(2, 97, 130, 4, 2, 64, "bfloat16", ("causal", "q_offset_array", "dropout")),
+    Case(1, 130, 130, 2, 1, 128, "float16", ("lengths", "softcap", "dropout")),
 )
 
 

@@ -80,6 +80,20 @@ def test_value_head_dim_problems(tmp_path, capsys):
   assert "32/16" in capsys.readouterr().out
 
 
+def test_dropout_problems(tmp_path):
+  """--dropout times flash_jax's implementations with dropout; jax.nn (none) sits out."""
+  out = tmp_path / "rows.json"
+  bench.main(["--seq-lens", "64", "--head-dims", "32", "--causal", "true", "--modes", "fwd_bwd",
+              "--tokens", "128", "--model-dim", "64", "--dtype", "float32", "--dropout", "0.1",
+              "--implementations", "chunked", "--warmup", "1", "--repeats", "2",
+              "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["implementation"], r["dropout_rate"]) for r in rows] == [("chunked", 0.1)]
+  assert rows[0]["tflops"] > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--dropout", "0.1", "--peers", "torch"])
+
+
 def test_run_reports_declined_and_failing_contenders():
   problem = bench.Problem(64, 32, False, "fwd", 128, 64, "float32")
 

@@ -153,8 +153,9 @@ def test_features_served_and_declined(monkeypatch):
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   for d in (64, 80, 96, 112, 128, 192, 256):
     impl.check_spec(_spec(d, q_offset=3, kv_lengths=jnp.array([5])))
-  with pytest.raises(NotImplementedError, match="dropout"):
-    impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
+  impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
+  with pytest.raises(NotImplementedError, match="mask"):
+    impl.check_spec(_spec(128, mask=jnp.ones((1, 1, 128, 128), bool)))
 
 
 def test_padded_small_head_dims_go_to_triton_first(monkeypatch):
@@ -191,6 +192,8 @@ FEATURE_CALLS = [
     (64, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
     (128, dict(causal=True, window=(40, 0), q_offset=133)),
     (256, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
+    (128, dict(causal=True, kv_lengths=True, dropout=True)),
+    (64, dict(window=(40, 0), dropout=True)),
 ]
 
 
@@ -203,6 +206,8 @@ def _feature_kwargs(options, b, t, s):
     kwargs["q_lengths"] = jnp.array([t - 37, 70][:b], jnp.int32)
   if kwargs.pop("kv_lengths", False):
     kwargs["kv_lengths"] = jnp.array([s - 50, 130][:b], jnp.int32)
+  if kwargs.pop("dropout", False):
+    kwargs.update(dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(3))
   if kwargs.pop("segment_ids", False):
     q_ids = (jnp.arange(t)[None, :] >= jnp.array([[60], [t // 2]])[:b]).astype(jnp.int32)
     kv_ids = (jnp.arange(s)[None, :] >= jnp.array([[90], [s // 2]])[:b]).astype(jnp.int32)

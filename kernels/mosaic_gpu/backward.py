@@ -4,7 +4,8 @@ FlashAttention-2 Algorithm 2 split into two passes that each own their output, a
 FlashAttention-3 section 3 (backward): probabilities are recomputed from the forward's
 lse, P = exp(logits - lse), and with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,
-    dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2).
+    dQ = scale * dS K                     (softcap multiplies dS by 1 - tanh^2;
+dropout's multiplier Z scales P in dV = (P Z)^T dO and dP in dS = P * (Z dP - delta)).
 Both kernels use the forward's layout: a producer warpgroup streams blocks through a
 TMA ring (`pipeline`), two consumer warpgroups (one above head dim 128, for shared
 memory) each own 64 rows of the output and issue wgmma with float32 accumulators in
@@ -131,6 +132,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       rendezvous = functools.partial(pipeline.rendezvous, schedule)
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
+    dropout = features.Dropout.read(spec, feature_refs, batch, head)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
@@ -200,12 +202,17 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
                                        read_segment_ids=read_segment_ids if segments else None)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
+        # Dropout: dV += (P Z)^T dO and dP^T = Z (V dO^T), Z = keep / (1 - rate).
+        zt = (None if dropout is None else
+              dropout.multiplier(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1))
         operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
-          operands["dv"] = (pt.astype(dtype), do_smem)  # dV += P^T dO
+          kept_pt = pt if zt is None else pt * zt
+          operands["dv"] = (kept_pt.astype(dtype), do_smem)  # dV += P^T dO
         if need_dk:
           delta_cols = compat.load(delta_ring.at[slot], compat.col_layout())
-          dst = pt * (dpt[0] - lax.broadcast_in_dim(delta_cols, pt.shape, [1]))
+          dp_t = dpt[0] if zt is None else dpt[0] * zt
+          dst = pt * (dp_t - lax.broadcast_in_dim(delta_cols, pt.shape, [1]))
           if softcap_grad is not None:
             dst = dst * softcap_grad
           operands["dk"] = (dst.astype(dtype), q_smem)  # dK += dS^T Q (scaled at the end)
@@ -294,6 +301,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
+    dropout = features.Dropout.read(spec, feature_refs, batch, head)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")  # longest causal tiles first
@@ -356,6 +364,8 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
           visible = rules.tile_visible(p.shape, q_lo=q_lo, k_lo=j * block_kv,
                                        read_segment_ids=read_segment_ids if segments else None)
           p = p if visible is None else jnp.where(visible, p, 0.0)
+        if dropout is not None:  # dP = Z (dO V^T)
+          dp = dp * dropout.multiplier(dp.shape, q_lo=q_lo, k_lo=j * block_kv)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
           ds = ds * softcap_grad

@@ -9,6 +9,10 @@ Q/dO), then compare them on every visited tile (`masking.key_visibility`).
 
 `BatchRules` is what one CTA knows: the static rules (causal, window) plus its batch
 row's offset and lengths. Its `positional` dict feeds `ranges` and `masking`.
+
+Dropout's seed (uint32, carried as int32 [1]) is a GMEM input too; `Dropout` computes a
+tile's keep / (1 - rate) multiplier from global indices with `masking.dropout_keep`,
+the counter hash every implementation shares, so the kept entries are bitwise the same.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flash_jax.spec import AttentionArrays, AttentionSpec
 from flash_jax.kernels.mosaic_gpu import compat
 
 SCALAR_NAMES = ("q_offset", "q_lengths", "kv_lengths")
+DROPOUT_SEED = "dropout_seed"
 SEGMENT_NAMES = ("q_segment_ids", "kv_segment_ids")
 
 
@@ -46,7 +51,36 @@ def inputs(arrays: AttentionArrays, spec: AttentionSpec, *, t_pad: int,
     names += list(SEGMENT_NAMES)
     values.append(tiles.pad_axis(arrays.q_segment_ids.astype(jnp.int32), -1, t_pad))
     values.append(tiles.pad_axis(arrays.kv_segment_ids.astype(jnp.int32), -1, s_pad))
+  if spec.has_dropout:
+    names.append(DROPOUT_SEED)
+    values.append(lax.bitcast_convert_type(arrays.dropout_seed, jnp.int32).reshape(1))
   return tuple(names), tuple(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """Dropout of one (batch row, query head), read inside a kernel body."""
+
+  seed: Any  # traced uint32 scalar
+  rate: float
+  batch: Any
+  head: Any
+
+  @classmethod
+  def read(cls, spec: AttentionSpec, refs: dict, batch, head):
+    """The call's dropout, or None without it."""
+    if not spec.has_dropout:
+      return None
+    seed = refs[DROPOUT_SEED][0].astype(jnp.uint32)  # same bits: int32 -> uint32 wraps
+    return cls(seed, spec.dropout_rate, batch, head)
+
+  def multiplier(self, shape, *, q_lo, k_lo, q_axis: int = 0):
+    """float32 keep / (1 - rate), 0 where dropped, on a tile whose axis `q_axis` runs
+    over queries q_lo + i and the other over keys k_lo + j."""
+    q_idx = compat.iota(shape, q_axis) + q_lo
+    k_idx = compat.iota(shape, 1 - q_axis) + k_lo
+    keep = masking.dropout_keep(self.seed, self.batch, self.head, q_idx, k_idx, self.rate)
+    return masking.dropout_multiplier(keep, self.rate)
 
 
 @dataclasses.dataclass(frozen=True)

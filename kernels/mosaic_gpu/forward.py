@@ -18,6 +18,7 @@ measured default per head dim is in `config`):
     while the PV wgmma is still in flight (section 3.2, intra-warpgroup overlapping);
     the consumers take strict turns issuing through two `turn` barriers.
 
+Dropout (`features.Dropout`) scales P after the row sum, before the PV matmul.
 Masking: the CTA visits only key blocks inside `masking.visible_kv_range` of its batch
 row (q_offset shifts the causal and window bounds; blocks at or past kv_length are
 never loaded; a tile whose rows all lie at or past q_length visits none); blocks that
@@ -109,6 +110,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
+    dropout = features.Dropout.read(spec, feature_refs, batch, head)
     # Longest causal tiles first, so the short ones fill the tail of the launch.
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
@@ -171,6 +173,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
+        if dropout is not None:  # the normalizer counts every key; dropout scales P only
+          p = p * dropout.multiplier(p.shape, q_lo=q_lo, k_lo=j * block_kv)
         return p.astype(dtype), new_max, rescale, row_sum
 
       def rescaled(acc, rescale):

@@ -31,9 +31,9 @@ KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 # 0.86-0.92x cuDNN, Triton at 1.10-1.20x; d80 (1.6x) at 0.88-0.93x, Triton at 0.71-0.85x.
 PREFERRED_MIN_HEAD_DIM = 40
 SUPPORTED_DTYPES = ("bfloat16", "float16")
-# Features whose arrays the kernels do not read yet. (q_offset, segment ids and the
-# per-batch lengths reach the kernels through `features`.)
-UNSUPPORTED_FEATURES = ("bias", "mask", "dropout", "paged")
+# Features whose arrays the kernels do not read yet. (q_offset, segment ids, the
+# per-batch lengths and the dropout seed reach the kernels through `features`.)
+UNSUPPORTED_FEATURES = ("bias", "mask", "paged")
 
 
 class MosaicGPUImplementation(BlockwiseImplementation):
