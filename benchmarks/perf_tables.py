@@ -77,7 +77,8 @@ def load(folder: pathlib.Path = MEASUREMENTS) -> dict[str, dict[tuple, Result]]:
   """{implementation: {(mode, (H, Hv), seq_len, causal): Result}}, newest file winning."""
   results: dict[str, dict[tuple, Result]] = {}
   for path, run in _runs(folder, decode=False):
-    timed = [r for r in run["rows"] if "tflops" in r]
+    # The paper protocol's rows: runs with dropout (`--dropout`) are quoted in prose.
+    timed = [r for r in run["rows"] if "tflops" in r and not r.get("dropout_rate")]
     baseline = {_key(r): r["tflops"] for r in timed if r["implementation"] == BASELINE}
     for r in timed:
       if r["implementation"].startswith("jax.nn["):
