@@ -39,10 +39,12 @@ def reference_attention(q, k, v, bias, arrays: AttentionArrays, spec: AttentionS
           tiles.grouped_stats_to_heads(lse, spec))
 
 
-def attention_weights(q, k, bias, arrays: AttentionArrays, spec: AttentionSpec):
+def attention_weights(q, k, bias, arrays: AttentionArrays, spec: AttentionSpec, sinks=None):
   """The softmax weights [B, Nq, T, S] before dropout, in the accumulation dtype: 0 on
-  rows that see no key. Materializes T x S: what Flax sows as 'attention_weights'."""
-  probs, _, _ = _probabilities(q, k, bias, arrays, spec)
+  rows that see no key; with sinks, each row's sink takes its share of the denominator
+  (the weights then sum to less than 1). Materializes T x S: what Flax sows as
+  'attention_weights'."""
+  probs, _, _ = _probabilities(q, k, bias, arrays, spec, sinks)
   return probs.reshape(spec.batch, spec.num_q_heads, spec.q_len, spec.kv_len)
 
 

@@ -411,6 +411,25 @@ def test_sown_weights_follow_flash_jax_masking_and_structured_masks():
   np.testing.assert_allclose(jnp.einsum("bnts,bsnh->btnh", weights, v), out, atol=1e-6)
 
 
+def test_sown_weights_share_the_denominator_with_sinks():
+  """With sinks, the sown weights are the softmax the output used: weights @ value is the
+  output, and each row's weights sum to 1 - its sink's share (less than 1)."""
+  q, k, v = (normal(i, (1, 12, 2, 8)) for i in range(3))
+  sinks = jnp.array([0.5, 2.0])
+
+  class Sink(nnx.Module):
+    pass
+
+  fn = fjf.make_attention_fn(causal=True)
+  out, sown = nnx.capture(lambda m: fn(q, k, v, sinks=sinks, module=m),
+                          nnx.Intermediate)(Sink())
+  [weights] = sown["attention_weights"]  # [1, 2, 12, 12]
+  np.testing.assert_allclose(jnp.einsum("bnts,bsnh->btnh", weights, v), out, atol=1e-6)
+  row_sums = np.asarray(weights.sum(-1))
+  assert np.all(row_sums < 1.0) and np.all(row_sums > 0.0)
+  assert np.all(row_sums[:, 1] < row_sums[:, 0])  # the larger sink takes more
+
+
 @pytest.mark.parametrize("force_fp32, weights_dtype", [(True, "float32"), (False, "bfloat16")])
 def test_linen_sow_weights_dtype_and_collection(force_fp32, weights_dtype):
   x = normal(1, (2, 6, 16))

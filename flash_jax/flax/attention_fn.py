@@ -143,7 +143,7 @@ class AttentionFn:
     with _matmul_precision(precision, q.dtype):
       if module is not None:
         weights_dtype = jnp.float32 if force_fp32_for_softmax else q.dtype
-        weights = _attention_weights(q, k, v, bias, mask, segment_ids, structure)
+        weights = _attention_weights(q, k, v, bias, mask, segment_ids, sinks, structure)
         _sow(module, weights.astype(weights_dtype).reshape(batch_shape + weights.shape[1:]))
       if use_dropout and broadcast_dropout:
         out = _attention_shared_dropout(q, k, v, bias, mask, segment_ids, sinks, kwargs)
@@ -223,11 +223,13 @@ def _matmul_precision(precision, dtype):
   return jax.default_matmul_precision(level)
 
 
-def _attention_weights(q, k, v, bias, mask, segment_ids, structure):
-  """Softmax weights [B, Nq, T, S] before dropout, on the materializing path."""
+def _attention_weights(q, k, v, bias, mask, segment_ids, sinks, structure):
+  """Softmax weights [B, Nq, T, S] before dropout (sinks in the denominator), on the
+  materializing path."""
   spec, q, k, _, bias, arrays = spec_lib.normalize(q, k, v, bias=bias, mask=mask,
                                                    segment_ids=segment_ids, **structure)
-  return reference.attention_weights(q, k, bias, arrays, spec)
+  sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
+  return reference.attention_weights(q, k, bias, arrays, spec, sinks)
 
 
 def _sow(module, weights) -> None:
