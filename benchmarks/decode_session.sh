@@ -4,11 +4,7 @@
 # decode, paged, junk-key, sinks and bias cases on the GPU targets, and end-to-end
 # generation (benchmarks/generate_gpu.py). Logs and JSON go to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -5 "$OUT/install.log"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.draw --format=csv,noheader
+source "$(dirname "$0")/device_prologue.sh"
 timeout 150 python3 benchmarks/decode_gpu.py check > "$OUT/check.log" 2>&1
 grep -E "CHECK|Error" "$OUT/check.log" | tail -3
 timeout 60 python3 benchmarks/decode_gpu.py hlo 2>&1 | grep HLO

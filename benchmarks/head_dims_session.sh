@@ -4,11 +4,7 @@
 # NaN/inf past kv_lengths), the shared suite's GPU cases, then the bench at s4k for the
 # padded head dims beside cuDNN (where jax.nn serves Hv == H) and Triton. Logs to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -5 "$OUT/install.log"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.draw --format=csv,noheader
+source "$(dirname "$0")/device_prologue.sh"
 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_mosaic_gpu.py tests/test_attention.py tests/test_paged.py \
   ${TEST_FILTER:+-k "$TEST_FILTER"} > "$OUT/pytest.log" 2>&1

@@ -3,9 +3,7 @@
 # attention), the suite's GPU targets, and the combined benchmark
 # table at head dim 128 (every kernel beside cuDNN in one process). Logs go to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
+source "$(dirname "$0")/device_prologue.sh"
 python -c "import jax, flax, flash_jax; print(jax.__version__, flax.__version__, jax.devices())"
 for attention in flash flax; do
   timeout 150 python examples/train_lm.py --attention "$attention" --seq-len 4096 --batch 8 \

@@ -9,10 +9,7 @@
 #     d128 at s4096 and s16384, d64 and d256 at s4096.
 # Logs and JSON go to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 \
-  || echo "install failed"
+source "$(dirname "$0")/device_prologue.sh"
 
 what=${1:?tests or timing}
 if [ "$what" = tests ]; then

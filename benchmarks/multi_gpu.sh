@@ -4,10 +4,8 @@
 #   bash benchmarks/multi_gpu.sh fit partition
 # Logs go to $OUT/ring_<mode>.log.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/install.log" 2>&1 || echo "install failed"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/device_prologue.sh"
 nvidia-smi topo -m 2>&1 | head -4
 for mode in "$@"; do
   timeout "${MODE_TIMEOUT:-560}" python benchmarks/ring_gpu.py "$mode" 2>&1 | tee "$OUT/ring_$mode.log" | grep -v "^WARNING"

@@ -56,7 +56,8 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv],
   lse [B, Nq, T] float32. H and Hv: multiples of 64 (the implementation pads others).
 
-  `arrays`: the call's AttentionArrays (offsets, lengths, segment ids; see `features`).
+  `arrays`: the call's AttentionArrays (offsets, lengths, segment ids, dropout seed; see
+  `features`).
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   rows_per_cta = NUM_COMPUTE_WGS * block_q
