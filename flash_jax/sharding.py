@@ -16,6 +16,10 @@ split them and each device runs the single-device implementation on its shard:
     `flash_jax.ring_attention` does instead (K/V travel around a ring, nothing gathered).
   * head dims: replicated.
 
+With a bias, the forward also returns the implementation's per-row statistics (row
+max, log-sum: `Implementation.forward_with_stats`), split like lse, so that rows whose
+every key has a huge negative bias get the exact backward on a mesh too.
+
 Dropout draws its keep-mask from global (batch, head, query, key) indices, which a
 shard does not know, so calls with dropout are replicated (with a logged warning).
 Attention sinks never enter these ops: flash_attention merges them into (out, lse)
@@ -53,21 +57,32 @@ _BIAS_FACTORS = ("b", "n", "t", "s")  # the factors of a full [B, Nq, T, S] bias
 
 # ---- operands: the named, flat argument list of the partitioned ops ----------------------
 
-def _flatten(q, k, v, bias, arrays: AttentionArrays, *rest):
+# The backward's operands beyond q, k, v, bias and the mask arrays ([B, Nq, T] ones and
+# out, dout), in their fixed order; row_max and log_sum only with per-row statistics.
+_EXTRA_NAMES = ("out", "lse", "row_max", "log_sum", "dout", "delta")
+_STATS_NAMES = ("row_max", "log_sum")
+
+
+def _flatten(q, k, v, bias, arrays: AttentionArrays, **extras):
   """-> (names, operands): the non-None inputs in a fixed order, with static names."""
   named = [("q", q), ("k", k), ("v", v), ("bias", bias)]
   named += [(name, getattr(arrays, name)) for name in _ARRAY_FIELDS]
-  named += list(zip(("out", "lse", "dout", "delta"), rest))
+  named += [(name, extras.get(name)) for name in _EXTRA_NAMES]
   named = [(name, x) for name, x in named if x is not None]
   return tuple(name for name, _ in named), tuple(x for _, x in named)
 
 
 def _unflatten(names, operands):
-  """-> (q, k, v, bias, arrays, extras) where extras maps out/lse/dout/delta."""
+  """-> (q, k, v, bias, arrays, extras) where extras maps the _EXTRA_NAMES present."""
   by_name = dict(zip(names, operands))
   arrays = AttentionArrays(**{name: by_name.get(name) for name in _ARRAY_FIELDS})
-  extras = {name: by_name[name] for name in ("out", "lse", "dout", "delta") if name in by_name}
+  extras = {name: by_name[name] for name in _EXTRA_NAMES if name in by_name}
   return by_name["q"], by_name["k"], by_name["v"], by_name.get("bias"), arrays, extras
+
+
+def _stats(extras):
+  """The backward's `stats=` keyword from its extras ({} without statistics)."""
+  return {"stats": tuple(extras[n] for n in _STATS_NAMES)} if "row_max" in extras else {}
 
 
 # ---- the split: which mesh axes divide which dimension -----------------------------------
@@ -100,7 +115,7 @@ class _Split:
       return PartitionSpec(None, None, kv_h, None)  # [P, page_size, Nkv, H]: pages shared
     if name in ("k", "v", "dk", "dv"):
       return PartitionSpec(b, None, kv_h, None)  # [B, S, Nkv, H]
-    if name in ("lse", "delta"):
+    if name in ("lse", "delta") + _STATS_NAMES:
       return PartitionSpec(b, h, t)  # [B, Nq, T]
     if name in ("bias", "mask", "dbias"):  # [B?, Nq?, T?, S?]: split only full dims
       return PartitionSpec(*(axes if size > 1 else None
@@ -229,21 +244,40 @@ def _sum_kv_grad(grad, split: _Split, num_kv_heads: int, kv_head):
 
 # ---- the partitioned ops ------------------------------------------------------------------
 
+def _forward(impl, q, k, v, bias, arrays, spec, config, interpret):
+  """(out, lse), and the per-row statistics where `_passes_stats`."""
+  if not _passes_stats(impl, spec):
+    return impl.forward(q, k, v, bias, arrays, spec, config, interpret)
+  out, lse, stats = impl.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+  if stats is None:
+    raise AssertionError(f"{impl.name} returned no statistics for a call with a bias")
+  return (out, lse) + tuple(stats)
+
+
 def _forward_body(impl, spec, config, interpret, names, *operands):
   q, k, v, bias, arrays, _ = _unflatten(names, operands)
-  return impl.forward(q, k, v, bias, arrays, spec, config, interpret)
+  return _forward(impl, q, k, v, bias, arrays, spec, config, interpret)
 
 
 def _backward_body(impl, spec, config, interpret, names, *operands):
   q, k, v, bias, arrays, extras = _unflatten(names, operands)
   dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, extras["out"], extras["lse"],
-                                    extras["dout"], extras["delta"], spec, config, interpret)
+                                    extras["dout"], extras["delta"], spec, config, interpret,
+                                    **_stats(extras))
   return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias)
 
 
-def _result_names(spec: AttentionSpec, backward: bool):
+def _passes_stats(impl, spec: AttentionSpec) -> bool:
+  """Whether the partitioned forward returns `impl`'s per-row statistics: with a bias
+  (the only way to put a huge negative value on every key of a row) when `impl` has
+  them. Biased calls are never decode-shaped, so every shard's forward returns them."""
+  overrides = type(impl).forward_with_stats is not BlockwiseImplementation.forward_with_stats
+  return spec.has_bias and overrides
+
+
+def _result_names(impl, spec: AttentionSpec, backward: bool):
   if not backward:
-    return ("out", "lse")
+    return ("out", "lse") + (_STATS_NAMES if _passes_stats(impl, spec) else ())
   return ("dq", "dk", "dv") + (("dbias",) if spec.has_bias else ())
 
 
@@ -260,19 +294,20 @@ def _partition(impl, spec, config, interpret, names, backward, mesh, arg_shapes,
       NamedSharding(mesh, split.partition_spec(name, shape.shape))
       for name, shape in zip(names, shapes))
   arg_shardings = shardings(names, arg_shapes)
-  results = _result_names(spec, backward)
+  results = _result_names(impl, spec, backward)
   result_shardings = shardings(results, jax.tree.leaves(result_shape))
 
   def shard_forward(*operands):
     q, k, v, bias, arrays, _ = _unflatten(names, operands)
     q, k, v, arrays = _localize(q, k, v, arrays, split, local)
-    return impl.forward(q, k, v, bias, arrays, local, config, interpret)
+    return _forward(impl, q, k, v, bias, arrays, local, config, interpret)
 
   def shard_backward(*operands):
     q, k_full, v_full, bias, arrays, extras = _unflatten(names, operands)
     q, k, v, arrays = _localize(q, k_full, v_full, arrays, split, local)
     dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, extras["out"], extras["lse"],
-                                      extras["dout"], extras["delta"], local, config, interpret)
+                                      extras["dout"], extras["delta"], local, config, interpret,
+                                      **_stats(extras))
     kv_head = (_kv_head_of_shard(split, local, spec.num_kv_heads)
                if split.heads and not split.kv_heads_split else None)
     dk = _sum_kv_grad(dk, split, spec.num_kv_heads, kv_head).astype(k_full.dtype)
@@ -293,7 +328,7 @@ def _infer_result_shardings(impl, spec, config, interpret, names, backward, mesh
   """GSPMD's propagation callback: the result shardings `_partition` will produce."""
   split = _choose_split(spec, mesh, arg_shapes[0].sharding)
   return tuple(NamedSharding(mesh, split.partition_spec(name, shape.shape))
-               for name, shape in zip(_result_names(spec, backward),
+               for name, shape in zip(_result_names(impl, spec, backward),
                                       jax.tree.leaves(result_shape)))
 
 
@@ -304,12 +339,12 @@ def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand
   B, T, Nq and Nkv may be split (`_partition` decides how); S and the head dims must be
   replicated. Broadcast (size 1) bias/mask dims get factors of their own.
   """
-  del impl, config, interpret, mesh, operand_types, result_types
+  del config, interpret, mesh, operand_types, result_types
   factors = {"q": "b t n h", "k": "b s m h", "v": "b s m d", "out": "b t n d",
-             "dout": "b t n d", "lse": "b n t", "delta": "b n t", "q_offset": "b",
-             "q_lengths": "b", "kv_lengths": "b", "q_segment_ids": "b t",
-             "kv_segment_ids": "b s", "dropout_seed": "", "dq": "b t n h", "dk": "b s m h",
-             "dv": "b s m d"}
+             "dout": "b t n d", "lse": "b n t", "delta": "b n t", "row_max": "b n t",
+             "log_sum": "b n t", "q_offset": "b", "q_lengths": "b", "kv_lengths": "b",
+             "q_segment_ids": "b t", "kv_segment_ids": "b s", "dropout_seed": "",
+             "dq": "b t n h", "dk": "b s m h", "dv": "b s m d"}
   for name, shape in (("bias", spec.bias_shape), ("mask", spec.mask_shape)):
     if shape is not None:
       factors[name] = " ".join(f if size > 1 else f"{name}_{f}1"
@@ -319,7 +354,7 @@ def _sharding_rule(impl, spec, config, interpret, names, backward, mesh, operand
     factors.update(k="p c m h", v="p c m d", block_tables="b x")
   mapping = lambda name: ArrayMapping(*factors[name].split())
   operands = tuple(mapping(name) for name in names)
-  results = tuple(mapping(name) for name in _result_names(spec, backward))
+  results = tuple(mapping(name) for name in _result_names(impl, spec, backward))
   # Shardy wants special factors in order of first appearance in the rule.
   order = list(dict.fromkeys(f for m in operands + results for f in m))
   replicated = tuple(sorted({"s", "h", "d", "p", "c", "x"} & set(order), key=order.index))
@@ -395,20 +430,28 @@ class PartitionedImplementation(BlockwiseImplementation):
     return self.inner.default_config(spec)
 
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
+    out, lse, _ = self.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse
+
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
     if interpret:
       # Interpreted kernels are CPU tests and may use callbacks (effects), which
       # custom_partitioning cannot carry: they run unpartitioned.
-      return self.inner.forward(q, k, v, bias, arrays, spec, config, interpret)
+      return self.inner.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
     names, operands = _flatten(q, k, v, bias, arrays)
     op = _partitioned_op(self.inner, spec, config, interpret, names, False)
-    out, lse = op(*operands)
-    return out, lse
+    out, lse, *stats = op(*operands)
+    return out, lse, (tuple(stats) if stats else None)
 
-  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret,
+               stats=None):
+    stats_kwargs = {} if stats is None else {"stats": stats}
     if interpret:
       return self.inner.backward(q, k, v, bias, arrays, out, lse, dout, delta, spec, config,
-                                 interpret)
-    names, operands = _flatten(q, k, v, bias, arrays, out, lse, dout, delta)
+                                 interpret, **stats_kwargs)
+    row_max, log_sum = (None, None) if stats is None else stats
+    names, operands = _flatten(q, k, v, bias, arrays, out=out, lse=lse, row_max=row_max,
+                               log_sum=log_sum, dout=dout, delta=delta)
     op = _partitioned_op(self.inner, spec, config, interpret, names, True)
     grads = op(*operands)
     dq, dk, dv = grads[:3]

@@ -105,6 +105,10 @@ def make_inputs(case: Case, seed=0):
     arrays["segment_ids"] = (jnp.arange(t)[None, :] * 3 // t + jnp.arange(b)[:, None]) % 3
   if "bias" in f:
     arrays["bias"] = jax.random.normal(next(keys), (b, nq, t, t), jnp.float32)
+  if "huge_bias_rows" in f:
+    # Rows whose every key has one huge negative bias (lse ~ the bias, which rounds the
+    # log-sum away: the backward needs the forward's per-row statistics).
+    arrays["bias"] = arrays["bias"].at[:, :, 1].set(-1e9).at[:, :, 4].set(-1e20)
   if "bias_broadcast" in f:
     arrays["bias"] = jax.random.normal(next(keys), (1, nq, 1, t), jnp.float32)
   if "lengths" in f:
@@ -230,6 +234,23 @@ def test_sharded_equals_unsharded(case: Case):
   summed = "bias_broadcast" in case.features or ("sinks" in case.features and rows_split)
   backward_forbidden = set(case.forbidden) - {"all-reduce"} if summed else set(case.forbidden)
   assert not found & backward_forbidden, f"gradient HLO has {found & backward_forbidden}"
+
+
+@pytest.mark.parametrize("q_spec", [P("data", None, "model"), P("data", "model")],
+                         ids=["batch-heads", "batch-rows"])
+def test_huge_bias_rows_match_the_reference(q_spec):
+  """Rows whose every key has one huge negative bias: lse rounds their log-sum away, so
+  the sharded backward needs the forward's per-row statistics to match the unwrapped
+  xla reference (with lse alone P would sum to S, not 1)."""
+  case = Case("huge-bias-rows", ((2, 4), ("data", "model")), 2, 32, (8, 4), q_spec,
+              P("data"), ("bias", "huge_bias_rows"))
+  mesh = auto_mesh(*case.mesh)
+  q, k, v, kwargs, arrays = make_inputs(case)
+  sq, sk, sv, sarrays = shard_all(case, mesh, q, k, v, arrays)
+  got = jax.jit(grad_fn(kwargs))(sq, sk, sv, sarrays)
+  want = jax.jit(grad_fn(dict(kwargs, implementation="xla")))(q, k, v, arrays)
+  for name, g, r in zip(grad_names(arrays), got, want):
+    assert_close(name, g, r, case.dtype)
 
 
 def test_query_rows_stay_split_and_only_kv_is_gathered():
