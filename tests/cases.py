@@ -76,6 +76,9 @@ CASES = (
     # Dropout without bias or mask, in the dtypes the Hopper kernels take.
     Case(2, 97, 130, 4, 2, 64, "bfloat16", ("causal", "q_offset_array", "dropout")),
     Case(1, 130, 130, 2, 1, 128, "float16", ("lengths", "softcap", "dropout")),
+    # Bias and dense masks in the dtypes and head dims the Hopper kernels take.
+    Case(2, 200, 333, 4, 2, 128, "bfloat16", ("causal", "lengths", "bias", "mask")),
+    Case(2, 97, 130, 2, 2, 64, "float16", ("bias_broadcast", "softcap", "empty_rows")),
 )
 
 

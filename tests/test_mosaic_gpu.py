@@ -154,8 +154,8 @@ def test_features_served_and_declined(monkeypatch):
   for d in (64, 80, 96, 112, 128, 192, 256):
     impl.check_spec(_spec(d, q_offset=3, kv_lengths=jnp.array([5])))
   impl.check_spec(_spec(128, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)))
-  with pytest.raises(NotImplementedError, match="mask"):
-    impl.check_spec(_spec(128, mask=jnp.ones((1, 1, 128, 128), bool)))
+  impl.check_spec(_spec(128, mask=jnp.ones((1, 1, 128, 128), bool),
+                        bias=jnp.ones((1, 2, 1, 128), jnp.bfloat16)))
 
 
 def test_padded_small_head_dims_go_to_triton_first(monkeypatch):
@@ -194,6 +194,10 @@ FEATURE_CALLS = [
     (256, dict(q_lengths=True, kv_lengths=True, segment_ids=True)),
     (128, dict(causal=True, kv_lengths=True, dropout=True)),
     (64, dict(window=(40, 0), dropout=True)),
+    (128, dict(causal=True, kv_lengths=True, bias="heads")),
+    (64, dict(mask="batch", bias="keys", softcap=20.0)),
+    (256, dict(mask="keys", q_offset=133, causal=True)),
+    (192, dict(bias="full", mask="full", segment_ids=True, dropout=True)),
 ]
 
 
@@ -208,6 +212,15 @@ def _feature_kwargs(options, b, t, s):
     kwargs["kv_lengths"] = jnp.array([s - 50, 130][:b], jnp.int32)
   if kwargs.pop("dropout", False):
     kwargs.update(dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(3))
+  # Bias and mask shapes: [1, N, T, S], [B, 1, 1, S] (key padding), [B, 1, T, S], [B, N, T, S].
+  shapes = {"heads": (1, 4, t, s), "keys": (b, 1, 1, s), "batch": (b, 1, t, s),
+            "full": (b, 4, t, s)}
+  if "bias" in kwargs:
+    shape = shapes[kwargs["bias"]]
+    kwargs["bias"] = jax.random.normal(jax.random.PRNGKey(4), shape, jnp.float32)
+  if "mask" in kwargs:
+    shape = shapes[kwargs["mask"]]
+    kwargs["mask"] = jax.random.bernoulli(jax.random.PRNGKey(5), 0.8, shape)
   if kwargs.pop("segment_ids", False):
     q_ids = (jnp.arange(t)[None, :] >= jnp.array([[60], [t // 2]])[:b]).astype(jnp.int32)
     kv_ids = (jnp.arange(s)[None, :] >= jnp.array([[90], [s // 2]])[:b]).astype(jnp.int32)
@@ -283,14 +296,14 @@ needs_hopper = pytest.mark.skipif(not compat.is_hopper(), reason="needs an sm90 
 
 @pytest.mark.gpu
 @needs_hopper
-def test_default_on_hopper_and_unsupported_features():
+def test_default_on_hopper_with_every_feature():
   q = jnp.ones((1, 256, 2, 128), jnp.bfloat16)
   assert flash_jax.which_implementation(q, q, q, causal=True) == "mosaic_gpu"
   for kwargs in (dict(q_offset=3), dict(kv_lengths=jnp.array([5]))):
     assert flash_jax.which_implementation(q, q, q, **kwargs) == "mosaic_gpu"
   for kwargs in (dict(bias=jnp.zeros((1, 1, 256, 256))),
                  dict(mask=jnp.ones((1, 1, 256, 256), bool))):
-    assert flash_jax.which_implementation(q, q, q, **kwargs) != "mosaic_gpu"
+    assert flash_jax.which_implementation(q, q, q, **kwargs) == "mosaic_gpu"
   for head_dim, head_dim_v in ((96, 96), (80, 80), (192, 128)):
     q = jnp.ones((1, 256, 2, head_dim), jnp.bfloat16)
     v = jnp.ones((1, 256, 2, head_dim_v), jnp.bfloat16)

@@ -38,17 +38,18 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, tiles
 from flash_jax.spec import AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
 
 
-def _logits_base2(qk, spec: AttentionSpec):
-  """float32 q.k^T -> (logits * log2(e), softcap derivative or None)."""
-  if spec.softcap is None:
+def _logits_base2(qk, spec: AttentionSpec, bias=None):
+  """float32 q.k^T (and its bias tile) -> (logits * log2(e), softcap derivative or
+  None)."""
+  if spec.softcap is None and bias is None:
     return masking.transform_logits(qk, scale=spec.scale * LOG2E), None
-  logits = masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap)
+  logits = masking.transform_logits(qk, scale=spec.scale, bias=bias, softcap=spec.softcap)
   return logits * LOG2E, masking.softcap_grad(logits, spec.softcap)
 
 
@@ -67,29 +68,40 @@ def dkv_launches(spec: AttentionSpec) -> tuple[tuple[str, ...], ...]:
           else (("dk",), ("dv",)))
 
 
-def backward(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
-             config: MosaicGPUBlockSizes):
+def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
+             config: MosaicGPUBlockSizes, stats=None):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv], dout [B, T, Nq, Hv] -> dq, dk,
-  dv of the inputs' shapes and dtype."""
-  operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config)
+  dv of the inputs' shapes and dtype, and with a bias d loss / d logits [B, Nq, T, S]
+  float32 (None without); stats: the forward's base-2 (max, log2 sum) or None."""
+  operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config,
+                                           stats=stats)
+  dense_args = dict(bias=bias, mask=arrays.mask)
   grads = {}
   for outputs in dkv_launches(spec):
     grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
-                                   outputs=outputs)))
+                                   outputs=outputs, **dense_args)))
   dk, dv = grads["dk"], grads["dv"]
-  dq = _dq(*operands, spec=spec, config=config, t_pad=t_pad)
+  dq, dlogits = _dq(*operands, spec=spec, config=config, t_pad=t_pad, **dense_args)
+  if dlogits is not None:
+    dlogits = dlogits[:, :, :spec.q_len, :spec.kv_len]
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
     group = lambda x: x.reshape(spec.batch, s_pad, spec.num_kv_heads, spec.group_size,
                                 x.shape[-1]).astype(jnp.float32).sum(axis=3).astype(k.dtype)
     dk, dv = group(dk), group(dv)
-  return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len]
+  return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len], dlogits
 
 
 def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
-                    config: MosaicGPUBlockSizes):
+                    config: MosaicGPUBlockSizes, stats=None):
   """The dK/dV and dQ kernels' operands (q, k, v, dout, lse2, delta, feature names,
   feature arrays), padded, with t_pad and s_pad. (Also used by the per-kernel timing in
-  benchmarks/mosaic_gpu.py.)"""
+  benchmarks/mosaic_gpu.py.)
+
+  With the forward's stats (m, log2 l), P = 2^(s - m) / l is computed exactly where
+  lse = m + log l would round log l away (a row of -1e9 biases): the kernels take m in
+  place of lse and dO / l, delta / l in place of dO, delta, which gives P' = P l,
+  dV = P'^T (dO / l) = P^T dO, dS = P' (dP / l - delta / l) = P (dP - delta).
+  """
   wgs = consumer_warpgroups(spec)
   rows_dkv, rows_dq = wgs * config.block_kv_dkv, wgs * config.block_q_dq
   t_pad = tiles.round_up(spec.q_len, math.lcm(rows_dq, config.block_q_dkv))
@@ -97,9 +109,15 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
   # hidden (kv_bound). Rows that saw no key have lse = -inf: base 0 keeps exp2 finite,
   # and the mask zeroes their P (every key they could pair with is masked).
+  if stats is None:
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
+  else:
+    lse2, log_sum2 = stats  # [B, Nq, T], (0, 0) on rows that saw nothing
+    inv_sum = jnp.exp2(-log_sum2.astype(jnp.float32))
+    dout = (dout * jnp.swapaxes(inv_sum, 1, 2)[..., None]).astype(dout.dtype)
+    delta = delta * inv_sum
   q, dout = tiles.pad_axis(q, 1, t_pad), tiles.pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H|Hv]
   k, v = tiles.pad_axis(k, 1, s_pad), tiles.pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H|Hv]
-  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
   lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
@@ -107,7 +125,8 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
 
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
-         config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...]):
+         config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...], bias=None,
+         mask=None):
   """dK [B, S_pad, Nq, H] and/or dV [B, S_pad, Nq, Hv] per query head."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages_dkv
   wgs = consumer_warpgroups(spec)
@@ -119,6 +138,10 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   ping_pong = config.dkv_ping_pong and wgs == 2
+  dense_names, dense_arrays = dense.inputs(bias, mask, spec, t_pad=q.shape[1], s_pad=s_pad,
+                                           rows_per_cta=rows_per_cta, block_cols=block_q,
+                                           transposed=True)
+  feature_names, feature_arrays = feature_names + dense_names, feature_arrays + dense_arrays
 
   def kernel(*refs):
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
@@ -133,12 +156,15 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     dropout = features.Dropout.read(spec, feature_refs, batch, head)
+    dense_tiles = dense.DenseTiles.read(spec, feature_refs, batch, head)  # [keys, queries]
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
     q_lo_blk, q_hi_blk = ranges.visited_q_blocks(
         cta_k_lo, cta_k_lo + rows_per_cta, block_q=block_q, q_len=spec.q_len,
         kv_len=spec.kv_len, **rules.positional)
+    q_lo_blk, q_hi_blk = dense_tiles.block_range(lax.axis_index("kv_tiles"), q_lo_blk,
+                                                 q_hi_blk)
     num_steps = q_hi_blk - q_lo_blk
     rings = (q_ring, do_ring, lse_ring, delta_ring)
     sources = (
@@ -167,8 +193,9 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         plgpu.copy_gmem_to_smem(feature_refs["kv_segment_ids"].at[batch, pl.ds(k_lo, block_kv)],
                                 kv_seg_smem2.at[wg], kv_ready.at[wg])
       plgpu.barrier_wait(kv_ready.at[wg])
-      if segments:  # ids are not positional: every visited block is masked
+      if segments:
         kv_seg_rows = compat.load(kv_seg_smem2.at[wg], compat.row_layout())  # [block_kv]
+      if segments or dense_tiles.has_mask:  # not positional: every visited block is masked
         f_lo = f_hi = q_hi_blk
       else:
         f_lo, f_hi = ranges.unmasked_q_blocks(k_lo, k_lo + block_kv, q_lo_blk, q_hi_blk,
@@ -189,11 +216,14 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
             plgpu.wgmma(refs[1], v_smem, do_smem.transpose((1, 0)))
           if ping_pong:  # issued: the other consumer may now issue its update
             rendezvous()
-          return tuple(ref[...] for ref in refs)
+          tile_args = (k_lo, block_kv, i * block_q, block_q)  # loads overlap the wgmma
+          dense_tile = dense_tiles.bias_tile(*tile_args), dense_tiles.visible(*tile_args)
+          return tuple(ref[...] for ref in refs), dense_tile
 
         tile = plgpu.ACC((block_kv, block_q), jnp.float32)
-        st, *dpt = pl.run_scoped(scores, (tile, tile) if need_dk else (tile,))
-        st, softcap_grad = _logits_base2(st, spec)
+        (st, *dpt), (bias_t, dense_visible_t) = pl.run_scoped(
+            scores, (tile, tile) if need_dk else (tile,))
+        st, softcap_grad = _logits_base2(st, spec, bias_t)
         lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
         pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
         if masked:
@@ -201,6 +231,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
               compat.load(q_seg_ring.at[slot], compat.col_layout()), kv_seg_rows)
           visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
                                        read_segment_ids=read_segment_ids if segments else None)
+          visible = _both(visible, dense_visible_t)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         # Dropout: dV += (P Z)^T dO and dP^T = Z (V dO^T), Z = keep / (1 - rate).
         zt = (None if dropout is None else
@@ -280,9 +311,17 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   )(q, k, v, dout, lse2, delta, *feature_arrays)
 
 
+def _both(visible, dense_visible):
+  """The conjunction of two visibilities, each None when everything is visible."""
+  if dense_visible is None:
+    return visible
+  return dense_visible if visible is None else visible & dense_visible
+
+
 def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
-        config: MosaicGPUBlockSizes, t_pad: int):
-  """dQ: [B, T_pad, Nq, H]."""
+        config: MosaicGPUBlockSizes, t_pad: int, bias=None, mask=None):
+  """dQ [B, T_pad, Nq, H] and, with a bias, dS = d loss / d logits [B, Nq, T_pad, S_pad]
+  float32 (entries of blocks no CTA visits are left unwritten; None without a bias)."""
   block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages_dq
   wgs = consumer_warpgroups(spec)
   rows_per_cta = wgs * block_q
@@ -291,17 +330,24 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
   s_pad = k.shape[1]
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   segments = spec.has_segment_ids
+  dense_names, dense_arrays = dense.inputs(bias, mask, spec, t_pad=t_pad, s_pad=s_pad,
+                                           rows_per_cta=rows_per_cta, block_cols=block_kv)
+  feature_names, feature_arrays = feature_names + dense_names, feature_arrays + dense_arrays
 
   def kernel(*refs):
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
-    (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready,
+    dq_ref, *refs = refs
+    if spec.has_bias:
+      ds_ref, *refs = refs
+    (q_smem2, do_smem2, lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready,
      k_free, v_ready, v_free, *segment_scratch) = refs
     if segments:
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     dropout = features.Dropout.read(spec, feature_refs, batch, head)
+    dense_tiles = dense.DenseTiles.read(spec, feature_refs, batch, head)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")  # longest causal tiles first
@@ -309,6 +355,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
     lo, hi = ranges.visited_kv_blocks(
         cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
         kv_len=spec.kv_len, **rules.positional)
+    lo, hi = dense_tiles.block_range(tile, lo, hi)
     num_steps = hi - lo
     streams = pipeline.kv_streams(
         k_ref, v_ref, feature_refs["kv_segment_ids"] if segments else None, batch=batch,
@@ -333,8 +380,9 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
       plgpu.barrier_wait(rows_ready.at[wg])
       lse_rows = compat.load(lse_smem2.at[wg], compat.row_layout())  # [block_q]
       delta_rows = compat.load(delta_smem2.at[wg], compat.row_layout())
-      if segments:  # ids are not positional: every visited block is masked
+      if segments:
         q_seg_rows = compat.load(q_seg_smem2.at[wg], compat.row_layout())
+      if segments or dense_tiles.has_mask:  # not positional: every visited block is masked
         f_lo = f_hi = hi
       else:
         f_lo, f_hi = ranges.unmasked_kv_blocks(q_lo, q_lo + block_q, lo, hi,
@@ -347,28 +395,36 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         plgpu.barrier_wait(v_ready.at[slot])
         k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]  # [block_kv, H], [block_kv, Hv]
 
+        tile_args = (q_lo, block_q, j * block_kv, block_kv)
+
         def s_and_dp(refs):  # S = Q K^T and dP = dO V^T in one scope: one wgmma wait
           s_ref, dp_ref = refs
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
-          return s_ref[...], dp_ref[...]
+          dense_tile = dense_tiles.bias_tile(*tile_args), dense_tiles.visible(*tile_args)
+          return s_ref[...], dp_ref[...], dense_tile  # (the loads overlap the wgmma)
 
-        s, dp = pl.run_scoped(s_and_dp, (plgpu.ACC((block_q, block_kv), jnp.float32),
-                                         plgpu.ACC((block_q, block_kv), jnp.float32)))
+        s, dp, (bias, dense_visible) = pl.run_scoped(
+            s_and_dp, (plgpu.ACC((block_q, block_kv), jnp.float32),
+                       plgpu.ACC((block_q, block_kv), jnp.float32)))
         plgpu.barrier_arrive(v_free.at[slot])
-        s, softcap_grad = _logits_base2(s, spec)
+        s, softcap_grad = _logits_base2(s, spec, bias)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
         if masked:
           read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
               q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))
           visible = rules.tile_visible(p.shape, q_lo=q_lo, k_lo=j * block_kv,
                                        read_segment_ids=read_segment_ids if segments else None)
+          visible = _both(visible, dense_visible)
           p = p if visible is None else jnp.where(visible, p, 0.0)
         if dropout is not None:  # dP = Z (dO V^T)
           dp = dp * dropout.multiplier(dp.shape, q_lo=q_lo, k_lo=j * block_kv)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
           ds = ds * softcap_grad
+        if spec.has_bias:  # d loss / d bias, before the bias-floor rule (applied outside)
+          compat.store_tile(ds_ref.at[batch, head, pl.ds(q_lo, block_q),
+                                      pl.ds(j * block_kv, block_kv)], ds)
         dq_acc = compat.accumulate(
             lambda acc_ref: plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem), dq_acc)
         plgpu.barrier_arrive(k_free.at[slot])
@@ -404,11 +460,15 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
     scratch += [plgpu.SMEM((wgs, block_q), jnp.int32), plgpu.SMEM((stages, block_kv), jnp.int32),
                 *pipeline.ring_barriers(stages, wgs)]
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_dq"
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),)
+  if spec.has_bias:
+    out_type += (jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad, s_pad),
+                                      jnp.float32),)
+  dq, *ds = plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_q_tiles, spec.batch),
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, dout, lse2, delta, *feature_arrays)
-
+  return dq, (ds[0] if ds else None)

@@ -52,6 +52,24 @@ def load(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
+def load_tile(ref, layout):
+  """Loads a whole ref (global memory included) into registers with `layout`, element
+  by element where no vectorized access pattern fits (a strided tile of global memory)."""
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def store_tile(ref, value):
+  """Stores a register array into a whole ref (global memory included), element by
+  element where no vectorized access pattern fits. (`plgpu.store` is new in 0.11.)"""
+  if hasattr(plgpu, "store"):
+    plgpu.store(ref, value, optimized=False)
+  else:
+    ref[...] = value
+
+
 def iota(shape, dimension: int):
   """int32 broadcasted iota in the wgmma accumulator layout."""
   return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=wgmma_layout())

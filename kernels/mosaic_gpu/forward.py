@@ -45,19 +45,20 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, tiles
 from flash_jax.spec import AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
+def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv],
-  lse [B, Nq, T] float32. H and Hv: multiples of 64 (the implementation pads others).
+  lse [B, Nq, T] float32 and, with a bias, the rows' base-2 (max, sum) [B, Nq, T] float32
+  (None without). H and Hv: multiples of 64 (the implementation pads others).
 
   `arrays`: the call's AttentionArrays (offsets, lengths, segment ids, dropout seed; see
-  `features`).
+  `features`); bias [B?, Nq?, T?, S?] and arrays.mask: see `dense`.
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   rows_per_cta = NUM_COMPUTE_WGS * block_q
@@ -74,22 +75,29 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   own_out_tile = head_dim_v != head_dim
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   feature_names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
+  dense_names, dense_arrays = dense.inputs(bias, arrays.mask, spec, t_pad=t_pad, s_pad=s_pad,
+                                           rows_per_cta=rows_per_cta, block_cols=block_kv)
+  feature_names, feature_arrays = feature_names + dense_names, feature_arrays + dense_arrays
   segments = spec.has_segment_ids
+  # Ids and dense masks are not positional: every visited block is masked.
+  mask_every_block = segments or spec.has_mask
+  with_stats = spec.has_bias  # the backward's exact (max, sum) for rows of huge biases
 
   # The online softmax tracks its row max in "max units": q.k^T itself when the logits
-  # are a positive multiple of it (no softcap), so that exp2's argument
+  # are a positive multiple of it (no softcap, no bias), so that exp2's argument
   # s * c - max * c is one fused multiply-add per score (FlashAttention-3's
-  # softmax_scale_log2); the base-2 logits otherwise (softcap or scale <= 0).
-  fold_scale = spec.softcap is None and spec.scale > 0
+  # softmax_scale_log2); the base-2 logits otherwise (softcap, bias or scale <= 0).
+  fold_scale = spec.softcap is None and spec.scale > 0 and not spec.has_bias
   exp2_scale = spec.scale * LOG2E if fold_scale else 1.0
 
-  def max_units(qk):
-    """float32 q.k^T [block_q, block_kv] -> scores in max units (see above)."""
+  def max_units(qk, bias):
+    """float32 q.k^T [block_q, block_kv] (and its bias tile) -> scores in max units."""
     if fold_scale:
       return qk
-    if spec.softcap is None:
+    if spec.softcap is None and bias is None:
       return masking.transform_logits(qk, scale=spec.scale * LOG2E)
-    return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
+    return masking.transform_logits(qk, scale=spec.scale, bias=bias,
+                                    softcap=spec.softcap) * LOG2E
 
   def base2(x):
     """Max units -> base-2 logits."""
@@ -101,8 +109,13 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
 
   def kernel(*refs):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
-    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, k_free,
+    out_ref, lse_ref, *refs = refs
+    if with_stats:
+      max_ref, sum_ref, *refs = refs
+    (qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, k_free,
      v_ready, v_free, schedule, turn, *segment_scratch) = refs
+    if with_stats:
+      max_smem2, sum_smem2, *segment_scratch = segment_scratch
     if own_out_tile:
       out_smem2, *segment_scratch = segment_scratch
     else:
@@ -112,6 +125,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     dropout = features.Dropout.read(spec, feature_refs, batch, head)
+    dense_tiles = dense.DenseTiles.read(spec, feature_refs, batch, head)
     # Longest causal tiles first, so the short ones fill the tail of the launch.
     tile = (num_q_tiles - 1) - lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
@@ -119,6 +133,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
     lo, hi = ranges.visited_kv_blocks(
         cta_q_lo, jnp.minimum(cta_q_lo + rows_per_cta, spec.q_len), block_kv=block_kv,
         kv_len=spec.kv_len, **rules.positional)
+    lo, hi = dense_tiles.block_range(tile, lo, hi)
     num_steps = hi - lo
 
     rendezvous = functools.partial(pipeline.rendezvous, schedule)
@@ -135,8 +150,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         plgpu.copy_gmem_to_smem(feature_refs["q_segment_ids"].at[batch, pl.ds(q_lo, block_q)],
                                 q_seg_smem2.at[wg], q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
-      if segments:  # ids are not positional: every visited block is masked
+      if segments:
         q_seg_rows = compat.load(q_seg_smem2.at[wg], compat.row_layout())  # [block_q]
+      if mask_every_block:
         f_lo = f_hi = hi
       else:
         f_lo, f_hi = ranges.unmasked_kv_blocks(
@@ -150,12 +166,20 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
                                      compat.wgmma_layout())  # [block_q, Hv]
       slot_of = lambda j: pipeline.slot_of(j - lo, stages)
 
+      def dense_tile(j):
+        """Key block j's (bias tile, mask visibility), each None without; called once
+        its Q K^T wgmma is issued, so that the loads overlap the matmul. (The clamp keeps
+        the prologue of a CTA that visits no block in bounds; it discards the tile.)"""
+        args = (q_lo, block_q, jnp.minimum(j, s_pad // block_kv - 1) * block_kv, block_kv)
+        return dense_tiles.bias_tile(*args), dense_tiles.visible(*args)
+
       def online_softmax(qk, j, row_max, row_sum, *, masked: bool, extra_visible=None,
-                         active=None):
+                         active=None, dense_tile=(None, None)):
         """Scores of key block j -> (P [block_q, block_kv] in the input dtype, new row
         max, rescale of the old accumulator, new row sum). FlashAttention-2 section
         3.1.1, in base 2. `active`: see `features.read_ring_slot`."""
-        s = max_units(qk)  # [block_q, block_kv]
+        bias, dense_visible = dense_tile
+        s = max_units(qk, bias)  # [block_q, block_kv]
         visible = None
         if masked:
           read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
@@ -163,8 +187,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
                                                   slot_of(j), active))
           visible = rules.tile_visible(s.shape, q_lo=q_lo, k_lo=j * block_kv,
                                        read_segment_ids=read_segment_ids if segments else None)
-        if extra_visible is not None:
-          visible = extra_visible if visible is None else visible & extra_visible
+        for extra in (dense_visible, extra_visible):
+          if extra is not None:
+            visible = extra if visible is None else visible & extra
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))
@@ -184,13 +209,14 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       def when_any(f):  # barrier traffic of a CTA that visits no key block is skipped
         pl.when(num_steps > 0)(f)
 
-      def scores(slot, *, hand_over):
-        """Q K^T [block_q, block_kv] for the key block in ring slot `slot`; `hand_over` runs
-        once the wgmma is issued, before the wait."""
+      def scores(slot, j, *, hand_over):
+        """(Q K^T [block_q, block_kv], dense tile) for key block j in ring slot `slot`;
+        `hand_over` runs once the wgmma is issued, before the wait."""
         def qk_matmul(s_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           hand_over()
-          return s_ref[...]
+          tile = dense_tile(j)
+          return s_ref[...], tile
         return pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
 
       def step(j, carry, *, masked: bool):
@@ -198,9 +224,10 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         acc, row_max, row_sum = carry
         slot = slot_of(j)
 
-        qk = scores(slot, hand_over=rendezvous)  # the other consumer may now issue
+        qk, tile = scores(slot, j, hand_over=rendezvous)  # the other consumer may now issue
         plgpu.barrier_arrive(k_free.at[slot])  # reading the accumulator waited on wgmma
-        p16, new_max, rescale, row_sum = online_softmax(qk, j, row_max, row_sum, masked=masked)
+        p16, new_max, rescale, row_sum = online_softmax(qk, j, row_max, row_sum, masked=masked,
+                                                        dense_tile=tile)
         acc = rescaled(acc, rescale)
         if max(head_dim, head_dim_v) <= 128:
           # Finish the softmax before handing the tensor cores over (FA3 section 3.2).
@@ -244,6 +271,9 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       def overlapped_step(j, carry, *, masked: bool):
         acc, row_max, row_sum, p16 = carry  # p16: P(j - 1)
         slot, prev = slot_of(j), slot_of(j - 1)
+        # Loaded before the wgmmas are issued (inside run_state the loads' constant
+        # indices do not lower); the registers are first read after S(j) arrives.
+        tile = dense_tile(j)
         plgpu.barrier_wait(k_ready.at[slot])
         plgpu.barrier_wait(v_ready.at[prev])
         take_turn()
@@ -258,7 +288,7 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
           qk = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if masked else 1)
           plgpu.barrier_arrive(k_free.at[slot])
           p_ref[...], max_ref[...], rescale_ref[...], sum_ref[...] = online_softmax(
-              qk, j, max_ref[...], sum_ref[...], masked=masked)
+              qk, j, max_ref[...], sum_ref[...], masked=masked, dense_tile=tile)
 
         s_init = compat.layout_cast(jnp.zeros((block_q, block_kv), jnp.float32),
                                     compat.wgmma_layout())
@@ -275,12 +305,12 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
         when_any(lambda: plgpu.barrier_wait(k_ready.at[0]))
         take_turn()
 
-        qk = scores(0, hand_over=pass_turn)
+        qk, tile = scores(0, lo, hand_over=pass_turn)
         when_any(lambda: plgpu.barrier_arrive(k_free.at[0]))
         any_block = compat.iota((block_q, block_kv), 1) < jnp.where(num_steps > 0, block_kv, 0)
         p16, first_max, _, first_sum = online_softmax(qk, lo, start_max, start_sum, masked=True,
                                                       extra_visible=any_block,
-                                                      active=num_steps > 0)
+                                                      active=num_steps > 0, dense_tile=tile)
         carry = (start_acc, first_max, first_sum, p16)
         first = lo + 1
         masked_head_end, body_end = jnp.maximum(first, f_lo), jnp.maximum(first, f_hi)
@@ -315,9 +345,15 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       out_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
       lse_smem[...] = jnp.where(seen, (base2(row_max) + jnp.log2(safe_sum)) * LN2, -jnp.inf)
+      if with_stats:
+        max_smem2.at[wg][...] = base2_row_max(row_max)
+        sum_smem2.at[wg][...] = row_sum
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_lo, block_q)])
+      if with_stats:
+        for smem2, ref in ((max_smem2, max_ref), (sum_smem2, sum_ref)):
+          plgpu.copy_smem_to_gmem(smem2.at[wg], ref.at[batch, head, pl.ds(q_lo, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == NUM_COMPUTE_WGS)
@@ -344,15 +380,18 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   if own_out_tile:
     scratch.append(plgpu.SMEM((NUM_COMPUTE_WGS, block_q, head_dim_v), dtype,
                               transforms=transforms))
+  if with_stats:
+    scratch += [plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32)] * 2  # max, sum
   if segments:
     scratch += [plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.int32),
                 plgpu.SMEM((stages, block_kv), jnp.int32),
                 *pipeline.ring_barriers(stages, NUM_COMPUTE_WGS)]
+  row_stats = jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad), jnp.float32)
   kernel.__name__ = "flash_jax_mosaic_gpu_fwd"
-  out, lse = plgpu.kernel(
+  out, lse, *stats = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape[:3] + (head_dim_v,), dtype),
-                jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct(q.shape[:3] + (head_dim_v,), dtype), row_stats,
+                *((row_stats, row_stats) if with_stats else ())),
       scratch_types=scratch,
       grid=(spec.num_q_heads, num_q_tiles, spec.batch),
       grid_names=("heads", "q_tiles", "batch"),
@@ -360,4 +399,5 @@ def forward(q, k, v, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
       thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, *feature_arrays)
-  return out[:, :spec.q_len], lse[:, :, :spec.q_len]
+  rows = lambda x: x[:, :, :spec.q_len]
+  return out[:, :spec.q_len], rows(lse), (tuple(map(rows, stats)) if with_stats else None)

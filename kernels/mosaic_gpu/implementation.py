@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
-from flash_jax import tiles, versions
+from flash_jax import masking, tiles, versions
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
@@ -31,9 +32,10 @@ KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 # 0.86-0.92x cuDNN, Triton at 1.10-1.20x; d80 (1.6x) at 0.88-0.93x, Triton at 0.71-0.85x.
 PREFERRED_MIN_HEAD_DIM = 40
 SUPPORTED_DTYPES = ("bfloat16", "float16")
-# Features whose arrays the kernels do not read yet. (q_offset, segment ids, the
-# per-batch lengths and the dropout seed reach the kernels through `features`.)
-UNSUPPORTED_FEATURES = ("bias", "mask", "paged")
+# Features whose arrays the kernels do not read. (q_offset, segment ids, the per-batch
+# lengths and the dropout seed reach the kernels through `features`, bias and dense masks
+# through `dense`.)
+UNSUPPORTED_FEATURES = ("paged",)
 
 
 class MosaicGPUImplementation(BlockwiseImplementation):
@@ -68,26 +70,52 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   def default_config(self, spec: AttentionSpec) -> config_lib.MosaicGPUBlockSizes:
     return config_lib.default_config(kernel_spec(spec))
 
-  @versions.names_jax_version
   def forward(self, q, k, v, bias, arrays, spec, config, interpret):
-    del bias, interpret  # check_spec rejected bias
+    out, lse, _ = self.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
+    return out, lse
+
+  @versions.names_jax_version
+  def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
+    """With a bias, the stats are the rows' base-2 (max, log2 sum) (see
+    `backward.kernel_operands`); None without."""
+    del interpret
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # TMA loads whole key blocks
     padded = kernel_spec(spec)
     q, k = (pad_head_dim(x, padded.head_dim) for x in (q, k))
     v = pad_head_dim(v, padded.head_dim_v)
-    out, lse = forward_kernel.forward(q, k, v, arrays, padded, config_lib.resolve(config, padded))
-    return out[..., :spec.head_dim_v], lse
+    out, lse, stats = forward_kernel.forward(q, k, v, bias, arrays, padded,
+                                             config_lib.resolve(config, padded))
+    if stats is not None:
+      stats = tiles.backward_stats(*stats, log=jnp.log2)
+    return out[..., :spec.head_dim_v], lse, stats
 
   @versions.names_jax_version
-  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret):
-    del bias, out, interpret
+  def backward(self, q, k, v, bias, arrays, out, lse, dout, delta, spec, config, interpret,
+               stats=None):
+    del out, interpret
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # as in forward
     padded = kernel_spec(spec)
     q, k = (pad_head_dim(x, padded.head_dim) for x in (q, k))
     v, dout = (pad_head_dim(x, padded.head_dim_v) for x in (v, dout))
-    dq, dk, dv = backward_kernels.backward(q, k, v, lse, dout, delta, arrays, padded,
-                                           config_lib.resolve(config, padded))
-    return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v], None
+    dq, dk, dv, dlogits = backward_kernels.backward(q, k, v, bias, lse, dout, delta, arrays,
+                                                    padded, config_lib.resolve(config, padded),
+                                                    stats=stats)
+    dbias = None if bias is None else bias_gradient(dlogits, bias, arrays, spec)
+    return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v], dbias
+
+
+def bias_gradient(dlogits, bias, arrays, spec: AttentionSpec):
+  """d loss / d logits [B, Nq, T, S] float32 from the dQ kernel -> d loss / d bias of the
+  bias's shape and dtype. Blocks that no CTA visits (hidden by position, lengths or an
+  all-False mask block) were never written: the visibility zeroes them."""
+  mask5 = None if arrays.mask is None else tiles.to_grouped_frame(arrays.mask, spec)
+  visible = tiles.tile_visibility(spec, arrays, mask5, 0, spec.kv_len)  # [B?, Nkv?, G?, T, S]
+  if visible is not None:
+    grouped = dlogits.reshape(spec.batch, spec.num_kv_heads, spec.group_size, spec.q_len,
+                              spec.kv_len)
+    dlogits = jnp.where(visible, grouped, 0.0).reshape(dlogits.shape)
+  dbias = masking.bias_grad(dlogits, bias)
+  return tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
 
 
 def kernel_head_dim(head_dim: int) -> int:
