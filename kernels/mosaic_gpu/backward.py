@@ -20,7 +20,8 @@ Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 `features`) are skipped by loop bounds; fully visible blocks run without mask
 arithmetic. With segment ids every visited block is masked; the ids of the resident
 rows are copied beside them, those of the streamed blocks ride the ring.
-Statistics are in base 2, as in the forward.
+Statistics are in base 2 (natural units with a bias), as in the forward. Bias and dense
+mask tiles: see `dense`; with a bias the dQ kernel also writes dS = d loss / d logits.
 Where one warpgroup cannot hold both float32 accumulators, 64 x H of dK and 64 x Hv of
 dV (H + Hv > 256), dK and dV run as two launches of the same kernel (`dkv_launches`).
 """
@@ -44,13 +45,21 @@ from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockS
 LOG2E = math.log2(math.e)
 
 
-def _logits_base2(qk, spec: AttentionSpec, bias=None):
-  """float32 q.k^T (and its bias tile) -> (logits * log2(e), softcap derivative or
-  None)."""
+def _kernel_logits(qk, spec: AttentionSpec, bias=None):
+  """float32 q.k^T (and its bias tile) -> (logits in the kernels' units: natural with a
+  bias, base 2 otherwise, as in the forward; softcap derivative or None)."""
   if spec.softcap is None and bias is None:
     return masking.transform_logits(qk, scale=spec.scale * LOG2E), None
   logits = masking.transform_logits(qk, scale=spec.scale, bias=bias, softcap=spec.softcap)
-  return logits * LOG2E, masking.softcap_grad(logits, spec.softcap)
+  return (logits if spec.has_bias else logits * LOG2E), masking.softcap_grad(logits, spec.softcap)
+
+
+def _probabilities(s, lse, spec: AttentionSpec):
+  """P = 2 ** (s - lse) in base 2, from logits and lse in the kernels' units (with a bias
+  the difference comes first: see the forward's `exp2_minus`)."""
+  if spec.has_bias:
+    return jnp.exp2((s - lse) * LOG2E)
+  return jnp.exp2(s - lse)
 
 
 def consumer_warpgroups(spec: AttentionSpec) -> int:
@@ -109,16 +118,17 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
   # Padded query rows have dO = 0 and delta = 0, so they add nothing; padded keys are
   # hidden (kv_bound). Rows that saw no key have lse = -inf: base 0 keeps exp2 finite,
   # and the mask zeroes their P (every key they could pair with is masked).
-  if stats is None:
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
+  if stats is None:  # in the kernels' units (`_kernel_logits`)
+    lse_units = lse if spec.has_bias else lse * LOG2E
+    lse2 = jnp.where(jnp.isfinite(lse), lse_units, 0.0).astype(jnp.float32)
   else:
-    lse2, log_sum2 = stats  # [B, Nq, T], (0, 0) on rows that saw nothing
+    lse2, log_sum2 = stats  # natural max, log2 sum [B, Nq, T]; (0, 0) on rows that saw nothing
     inv_sum = jnp.exp2(-log_sum2.astype(jnp.float32))
     dout = (dout * jnp.swapaxes(inv_sum, 1, 2)[..., None]).astype(dout.dtype)
     delta = delta * inv_sum
   q, dout = tiles.pad_axis(q, 1, t_pad), tiles.pad_axis(dout, 1, t_pad)  # [B, T_pad, Nq, H|Hv]
   k, v = tiles.pad_axis(k, 1, s_pad), tiles.pad_axis(v, 1, s_pad)  # [B, S_pad, Nkv, H|Hv]
-  lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], base 2
+  lse2 = tiles.pad_axis(lse2, 2, t_pad)  # [B, Nq, T_pad], the kernels' units
   delta = tiles.pad_axis(delta.astype(jnp.float32), 2, t_pad)  # [B, Nq, T_pad]
   names, feature_arrays = features.inputs(arrays, spec, t_pad=t_pad, s_pad=s_pad)
   return (q, k, v, dout, lse2, delta, names, feature_arrays), t_pad, s_pad
@@ -223,9 +233,9 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         tile = plgpu.ACC((block_kv, block_q), jnp.float32)
         (st, *dpt), (bias_t, dense_visible_t) = pl.run_scoped(
             scores, (tile, tile) if need_dk else (tile,))
-        st, softcap_grad = _logits_base2(st, spec, bias_t)
+        st, softcap_grad = _kernel_logits(st, spec, bias_t)
         lse_cols = compat.load(lse_ring.at[slot], compat.col_layout())  # [block_q]
-        pt = jnp.exp2(st - lax.broadcast_in_dim(lse_cols, st.shape, [1]))
+        pt = _probabilities(st, lax.broadcast_in_dim(lse_cols, st.shape, [1]), spec)
         if masked:
           read_segment_ids = lambda: (  # this block's query ids ([block_q]) ride its ring
               compat.load(q_seg_ring.at[slot], compat.col_layout()), kv_seg_rows)
@@ -408,8 +418,8 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
             s_and_dp, (plgpu.ACC((block_q, block_kv), jnp.float32),
                        plgpu.ACC((block_q, block_kv), jnp.float32)))
         plgpu.barrier_arrive(v_free.at[slot])
-        s, softcap_grad = _logits_base2(s, spec, bias)
-        p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
+        s, softcap_grad = _kernel_logits(s, spec, bias)
+        p = _probabilities(s, lax.broadcast_in_dim(lse_rows, s.shape, [0]), spec)
         if masked:
           read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
               q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))

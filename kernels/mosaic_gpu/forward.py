@@ -18,7 +18,9 @@ measured default per head dim is in `config`):
     while the PV wgmma is still in flight (section 3.2, intra-warpgroup overlapping);
     the consumers take strict turns issuing through two `turn` barriers.
 
-Dropout (`features.Dropout`) scales P after the row sum, before the PV matmul.
+Dropout (`features.Dropout`) scales P after the row sum, before the PV matmul. A bias
+tile joins the logits and a dense-mask tile their visibility (`dense`: both loaded from
+global memory beside the Q K^T wgmma).
 Masking: the CTA visits only key blocks inside `masking.visible_kv_range` of its batch
 row (q_offset shifts the causal and window bounds; blocks at or past kv_length are
 never loaded; a tile whose rows all lie at or past q_length visits none); blocks that
@@ -54,8 +56,8 @@ LN2 = math.log(2.0)
 
 def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv],
-  lse [B, Nq, T] float32 and, with a bias, the rows' base-2 (max, sum) [B, Nq, T] float32
-  (None without). H and Hv: multiples of 64 (the implementation pads others).
+  lse [B, Nq, T] float32 and, with a bias, the rows' (max, sum) [B, Nq, T] float32 (max
+  in natural units; None without a bias). H and Hv: multiples of 64 (the implementation pads others).
 
   `arrays`: the call's AttentionArrays (offsets, lengths, segment ids, dropout seed; see
   `features`); bias [B?, Nq?, T?, S?] and arrays.mask: see `dense`.
@@ -86,18 +88,37 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
   # The online softmax tracks its row max in "max units": q.k^T itself when the logits
   # are a positive multiple of it (no softcap, no bias), so that exp2's argument
   # s * c - max * c is one fused multiply-add per score (FlashAttention-3's
-  # softmax_scale_log2); the base-2 logits otherwise (softcap, bias or scale <= 0).
+  # softmax_scale_log2); the natural logits with a bias; the base-2 logits otherwise
+  # (softcap or scale <= 0). With a bias exp2 takes (s - max) * log2(e): the difference
+  # first, exact where s is the max. A fused s * c - max * c would subtract a rounded
+  # product from an unrounded one, off by up to half an ulp of the product: 1e13 for a
+  # row of -1e20 biases, and 2**1e13 = inf.
   fold_scale = spec.softcap is None and spec.scale > 0 and not spec.has_bias
+  natural = spec.has_bias
   exp2_scale = spec.scale * LOG2E if fold_scale else 1.0
 
   def max_units(qk, bias):
     """float32 q.k^T [block_q, block_kv] (and its bias tile) -> scores in max units."""
     if fold_scale:
       return qk
-    if spec.softcap is None and bias is None:
+    if natural:
+      return masking.transform_logits(qk, scale=spec.scale, bias=bias, softcap=spec.softcap)
+    if spec.softcap is None:
       return masking.transform_logits(qk, scale=spec.scale * LOG2E)
-    return masking.transform_logits(qk, scale=spec.scale, bias=bias,
-                                    softcap=spec.softcap) * LOG2E
+    return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
+
+  def exp2_minus(s, row_max):
+    """2 ** (s - row max) in base 2: s [block_q, n] and row_max [block_q] in max units
+    (row_max finite)."""
+    if natural:
+      return jnp.exp2((s - lax.broadcast_in_dim(row_max, s.shape, [0])) * LOG2E)
+    return jnp.exp2(base2(s) - lax.broadcast_in_dim(base2_row_max(row_max), s.shape, [0]))
+
+  def rescale_of(old_max, new_max):
+    """2 ** (old - new row max) [block_q], the online softmax's correction factor."""
+    if natural:
+      return jnp.exp2(jnp.maximum((old_max - new_max) * LOG2E, masking.MASK_VALUE))
+    return jnp.exp2(base2_row_max(old_max) - base2_row_max(new_max))
 
   def base2(x):
     """Max units -> base-2 logits."""
@@ -193,9 +214,8 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))
-        new_max_base2 = base2_row_max(new_max)
-        rescale = jnp.exp2(base2_row_max(row_max) - new_max_base2)
-        p = jnp.exp2(base2(s) - lax.broadcast_in_dim(new_max_base2, s.shape, [0]))
+        rescale = rescale_of(row_max, new_max)
+        p = exp2_minus(s, new_max)
         if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
@@ -344,9 +364,13 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
                       acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
       out_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
-      lse_smem[...] = jnp.where(seen, (base2(row_max) + jnp.log2(safe_sum)) * LN2, -jnp.inf)
+      if natural:
+        lse = row_max + jnp.log2(safe_sum) * LN2
+      else:
+        lse = (base2(row_max) + jnp.log2(safe_sum)) * LN2
+      lse_smem[...] = jnp.where(seen, lse, -jnp.inf)
       if with_stats:
-        max_smem2.at[wg][...] = base2_row_max(row_max)
+        max_smem2.at[wg][...] = row_max  # natural units
         sum_smem2.at[wg][...] = row_sum
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, pl.ds(q_lo, block_q), head])

@@ -76,7 +76,7 @@ class MosaicGPUImplementation(BlockwiseImplementation):
 
   @versions.names_jax_version
   def forward_with_stats(self, q, k, v, bias, arrays, spec, config, interpret):
-    """With a bias, the stats are the rows' base-2 (max, log2 sum) (see
+    """With a bias, the stats are the rows' (max in natural units, log2 sum) (see
     `backward.kernel_operands`); None without."""
     del interpret
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # TMA loads whole key blocks
