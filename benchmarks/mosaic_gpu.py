@@ -146,21 +146,21 @@ def kernels(log, head_dims, seqs, sweep=False):
       spec, *_, arrays = spec_lib.normalize(q, k, v, causal=causal)
       config = config_lib.default_config(spec)
       flops = attention_flops(b, n, seq, seq, h, causal=causal)  # the forward's 2 matmuls
-      out, lse = jax.jit(lambda q, k, v: forward_kernel.forward(q, k, v, arrays, spec,
-                                                                config))(q, k, v)
+      out, lse, _ = jax.jit(lambda q, k, v: forward_kernel.forward(q, k, v, None, arrays,
+                                                                   spec, config))(q, k, v)
       delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
       ops, t_pad, s_pad = backward_kernels.kernel_operands(q, k, v, lse, dout, delta, arrays,
                                                            spec, config)
       *tensors, names, feature_arrays = ops
       kernel_calls = {  # kernel -> (config -> jitted call, its operands)
           "fwd": (lambda config: jax.jit(lambda q, k, v: forward_kernel.forward(
-              q, k, v, arrays, spec, config)), (q, k, v)),
+              q, k, v, None, arrays, spec, config)[:2]), (q, k, v)),
           "dkv": (lambda config: jax.jit(lambda *t: tuple(
               backward_kernels._dkv(*t, names, feature_arrays, spec=spec, config=config,
                                     s_pad=s_pad, outputs=outputs)
               for outputs in backward_kernels.dkv_launches(spec))), tuple(tensors)),
           "dq": (lambda config: jax.jit(lambda *t: backward_kernels._dq(
-              *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad)),
+              *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad)[0]),
                  tuple(tensors)),
       }
 
