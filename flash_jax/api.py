@@ -15,7 +15,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
                     segment_ids=None, q_offset=None, window=None, softcap=None,
                     dropout_rate=0.0, dropout_rng=None, return_lse=False,
                     implementation=None, block_sizes=None, interpret=False,
-                    q_lengths=None, kv_lengths=None, sinks=None):
+                    q_lengths=None, kv_lengths=None, sinks=None, deterministic=None):
   """Exact attention, computed blockwise: softmax(q k^T * scale + bias) v.
 
   Args:
@@ -54,6 +54,13 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
       one logit per query head that joins the softmax's denominator and adds nothing to
       the output: p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). Differentiable;
       lse includes it. See flash_jax/sinks.py.
+    deterministic: True: gradients are bitwise reproducible from run to run. False
+      allows an implementation a faster backward that accumulates in no fixed order.
+      None (default): True exactly when XLA_FLAGS sets --xla_gpu_deterministic_ops, the
+      switch that makes XLA's own (and cuDNN's) backward reproducible. Every backward
+      flash_jax ships today is deterministic, so False costs nothing and changes nothing
+      yet; see docs/performance_mosaic_gpu.md for the measured price of cuDNN's
+      reproducibility.
 
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no
@@ -65,7 +72,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
   spec, q, k, v, bias, arrays = spec_lib.normalize(
       q, k, v, causal=causal, scale=scale, bias=bias, mask=mask, segment_ids=segment_ids,
       q_offset=q_offset, window=window, softcap=softcap, dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths)
+      dropout_rng=dropout_rng, q_lengths=q_lengths, kv_lengths=kv_lengths,
+      deterministic=deterministic)
   sinks = sinks_lib.check_sinks(sinks, spec.num_q_heads)
   # Under jit with sharded inputs, each device runs the implementation on its shard.
   impl = sharding.partitioned(dispatch.select(spec, implementation, interpret=interpret))

@@ -14,6 +14,7 @@ Every implementation reads the same spec, so a feature is parsed in exactly one 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -80,6 +81,9 @@ class AttentionSpec:
   # jax.default_matmul_precision when the call was made (None: the platform default). The
   # jnp implementations pass it to every product, forward and backward alike.
   precision: str | None = None
+  # The backward must be bitwise reproducible (`resolve_deterministic`). Every backward
+  # is today; a faster unordered one (atomic dQ accumulation) may serve only when False.
+  deterministic: bool = False
 
   @property
   def group_size(self) -> int:
@@ -172,6 +176,22 @@ def check_bool(name: str, x: Any) -> bool:
   raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
+XLA_DETERMINISM_FLAG = "--xla_gpu_deterministic_ops"
+
+
+def resolve_deterministic(deterministic: Any) -> bool:
+  """`flash_attention(deterministic=)`: True or False as given; None follows XLA's own
+  switch, True when XLA_FLAGS sets --xla_gpu_deterministic_ops (=true or =1), the flag
+  that makes XLA's and cuDNN's GPU backward reproducible."""
+  if deterministic is not None:
+    return check_bool("deterministic", deterministic)
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == XLA_DETERMINISM_FLAG:
+      return value.lower() in ("", "true", "1")
+  return False
+
+
 def _is_int(x: Any) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -240,7 +260,7 @@ def normalize_window(window: Any, causal: bool) -> tuple[int | None, int | None]
 
 def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segment_ids=None,
               q_offset=None, window=None, softcap=None, dropout_rate=0.0, dropout_rng=None,
-              q_lengths=None, kv_lengths=None):
+              q_lengths=None, kv_lengths=None, deterministic=None):
   """Validates a call; returns (spec, q, k, v, bias, arrays). Raises before any tracing."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if len(_shape(x)) != 4:
@@ -342,7 +362,8 @@ def normalize(q, k, v, *, causal=False, scale=None, bias=None, mask=None, segmen
       mask_shape=None if mask is None else tuple(mask.shape),
       has_q_offset=q_offset is not None, has_segment_ids=segment_ids is not None,
       has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
-      dropout_rate=float(dropout_rate), precision=jax.config.jax_default_matmul_precision)
+      dropout_rate=float(dropout_rate), precision=jax.config.jax_default_matmul_precision,
+      deterministic=resolve_deterministic(deterministic))
   return spec, q, k, v, bias, AttentionArrays(**arrays)
 
 

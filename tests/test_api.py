@@ -12,6 +12,7 @@ import pytest
 
 import flash_jax
 from flash_jax import dispatch
+from flash_jax import spec as spec_lib
 
 B, T, S, N, K, H = 2, 8, 12, 4, 2, 16
 
@@ -46,6 +47,7 @@ BAD_CALLS = [
     ("lengths dtype", {}, dict(kv_lengths=jnp.ones((B,))), TypeError, "kv_lengths"),
     ("implementation", {}, dict(implementation="magic"), ValueError, "implementation must be"),
     ("block sizes", {}, dict(block_sizes=(64, 64)), TypeError, "block_sizes"),
+    ("deterministic", {}, dict(deterministic="yes"), TypeError, "deterministic"),
 ]
 
 
@@ -55,6 +57,18 @@ def test_bad_arguments_raise_naming_the_argument(name, shapes, kwargs, error, ma
   q, k, v = _qkv(**shapes)
   with pytest.raises(error, match=match):
     flash_jax.flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("xla_flags,given,want", [
+    ("", None, False), ("--xla_gpu_deterministic_ops=true", None, True),
+    ("--xla_dump_to=/tmp --xla_gpu_deterministic_ops=1", None, True),
+    ("--xla_gpu_deterministic_ops=false", None, False),
+    ("--xla_gpu_deterministic_ops=true", False, False), ("", True, True)])
+def test_deterministic_follows_xla_flags_unless_given(monkeypatch, xla_flags, given, want):
+  """deterministic=None follows XLA's --xla_gpu_deterministic_ops; True/False win."""
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  q, k, v = _qkv()
+  assert spec_lib.normalize(q, k, v, deterministic=given)[0].deterministic is want
 
 
 def test_mixed_dtypes_and_int_inputs_raise():

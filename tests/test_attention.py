@@ -100,8 +100,8 @@ def test_deterministic(target):
   skip_if_unsupported(target, case)
   q, k, v, kwargs = make_inputs(case, seed=3)
 
-  def outputs():
-    fn = lambda q, k, v: attend(target, q, k, v, **kwargs)
+  def outputs():  # deterministic=True: bitwise reproducible gradients
+    fn = lambda q, k, v: attend(target, q, k, v, deterministic=True, **kwargs)
     out, vjp = jax.vjp(fn, q, k, v)
     return (out, *vjp(jnp.ones_like(out)))
 

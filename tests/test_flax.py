@@ -260,6 +260,7 @@ def test_accepts_default_precision_and_fp32_softmax():
     (dict(window=-1), ValueError), (dict(window="x"), TypeError),
     (dict(softcap=0.0), ValueError), (dict(implementation="nope"), ValueError),
     (dict(block_sizes=(64, 64)), TypeError), (dict(causal=1), TypeError),
+    (dict(deterministic_backward="yes"), TypeError),
 ])
 def test_make_attention_fn_validates(kwargs, error):
   with pytest.raises(error):

@@ -64,6 +64,7 @@ class AttentionFn:
   implementation: str | None = None
   block_sizes: BlockSizes | None = None
   interpret: bool = False
+  deterministic_backward: bool | None = None  # flash_attention's `deterministic`
 
   def __post_init__(self):
     if not isinstance(self.causal, bool):
@@ -80,6 +81,8 @@ class AttentionFn:
                        f"got {self.implementation!r}")
     if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a BlockSizes, got {type(self.block_sizes).__name__}")
+    if self.deterministic_backward is not None:
+      spec_lib.check_bool("deterministic_backward", self.deterministic_backward)
 
   def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout=True,
                dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -136,7 +139,7 @@ class AttentionFn:
     structure = dict(causal=self.causal or bool(is_causal), window=self.window,
                      softcap=self.softcap, scale=self.scale)
     kwargs = dict(structure, implementation=self.implementation, block_sizes=self.block_sizes,
-                  interpret=self.interpret)
+                  interpret=self.interpret, deterministic=self.deterministic_backward)
     if use_dropout:
       kwargs.update(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
     # The jnp implementations read the call's jax.default_matmul_precision (spec.precision).
@@ -155,8 +158,8 @@ class AttentionFn:
 
 def make_attention_fn(*, causal: bool = False, window=None, softcap: float | None = None,
                       scale: float | None = None, implementation: str | None = None,
-                      block_sizes: BlockSizes | None = None,
-                      interpret: bool = False) -> AttentionFn:
+                      block_sizes: BlockSizes | None = None, interpret: bool = False,
+                      deterministic_backward: bool | None = None) -> AttentionFn:
   """A Flax-compatible attention function with structured masking (the fast path).
 
   Unlike a dense `mask`, `causal` and `window` let kernels skip whole tiles that no
@@ -166,6 +169,9 @@ def make_attention_fn(*, causal: bool = False, window=None, softcap: float | Non
     softcap: logits = softcap * tanh(logits / softcap).
     scale: logit scale; default 1 / sqrt(H), as Flax.
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
+    deterministic_backward: `flash_jax.flash_attention`'s `deterministic` (reproducible
+      gradients; None follows XLA_FLAGS). Named apart from Flax's `deterministic`, which
+      switches dropout off.
 
   Example:
     attn = nnx.MultiHeadAttention(num_heads=8, in_features=512, decode=False, rngs=rngs,
@@ -174,7 +180,8 @@ def make_attention_fn(*, causal: bool = False, window=None, softcap: float | Non
   if isinstance(window, list):
     window = tuple(window)  # hashable: the function is a static module attribute
   return AttentionFn(causal=causal, window=window, softcap=softcap, scale=scale,
-                     implementation=implementation, block_sizes=block_sizes, interpret=interpret)
+                     implementation=implementation, block_sizes=block_sizes, interpret=interpret,
+                     deterministic_backward=deterministic_backward)
 
 
 dot_product_attention = AttentionFn()

@@ -136,7 +136,8 @@ def attend_with_cache(attention_fn: AttentionFn, query, key, value, cached_key, 
       q_offset=row_index, kv_lengths=jnp.minimum(row_index + row_added, max_length),
       q_lengths=None if lengths is None else row_added,
       mask=_flatten_mask(mask, batch_shape, batch), sinks=sinks,
-      implementation=fn.implementation, block_sizes=fn.block_sizes, interpret=fn.interpret)
+      implementation=fn.implementation, block_sizes=fn.block_sizes, interpret=fn.interpret,
+      deterministic=fn.deterministic_backward)
   new_index = (index + added).astype(index.dtype)
   return (out.reshape(batch_shape + out.shape[1:]), k_cache.reshape(cached_key.shape),
           v_cache.reshape(cached_value.shape), new_index)

@@ -39,6 +39,9 @@ class FlashAttention(nn.Module):
       [num_heads] (param_dtype, zeros init), one logit per query head that joins the
       softmax's denominator (see `flash_jax.flash_attention`).
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
+    deterministic_backward: `flash_jax.flash_attention`'s `deterministic` (reproducible
+      gradients; None follows XLA_FLAGS). Named apart from Flax's `deterministic`, which
+      switches dropout off.
     decode: keep an autoregressive cache, as MultiHeadDotProductAttention's decode.
 
   Decoding (linen's conventions): with decode=True, `init` (an input of the full length,
@@ -77,6 +80,7 @@ class FlashAttention(nn.Module):
   implementation: str | None = None
   block_sizes: BlockSizes | None = None
   interpret: bool = False
+  deterministic_backward: bool | None = None
   decode: bool = False
 
   @nn.compact
@@ -136,7 +140,7 @@ class FlashAttention(nn.Module):
     attention_fn = make_attention_fn(
         causal=self.causal, window=self.window, softcap=self.softcap,
         implementation=self.implementation, block_sizes=self.block_sizes,
-        interpret=self.interpret)
+        interpret=self.interpret, deterministic_backward=self.deterministic_backward)
     sinks = None
     if self.use_sinks:
       sinks = self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,),

@@ -45,6 +45,9 @@ class FlashAttention(nnx.Module):
       [num_heads] (param_dtype, zeros init), one logit per query head that joins the
       softmax's denominator (see `flash_jax.flash_attention`).
     implementation, block_sizes, interpret: which flash_jax implementation runs, and how.
+    deterministic_backward: `flash_jax.flash_attention`'s `deterministic` (reproducible
+      gradients; None follows XLA_FLAGS). Named apart from Flax's `deterministic`, which
+      switches dropout off.
     decode: decode with the autoregressive cache by default (a call's `decode` overrides
       it); `init_cache` (or `nnx.view(model, decode=True, batch_size=..., max_length=...)`)
       creates the cache first.
@@ -86,7 +89,8 @@ class FlashAttention(nnx.Module):
                bias_init=nnx.initializers.zeros_init(), out_bias_init=None,
                use_bias: bool = True, normalize_qk: bool = False, use_sinks: bool = False,
                implementation: str | None = None, block_sizes: BlockSizes | None = None,
-               interpret: bool = False, decode: bool = False, rngs: nnx.Rngs,
+               interpret: bool = False, deterministic_backward: bool | None = None,
+               decode: bool = False, rngs: nnx.Rngs,
                keep_rngs: bool = True):
     self.num_heads = num_heads
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -110,7 +114,8 @@ class FlashAttention(nnx.Module):
     self.normalize_qk = normalize_qk
     self.attention_fn = make_attention_fn(
         causal=causal, window=window, softcap=softcap, implementation=implementation,
-        block_sizes=block_sizes, interpret=interpret)
+        block_sizes=block_sizes, interpret=interpret,
+        deterministic_backward=deterministic_backward)
 
     def projection(in_features, out_features, **kwargs):
       return nnx.LinearGeneral(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
