@@ -86,9 +86,17 @@ def parse_head_dims(text: str) -> tuple[int, int | None]:
 KERNEL_MATMULS = {"fwd": 1.0, "dkv": 2.0, "dq": 1.5}
 
 
-def _contenders(platform: str, names, dropout_rate: float = 0.0) -> dict:
+# XLA's determinism switch as a per-compilation option, so that one process can time cuDNN
+# both ways (its backward is reproducible only with it; flash_jax's `deterministic`).
+DETERMINISTIC_XLA = {"xla_gpu_deterministic_ops": True}
+CUDNN_DETERMINISTIC = "jax.nn[cudnn,det]"
+
+
+def _contenders(platform: str, names, dropout_rate: float = 0.0,
+                cudnn_deterministic: bool = False) -> dict:
   """name -> attention function (q, k, v, causal) for every contender on this platform
-  (jax.nn's only without dropout: it has none)."""
+  (jax.nn's only without dropout: it has none). A function's `compiler_options`
+  attribute, where set, goes to jax.jit."""
   fns = {}
   dropout = {}
   if dropout_rate:
@@ -103,6 +111,10 @@ def _contenders(platform: str, names, dropout_rate: float = 0.0) -> dict:
   if platform == "gpu":
     fns["jax.nn[cudnn]"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
+    if cudnn_deterministic:
+      deterministic = lambda q, k, v, causal: fns["jax.nn[cudnn]"](q, k, v, causal)
+      deterministic.compiler_options = DETERMINISTIC_XLA
+      fns[CUDNN_DETERMINISTIC] = deterministic
   return fns
 
 
@@ -115,20 +127,22 @@ def _inputs(problem: Problem, seed: int):
                for key, s in zip(keys, (shape, shape, shape_v, shape_v)))
 
 
-def timed_function(fn, mode: str):
+def timed_function(fn, mode: str, compiler_options=None):
   """fn(q, k, v) -> out, as the jitted function of (q, k, v, dout) that the protocol times:
   the forward (`mode` "fwd") or the forward and its vjp ("fwd_bwd")."""
+  jit = lambda f: jax.jit(f, compiler_options=compiler_options)
   if mode == "fwd":
-    return jax.jit(lambda q, k, v, do: fn(q, k, v))
+    return jit(lambda q, k, v, do: fn(q, k, v))
 
   def fwd_bwd(q, k, v, do):
     out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(do)
-  return jax.jit(fwd_bwd)
+  return jit(fwd_bwd)
 
 
 def _compiled(fn, problem: Problem):
-  return timed_function(lambda q, k, v: fn(q, k, v, problem.causal), problem.mode)
+  return timed_function(lambda q, k, v: fn(q, k, v, problem.causal), problem.mode,
+                        getattr(fn, "compiler_options", None))
 
 
 def time_interleaved(calls, repeats: int):
@@ -309,6 +323,9 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
   parser.add_argument("--repeats", type=int, default=3 if on_cpu else 20)
   parser.add_argument("--json", default="bench_results.json", help="where to write all rows")
+  parser.add_argument("--cudnn-deterministic", action="store_true",
+                      help=f"also time cuDNN compiled with XLA's determinism switch "
+                           f"({CUDNN_DETERMINISTIC}: its reproducible backward)")
   parser.add_argument("--dropout", type=float, default=0.0, metavar="RATE",
                       help="attention dropout at this rate (flash_jax's contenders only: "
                       "jax.nn has none)")
@@ -347,7 +364,7 @@ def main(argv=None):
               for c in causals]
   device = jax.devices()[0]
   peers, peer_report = bench_peers.load(args.peers, platform)
-  contenders = _contenders(platform, names, args.dropout)
+  contenders = _contenders(platform, names, args.dropout, args.cudnn_deterministic)
   count = len(contenders) + sum(len(peer.contenders) for peer in peers)
   print(f"flash_jax {flash_jax.__version__} on {device.device_kind} ({platform}), jax {jax.__version__}; "
         f"{len(problems)} problems x {count} contenders", flush=True)

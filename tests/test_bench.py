@@ -94,6 +94,18 @@ def test_dropout_problems(tmp_path):
     bench.main(["--dropout", "0.1", "--peers", "torch"])
 
 
+def test_cudnn_runs_both_ways_in_one_process():
+  """--cudnn-deterministic adds cuDNN compiled with XLA's determinism switch (a jit
+  compiler option, not the process-wide XLA_FLAGS); the option reaches the compilation."""
+  fns = bench._contenders("gpu", [], cudnn_deterministic=True)
+  assert fns[bench.CUDNN_DETERMINISTIC].compiler_options == bench.DETERMINISTIC_XLA
+  assert bench.CUDNN_DETERMINISTIC not in bench._contenders("gpu", [])
+  q = jnp.ones((1, 8, 2, 16))
+  fwd_bwd = bench.timed_function(lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
+                                 "fwd_bwd", bench.DETERMINISTIC_XLA)
+  assert jax.tree.map(jnp.shape, fwd_bwd(q, q, q, q)) == ((1, 8, 2, 16), ((1, 8, 2, 16),) * 3)
+
+
 def test_run_reports_declined_and_failing_contenders():
   problem = bench.Problem(64, 32, False, "fwd", 128, 64, "float32")
 
