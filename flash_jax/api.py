@@ -24,7 +24,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
       (GQA; MQA when Nkv == 1), without materializing repeated k/v.
     causal: Python bool; query i sees key j only when j <= i + q_offset.
     scale: logit scale; default 1 / sqrt(H).
-    bias: additive float logits bias broadcastable to [B, Nq, T, S]; differentiable.
+    bias: additive float logits bias broadcastable to [B, Nq, T, S]; differentiable (the
+      kernels compute d bias, a float32 [B, Nq, T, S], only when a gradient flows to it).
       A finite bias is a logit however negative (a row of -1e30 attends uniformly, lse
       finite; values below -1e38 count as -1e38); -inf hides the key like a False mask.
     mask: bool, broadcastable to [B, Nq, T, S]; True = attend.

@@ -17,10 +17,12 @@ P = exp((s - m) - log l), exactly as its forward did.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 import jax.numpy as jnp
 
 from flash_jax.config import BlockSizes
@@ -143,18 +145,37 @@ def _blockwise_attention(q, k, v, bias, arrays, impl, spec, config, interpret):
 
 
 def _blockwise_attention_fwd(q, k, v, bias, arrays, impl, spec, config, interpret):
+  # symbolic_zeros: the primals come wrapped, saying which ones a gradient flows to.
+  bias_grad = bias is not None and bias.perturbed
+  q, k, v, bias, arrays = jax.tree.map(lambda p: p.value, (q, k, v, bias, arrays),
+                                       is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+
   def forward(q, k, v, bias, arrays):
     return impl.forward_with_stats(q, k, v, bias, arrays, spec, config, interpret)
 
   if not impl.differentiable_backward:  # a JVP of this pass is a second-order derivative
     forward = _first_order_only(forward, impl.name)
   out, lse, stats = forward(q, k, v, bias, arrays)
-  return (out, lse), (q, k, v, bias, arrays, out, lse, stats)
+  return (out, lse), (q, k, v, _Bias(bias, bias_grad), arrays, out, lse, stats)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["value"],
+                   meta_fields=["grad"])
+@dataclasses.dataclass(frozen=True)
+class _Bias:
+  """The bias as a residual, and (static) whether its gradient is wanted: a constant
+  bias (ALiBi, a fixed bias) skips d bias, a float32 [B, Nq, T, S] write."""
+  value: Any
+  grad: bool
 
 
 def _blockwise_attention_bwd(impl, spec, config, interpret, residuals, cotangents):
   q, k, v, bias, arrays, out, lse, stats = residuals
-  dout, dlse = cotangents
+  if bias.value is not None and not bias.grad:
+    spec = dataclasses.replace(spec, bias_grad=False)
+  bias = bias.value
+  dout, dlse = (jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c
+                for c in cotangents)
   stats_dtype = lse.dtype  # float32 (float64 for float64 inputs)
   delta = jnp.einsum("btnh,btnh->bnt", dout.astype(stats_dtype), out.astype(stats_dtype),
                      precision=spec.precision)
@@ -186,4 +207,5 @@ def _first_order_only(fn, name: str):
   return wrapped
 
 
-_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd,
+                            symbolic_zeros=True)

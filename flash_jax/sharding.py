@@ -278,7 +278,7 @@ def _passes_stats(impl, spec: AttentionSpec) -> bool:
 def _result_names(impl, spec: AttentionSpec, backward: bool):
   if not backward:
     return ("out", "lse") + (_STATS_NAMES if _passes_stats(impl, spec) else ())
-  return ("dq", "dk", "dv") + (("dbias",) if spec.has_bias else ())
+  return ("dq", "dk", "dv") + (("dbias",) if spec.computes_dbias else ())
 
 
 def _partition(impl, spec, config, interpret, names, backward, mesh, arg_shapes, result_shape):
@@ -455,7 +455,7 @@ class PartitionedImplementation(BlockwiseImplementation):
     op = _partitioned_op(self.inner, spec, config, interpret, names, True)
     grads = op(*operands)
     dq, dk, dv = grads[:3]
-    return dq, dk, dv, (grads[3] if bias is not None else None)
+    return dq, dk, dv, (grads[3] if spec.computes_dbias else None)
 
   def __repr__(self):
     return f"<flash_jax implementation {self.name!r}, partitioned under jit>"

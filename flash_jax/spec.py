@@ -66,6 +66,11 @@ class AttentionSpec:
   num_pages: int | None = None
 
   @property
+  def computes_dbias(self) -> bool:
+    """Whether a backward of this spec returns d bias."""
+    return self.has_bias and self.bias_grad
+
+  @property
   def paged(self) -> bool:
     return self.page_size is not None
 
@@ -84,6 +89,9 @@ class AttentionSpec:
   # The backward must be bitwise reproducible (`resolve_deterministic`). Every backward
   # is today; a faster unordered one (atomic dQ accumulation) may serve only when False.
   deterministic: bool = False
+  # False in a backward whose bias is a constant (no gradient asked: ALiBi, a fixed
+  # bias): the kernels then skip d bias, a float32 [B, Nq, T, S] write.
+  bias_grad: bool = True
 
   @property
   def group_size(self) -> int:

@@ -120,6 +120,27 @@ def test_implementation_really_ran(target):
     assert "pallas_call" in jaxpr or "mpmd_map" in jaxpr
 
 
+def test_constant_bias_skips_dbias(target):
+  """A bias no gradient flows to (ALiBi, a fixed bias) gives the same q/k/v gradients,
+  and the blockwise kernels skip d bias: no float32 [B, Nq, T, S] in the backward."""
+  case = Case(2, 33, 47, 4, 2, 32, "bfloat16" if "float32" not in target.dtypes
+              else "float32", ("causal", "bias"))
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=6)
+  bias = kwargs.pop("bias")[:1]  # [1, Nq, T, S]: d bias is summed from [B, Nq, T, S]
+  loss = lambda q, k, v, bias: jnp.sum(attend(target, q, k, v, bias=bias, **kwargs)
+                                       .astype(jnp.float32))
+  constant = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, bias)
+  learned = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+  for a, b in zip(constant, learned):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert learned[3].shape == bias.shape
+  if target.name not in ("xla", "chunked"):  # autodiff keeps its own [T, S] tensors
+    full = f"f32[{case.batch},{case.num_q_heads},{case.q_len},{case.kv_len}]"
+    assert full not in str(jax.make_jaxpr(jax.grad(loss))(q, k, v, bias))
+    assert full in str(jax.make_jaxpr(jax.grad(loss, argnums=3))(q, k, v, bias))
+
+
 def test_jax_transformations(target):
   """jit, vmap over an extra batch axis, grad, checkpoint and scan over layers."""
   case = SMALL

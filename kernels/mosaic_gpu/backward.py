@@ -348,7 +348,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
     dq_ref, *refs = refs
-    if spec.has_bias:
+    if spec.computes_dbias:
       ds_ref, *refs = refs
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_ring, v_ring, rows_ready, k_ready,
      k_free, v_ready, v_free, *segment_scratch) = refs
@@ -432,7 +432,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
           ds = ds * softcap_grad
-        if spec.has_bias:  # d loss / d bias, before the bias-floor rule (applied outside)
+        if spec.computes_dbias:  # d loss / d bias, before the bias-floor rule (applied outside)
           compat.store_tile(ds_ref.at[batch, head, pl.ds(q_lo, block_q),
                                       pl.ds(j * block_kv, block_kv)], ds)
         dq_acc = compat.accumulate(
@@ -471,7 +471,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
                 *pipeline.ring_barriers(stages, wgs)]
   kernel.__name__ = "flash_jax_mosaic_gpu_bwd_dq"
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype),)
-  if spec.has_bias:
+  if spec.computes_dbias:
     out_type += (jax.ShapeDtypeStruct((spec.batch, spec.num_q_heads, t_pad, s_pad),
                                       jnp.float32),)
   dq, *ds = plgpu.kernel(

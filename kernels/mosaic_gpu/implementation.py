@@ -100,7 +100,7 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     dq, dk, dv, dlogits = backward_kernels.backward(q, k, v, bias, lse, dout, delta, arrays,
                                                     padded, config_lib.resolve(config, padded),
                                                     stats=stats)
-    dbias = None if bias is None else bias_gradient(dlogits, bias, arrays, spec)
+    dbias = None if dlogits is None else bias_gradient(dlogits, bias, arrays, spec)
     return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v], dbias
 
 

@@ -209,7 +209,7 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, geo:
   rows = (spec.batch, spec.num_q_heads, geo.q_len_padded)
   outputs = [launch.Operand("dq", jax.ShapeDtypeStruct(rows + (hp,), q.dtype),
                             launch.q_rows(geo, coords, hp))]
-  if bias is not None:  # every tile, skipped ones too, owns its dS block
+  if spec.computes_dbias:  # every tile, skipped ones too, owns its dS block
     outputs.append(launch.Operand(
         "dbias", jax.ShapeDtypeStruct(rows + (geo.kv_len_padded,), jnp.float32),
         pl.BlockSpec((None, None, geo.block_q, geo.block_kv), lambda b, h, i, j, *_: (b, h, i, j))))
@@ -223,5 +223,5 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, geo:
                                 operands=inputs + outputs),
       interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
   dq = layout.from_heads_major(results[0], spec.q_len, spec.head_dim)
-  dbias_full = results[1][:, :, :spec.q_len, :spec.kv_len] if bias is not None else None
+  dbias_full = results[1][:, :, :spec.q_len, :spec.kv_len] if spec.computes_dbias else None
   return dq, dbias_full

@@ -111,7 +111,7 @@ class MosaicTpuImplementation(BlockwiseImplementation):
         cq, ck, cv, bias, arrays, stats, cdout, delta,
         Geometry(spec, config.block_q_dq, config.block_kv_dq), **kwargs)
     dbias = None
-    if bias is not None:  # sum dS [B, Nq, T, S] over the dims the bias broadcasts
+    if dbias_full is not None:  # sum dS [B, Nq, T, S] over the dims the bias broadcasts
       dbias = tiles.from_grouped_frame(dbias_full[:, :, None], bias.shape).astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

@@ -79,7 +79,7 @@ def _dq_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpr
       ds = p * (dp - delta)  # d loss / d logits
       if spec.softcap is not None:
         ds = ds * masking.softcap_grad(logits, spec.softcap)
-      if spec.has_bias:
+      if spec.computes_dbias:
         store(refs.dbias.at[pl.ds(q_lo, block_q), pl.ds(k_lo, block_kv)],
               masking.bias_grad(ds, bias),
               grid_mask(q_lo, block_q, spec.q_len, k_lo, block_kv, spec.kv_len))
@@ -114,7 +114,7 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, spec
       *feature_operands(bias, arrays, spec),
   ]
   outputs = [Output("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), q_rows(head_dim))]
-  if spec.has_bias:
+  if spec.computes_dbias:
     full = (spec.batch, spec.num_q_heads, t, s)
     dbias_spec = pl.BlockSpec((None, None, t, s), lambda i, b, h: (b, h, 0, 0))
     # Tiles no program visits (hidden by position) keep this zero.
@@ -126,4 +126,4 @@ def backward_dq(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta, spec
                  grid=(cdiv(t, config.block_q_dq), spec.batch, spec.num_q_heads),
                  name="flash_jax_triton_bwd_dq", num_warps=config.num_warps_dq,
                  num_stages=config.num_stages_dq, interpret=interpret)
-  return results if spec.has_bias else (results[0], None)
+  return results if spec.computes_dbias else (results[0], None)

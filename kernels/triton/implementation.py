@@ -82,7 +82,7 @@ class TritonImplementation(BlockwiseImplementation):
       stats = (tile_math.from_natural(row_max, spec), log_sum)
     dq, dbias = backward_dq(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
     dk, dv = backward_dkv(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
-    if bias is not None:
+    if dbias is not None:
       dbias = tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias
 
