@@ -4,8 +4,9 @@ and XLA, forward and forward+backward, in one process (`flash_jax.bench.compare_
   python benchmarks/bias_mask_gpu.py [--seq-lens 4096 ...] [--head-dims 128 ...]
 
 Problems (bf16, 16384 tokens, model dim 2048, the bench's protocol):
-  * bias [1, N, T, S] (one per head, shared by the batch: ALiBi / T5 relative positions),
+  * bias [1, N, T, S] (one per head, shared by the batch: T5-style relative positions),
     differentiated (d bias) in fwd+bwd;
+  * bias_fixed: the same bias as a constant (ALiBi): no d bias;
   * mask [B, 1, T, S] (Flax's `make_attention_mask` shape): causal AND a ragged key
     padding per batch row, so that leading/trailing all-False tiles exist.
 jax.nn's contenders get the same bias / mask; cuDNN's backward returns d bias as well.
@@ -26,7 +27,7 @@ from flash_jax.bench import attention_flops, compare_lines
 def problem_inputs(kind: str, b, t, n, h, seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   q, k, v, dout = (jax.random.normal(key, (b, t, n, h), jnp.bfloat16) for key in keys[:4])
-  if kind == "bias":
+  if kind.startswith("bias"):
     extra = jax.random.normal(keys[4], (1, n, t, t), jnp.bfloat16)
   else:
     lengths = t - (jnp.arange(b) * t) // (4 * b)  # 100% down to ~75% of the keys
@@ -36,14 +37,15 @@ def problem_inputs(kind: str, b, t, n, h, seed=0):
 
 
 def contenders(kind: str):
+  argument = "mask" if kind == "mask" else "bias"
   def ours(name):
     def fn(q, k, v, extra):
-      return flash_jax.flash_attention(q, k, v, implementation=name, **{kind: extra})
+      return flash_jax.flash_attention(q, k, v, implementation=name, **{argument: extra})
     return fn
 
   def jax_nn(impl):
     def fn(q, k, v, extra):
-      return jax.nn.dot_product_attention(q, k, v, implementation=impl, **{kind: extra})
+      return jax.nn.dot_product_attention(q, k, v, implementation=impl, **{argument: extra})
     return fn
 
   return {"mosaic_gpu": ours("mosaic_gpu"), "triton": ours("triton"),
@@ -69,14 +71,18 @@ def main(argv=None):
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--kinds", nargs="+", default=["bias", "bias_fixed", "mask"],
+                      choices=["bias", "bias_fixed", "mask"])
   args = parser.parse_args(argv)
   print(jax.devices()[0].device_kind, jax.__version__, flush=True)
   for h in args.head_dims:
     for t in args.seq_lens:
       b, n = max(1, 16384 // t), 2048 // h
-      for kind in ("bias", "mask"):
+      for kind in args.kinds:
         arg_sets = [problem_inputs(kind, b, t, n, h, seed) for seed in (0, 1)]
         for mode in ("fwd", "fwd_bwd"):
+          if kind == "bias_fixed" and mode == "fwd":
+            continue  # the forward is the bias row's
           # The papers' FLOP count of a full (non-causal) problem, for every contender: the
           # ratio column compares times.
           flops = attention_flops(b, n, t, t, h, causal=False, backward=mode == "fwd_bwd")
@@ -84,7 +90,7 @@ def main(argv=None):
                  for name, fn in contenders(kind).items()}
           for line in compare_lines(fns, arg_sets, flops=flops, warmup=3,
                                     repeats=args.repeats, base="jax.nn[cudnn]",
-                                    describe=f"d{h} s{t} {kind:4} {mode:7}"):
+                                    describe=f"d{h} s{t} {kind:10} {mode:7}"):
             print(line, flush=True)
 
 
