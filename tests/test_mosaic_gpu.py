@@ -160,7 +160,8 @@ def test_features_served_and_declined(monkeypatch):
 
 def test_padded_small_head_dims_go_to_triton_first(monkeypatch):
   """mosaic_gpu serves every head dim, but below PREFERRED_MIN_HEAD_DIM its padding loses
-  to Triton (measured): implementation=None then picks Triton; named, mosaic_gpu serves."""
+  to Triton (measured), and so does a bias up to head dim 64: implementation=None then
+  picks Triton; named, mosaic_gpu serves."""
   from flash_jax.kernels.mosaic_gpu import implementation as mosaic
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   for head_dim, head_dim_v, want in ((32, 32, "triton"), (16, 64, "mosaic_gpu"),
@@ -170,6 +171,13 @@ def test_padded_small_head_dims_go_to_triton_first(monkeypatch):
     spec = spec_lib.normalize(q, q, v, causal=True)[0]
     assert flash_jax.dispatch.select(spec, None, platform="gpu").name == want, head_dim
     assert flash_jax.dispatch.select(spec, "mosaic_gpu", platform="gpu") is mosaic.IMPLEMENTATION
+  # With a bias, Triton up to head dim 64 (measured); a dense mask stays on mosaic_gpu.
+  for head_dim, extra, want in ((64, dict(bias=jnp.zeros((1, 1, 256, 256))), "triton"),
+                                (128, dict(bias=jnp.zeros((1, 1, 256, 256))), "mosaic_gpu"),
+                                (64, dict(mask=jnp.ones((1, 1, 256, 256), bool)), "mosaic_gpu")):
+    q = jnp.zeros((1, 256, 2, head_dim), jnp.bfloat16)
+    spec = spec_lib.normalize(q, q, q, **extra)[0]
+    assert flash_jax.dispatch.select(spec, None, platform="gpu").name == want, (head_dim, extra)
 
 
 def test_not_picked_off_hopper():

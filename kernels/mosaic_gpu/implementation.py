@@ -31,6 +31,12 @@ KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 # s4k (docs/measurements/2026-11-30_h200_head_dims.json): d32 (2x the FLOPs) runs at
 # 0.86-0.92x cuDNN, Triton at 1.10-1.20x; d80 (1.6x) at 0.88-0.93x, Triton at 0.71-0.85x.
 PREFERRED_MIN_HEAD_DIM = 40
+# With a bias at head dims up to 64, Triton is faster: H200, bf16, d64 s4k, beside cuDNN
+# (docs/measurements/2026-11-30_h200_bias_mask.txt and the constant-bias run in
+# docs/performance_mosaic_gpu.md): forward 0.63x (Triton 1.06x), forward+backward with a
+# constant bias 1.22x (Triton 1.66x); only with d bias is mosaic_gpu ahead (0.91x, Triton
+# 0.79x). Each bias tile load weighs twice as much against d64's matmuls as at d128.
+BIAS_PREFERRED_MIN_HEAD_DIM = 65
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Features whose arrays the kernels do not read. (q_offset, segment ids, the per-batch
 # lengths and the dropout seed reach the kernels through `features`, bias and dense masks
@@ -60,7 +66,10 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     # spec.normalize bounds both head dims by 256, the largest of KERNEL_HEAD_DIMS.
 
   def slower_than_next(self, spec: AttentionSpec) -> bool:
-    return max(spec.head_dim, spec.head_dim_v) < PREFERRED_MIN_HEAD_DIM
+    head_dim = max(spec.head_dim, spec.head_dim_v)
+    if spec.has_bias and head_dim < BIAS_PREFERRED_MIN_HEAD_DIM:
+      return True
+    return head_dim < PREFERRED_MIN_HEAD_DIM
 
   def check_config(self, config) -> None:
     if not isinstance(config, config_lib.BlockSizes):
