@@ -79,6 +79,7 @@ CASES = (
     # Bias and dense masks in the dtypes and head dims the Hopper kernels take.
     Case(2, 200, 333, 4, 2, 128, "bfloat16", ("causal", "lengths", "bias", "mask")),
     Case(2, 97, 130, 2, 2, 64, "float16", ("bias_broadcast", "softcap", "empty_rows")),
+    Case(2, 130, 200, 4, 2, 128, "bfloat16", ("causal", "mask_keys", "bias_broadcast")),
 )
 
 
@@ -124,6 +125,8 @@ def make_inputs(case: Case, seed: int):
     kwargs["bias"] = jax.random.normal(next(keys), (1, case.num_q_heads, 1, s), dtype)
   if "mask" in f:
     kwargs["mask"] = jax.random.bernoulli(next(keys), 0.7, (b, 1, t, s))
+  if "mask_keys" in f:  # key padding: [B, 1, 1, S], and a batch row that sees no key
+    kwargs["mask"] = jax.random.bernoulli(next(keys), 0.8, (b, 1, 1, s)).at[-1].set(False)
   if "dropout" in f:
     kwargs["dropout_rate"] = 0.25
     kwargs["dropout_rng"] = next(keys)

@@ -166,7 +166,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     rules = features.BatchRules.read(spec, feature_refs, batch, kv_bound=kv_bound)
     dropout = features.Dropout.read(spec, feature_refs, batch, head)
-    dense_tiles = dense.DenseTiles.read(spec, feature_refs, batch, head)  # [keys, queries]
+    dense_tiles = dense.DenseTiles.read(spec, feature_refs, batch, head, transposed=True)
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(spec.group_size))
     cta_k_lo = lax.axis_index("kv_tiles") * rows_per_cta
