@@ -283,6 +283,25 @@ def test_padded_head_dims_lower_for_cuda(monkeypatch, head_dim, head_dim_v):
     assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, v).mlir_module()
 
 
+def test_bias_and_mask_with_hv_not_h_lower_for_cuda(monkeypatch):
+  """MLA's (192, 128) with a bias and a mask: the forward's own output tile and its
+  (max, sum) staging come in the order of its scratch list; forward and backward lower."""
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  q = jax.ShapeDtypeStruct((2, 200, 4, 192), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
+  bias = jnp.zeros((1, 4, 200, 200), jnp.float32)
+  mask = jnp.ones((2, 1, 200, 200), bool)
+  attn = lambda q, k, v, bias: flash_jax.flash_attention(
+      q, k, v, bias=bias, mask=mask, causal=True, implementation="mosaic_gpu")
+  grads = jax.grad(lambda *a: jnp.sum(attn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+  k = jax.ShapeDtypeStruct((2, 200, 2, 192), jnp.bfloat16)
+  for fn in (attn, grads):
+    assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=["cuda"])(
+        q, k, v, bias).mlir_module()
+
+
 def test_three_slot_d128_forward_fits_shared_memory(monkeypatch):
   """Q plus three 128-row K/V slots at d128 leave 248 bytes of the 227 KiB: this lowers
   only without the 2 KiB Pallas reserves for cross-warp reductions by default

@@ -80,8 +80,9 @@ def dkv_launches(spec: AttentionSpec) -> tuple[tuple[str, ...], ...]:
 def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
              config: MosaicGPUBlockSizes, stats=None):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv], dout [B, T, Nq, Hv] -> dq, dk,
-  dv of the inputs' shapes and dtype, and with a bias d loss / d logits [B, Nq, T, S]
-  float32 (None without); stats: the forward's base-2 (max, log2 sum) or None."""
+  dv of the inputs' shapes and dtype, and d loss / d logits [B, Nq, T, S] float32 where
+  the bias wants its gradient (`spec.computes_dbias`; None otherwise); stats: the
+  forward's (natural max, log2 sum) or None."""
   operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config,
                                            stats=stats)
   dense_args = dict(bias=bias, mask=arrays.mask)
@@ -330,8 +331,9 @@ def _both(visible, dense_visible):
 
 def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
         config: MosaicGPUBlockSizes, t_pad: int, bias=None, mask=None):
-  """dQ [B, T_pad, Nq, H] and, with a bias, dS = d loss / d logits [B, Nq, T_pad, S_pad]
-  float32 (entries of blocks no CTA visits are left unwritten; None without a bias)."""
+  """dQ [B, T_pad, Nq, H] and, where `spec.computes_dbias`, dS = d loss / d logits
+  [B, Nq, T_pad, S_pad] float32 (entries of blocks no CTA visits are left unwritten;
+  None otherwise)."""
   block_q, block_kv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages_dq
   wgs = consumer_warpgroups(spec)
   rows_per_cta = wgs * block_q

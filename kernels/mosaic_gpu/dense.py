@@ -4,15 +4,14 @@ Both are [B?, Nq?, T, S] arrays (size-1 batch and head dims stay broadcast). One
 key, [B?, Nq?, 1, S] (key padding, a per-key bias), stays a vector [B?, Nq?, S]: each
 visited block reads its [block] slice and broadcasts it over the tile's rows, so memory
 stays linear in S. A size-1 key dim is broadcast to full length first. The consumer
-warpgroups load the
-[64, block] tile of each visited block straight from global memory into the wgmma
-register layout (`plgpu.load`), issued beside the Q K^T wgmma so that the load overlaps
-the matmul (FlashAttention-2's register-level loads, no shared memory: the K/V rings
-keep every byte of it). The dK/dV kernel, whose tiles are S^T [keys, queries], reads a
+warpgroups load the [64, block] tile of each visited block straight from global memory
+into the wgmma register layout (`plgpu.load`), issued beside the Q K^T wgmma so that the
+load overlaps the matmul (FlashAttention-2's register-level loads, no shared memory: the
+K/V rings keep every byte of it). The dK/dV kernel, whose tiles are S^T [keys, queries], reads a
 transposed copy ([.., S, T]): one extra pass over the bias/mask per backward.
 
 Bias: added to the scaled logits in float32 (`masking.transform_logits`, which floors
-it). Mask: int8 (bool is not a TMA/load type), False hides the key. Blocks of a CTA's
+it). Mask: int8 tiles, int32 key vectors (bool is no load type), False hides the key. Blocks of a CTA's
 rows before the first and after the last block with a True entry are not visited
 (`block_ranges`, computed once per call from the mask: all-False leading and trailing
 tiles, the usual causal-like and padding patterns, cost neither loads nor matmuls).

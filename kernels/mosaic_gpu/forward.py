@@ -57,7 +57,8 @@ LN2 = math.log(2.0)
 def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
   """q [B, T, Nq, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] -> out [B, T, Nq, Hv],
   lse [B, Nq, T] float32 and, with a bias, the rows' (max, sum) [B, Nq, T] float32 (max
-  in natural units; None without a bias). H and Hv: multiples of 64 (the implementation pads others).
+  in natural units; None without a bias). H and Hv: multiples of 64 (the implementation
+  pads others).
 
   `arrays`: the call's AttentionArrays (offsets, lengths, segment ids, dropout seed; see
   `features`); bias [B?, Nq?, T?, S?] and arrays.mask: see `dense`.
@@ -135,12 +136,12 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
       max_ref, sum_ref, *refs = refs
     (qo_smem2, k_smem, v_smem, lse_smem2, q_ready, k_ready, k_free,
      v_ready, v_free, schedule, turn, *segment_scratch) = refs
-    if with_stats:
-      max_smem2, sum_smem2, *segment_scratch = segment_scratch
-    if own_out_tile:
+    if own_out_tile:  # (the optional scratch, in the order of `scratch` below)
       out_smem2, *segment_scratch = segment_scratch
     else:
       out_smem2 = qo_smem2
+    if with_stats:
+      max_smem2, sum_smem2, *segment_scratch = segment_scratch
     if segments:
       q_seg_smem2, kv_seg_ring, seg_ready, seg_free = segment_scratch
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
