@@ -92,15 +92,18 @@ DETERMINISTIC_XLA = {"xla_gpu_deterministic_ops": True}
 CUDNN_DETERMINISTIC = "jax.nn[cudnn,det]"
 
 
+def dropout_kwargs(rate: float) -> dict:
+  """flash_attention's dropout arguments for a bench problem (a fixed key), {} at rate 0."""
+  return dict(dropout_rate=rate, dropout_rng=jax.random.PRNGKey(0)) if rate else {}
+
+
 def _contenders(platform: str, names, dropout_rate: float = 0.0,
                 cudnn_deterministic: bool = False) -> dict:
   """name -> attention function (q, k, v, causal) for every contender on this platform
   (jax.nn's only without dropout: it has none). A function's `compiler_options`
   attribute, where set, goes to jax.jit."""
   fns = {}
-  dropout = {}
-  if dropout_rate:
-    dropout = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.PRNGKey(0))
+  dropout = dropout_kwargs(dropout_rate)
   for name in names:
     fns[name] = lambda q, k, v, causal, name=name: flash_jax.flash_attention(
         q, k, v, causal=causal, implementation=name, **dropout)
@@ -235,10 +238,8 @@ def run(problems, contenders, *, warmup, repeats, log=sys.stderr, peers=()):
           raise NotImplementedError("jax.nn.dot_product_attention needs Hv == H")
         if name in dispatch.implementation_names():
           q, k, v, _ = args[0]
-          dropout = (dict(dropout_rate=problem.dropout_rate, dropout_rng=jax.random.PRNGKey(0))
-                     if problem.dropout_rate else {})
           flash_jax.which_implementation(q, k, v, causal=problem.causal, implementation=name,
-                                         **dropout)
+                                         **dropout_kwargs(problem.dropout_rate))
         compiled[name] = _compiled(fn, problem)
       except NotImplementedError as e:
         declined[name] = e

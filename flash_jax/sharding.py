@@ -80,9 +80,12 @@ def _unflatten(names, operands):
   return by_name["q"], by_name["k"], by_name["v"], by_name.get("bias"), arrays, extras
 
 
-def _stats(extras):
-  """The backward's `stats=` keyword from its extras ({} without statistics)."""
-  return {"stats": tuple(extras[n] for n in _STATS_NAMES)} if "row_max" in extras else {}
+def _backward(impl, q, k, v, bias, arrays, extras, spec, config, interpret):
+  """impl.backward on unflattened operands: (dq, dk, dv, dbias or None); the forward's
+  statistics, when the extras carry them, go back as `stats=`."""
+  stats = {"stats": tuple(extras[n] for n in _STATS_NAMES)} if "row_max" in extras else {}
+  return impl.backward(q, k, v, bias, arrays, extras["out"], extras["lse"], extras["dout"],
+                       extras["delta"], spec, config, interpret, **stats)
 
 
 # ---- the split: which mesh axes divide which dimension -----------------------------------
@@ -261,9 +264,7 @@ def _forward_body(impl, spec, config, interpret, names, *operands):
 
 def _backward_body(impl, spec, config, interpret, names, *operands):
   q, k, v, bias, arrays, extras = _unflatten(names, operands)
-  dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, extras["out"], extras["lse"],
-                                    extras["dout"], extras["delta"], spec, config, interpret,
-                                    **_stats(extras))
+  dq, dk, dv, dbias = _backward(impl, q, k, v, bias, arrays, extras, spec, config, interpret)
   return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias)
 
 
@@ -305,9 +306,8 @@ def _partition(impl, spec, config, interpret, names, backward, mesh, arg_shapes,
   def shard_backward(*operands):
     q, k_full, v_full, bias, arrays, extras = _unflatten(names, operands)
     q, k, v, arrays = _localize(q, k_full, v_full, arrays, split, local)
-    dq, dk, dv, dbias = impl.backward(q, k, v, bias, arrays, extras["out"], extras["lse"],
-                                      extras["dout"], extras["delta"], local, config, interpret,
-                                      **_stats(extras))
+    dq, dk, dv, dbias = _backward(impl, q, k, v, bias, arrays, extras, local, config,
+                                  interpret)
     kv_head = (_kv_head_of_shard(split, local, spec.num_kv_heads)
                if split.heads and not split.kv_heads_split else None)
     dk = _sum_kv_grad(dk, split, spec.num_kv_heads, kv_head).astype(k_full.dtype)

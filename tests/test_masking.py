@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from flash_jax import masking
+from cases import unseen_keys
+from flash_jax import masking, spec as spec_lib, tiles
 from flash_jax.spec import normalize_window
 
 windows = st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, 20)),
@@ -91,3 +92,23 @@ def test_masked_exp_never_nan():
   assert np.all(np.asarray(p) == 0)
   g = jax.grad(lambda x: jnp.sum(masking.masked_exp(x, row_max, visible)))(logits)
   assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("rules", [
+    dict(kv_lengths=np.array([25, 9])),
+    dict(causal=True, q_offset=np.array([3, 11]), q_lengths=np.array([24, 7])),
+    dict(causal=True, q_offset=5, kv_lengths=np.array([40, 12])),
+], ids=["kv_lengths", "cache_tail", "causal_lengths"])
+def test_zero_keys_no_row_sees_zeroes_exactly_the_unseen_keys(rules):
+  """tiles.zero_keys_no_row_sees (before the TMA kernels) against tests/cases.unseen_keys:
+  the keys no query row sees by position become 0, every other key is kept."""
+  b, t, s = 2, 24, 40
+  keys = jax.random.split(jax.random.PRNGKey(7), 2)
+  q = jax.random.normal(keys[0], (b, t, 2, 16))
+  k = jax.random.normal(keys[1], (b, s, 1, 16))
+  spec, _, k, _, _, arrays = spec_lib.normalize(q, k, k, **rules)
+  zeroed, = tiles.zero_keys_no_row_sees(spec, arrays, k)
+  hidden = unseen_keys(rules, b, t, s)
+  assert hidden.any() and (~hidden).any()
+  np.testing.assert_array_equal(np.asarray(zeroed)[hidden], 0)
+  np.testing.assert_array_equal(np.asarray(zeroed)[~hidden], np.asarray(k)[~hidden])
