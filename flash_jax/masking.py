@@ -56,6 +56,13 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BIAS_FLOOR = -1e38
 
 
+def visible_and(a, b):
+  """The conjunction of two visibilities, either None when everything is visible."""
+  if a is None:
+    return b
+  return a if b is None else jnp.logical_and(a, b)
+
+
 def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
                    q_segment_ids=None, kv_segment_ids=None, q_length=None,
                    kv_length=None, kv_bound=None):
@@ -67,27 +74,23 @@ def key_visibility(q_idx, k_idx, *, causal=False, window=None, q_offset=None,
   kv_bound: static S; hides padded key columns k_idx >= S of a tail tile.
   """
   visible = None
-
-  def both(a, b):
-    return b if a is None else jnp.logical_and(a, b)
-
   q_pos = q_idx if q_offset is None else q_idx + q_offset
   if causal:
-    visible = both(visible, k_idx <= q_pos)
+    visible = visible_and(visible, k_idx <= q_pos)
   if window is not None:
     left, right = window
     if left is not None:
-      visible = both(visible, k_idx >= q_pos - left)
+      visible = visible_and(visible, k_idx >= q_pos - left)
     if right is not None:
-      visible = both(visible, k_idx <= q_pos + right)
+      visible = visible_and(visible, k_idx <= q_pos + right)
   if q_segment_ids is not None:
-    visible = both(visible, q_segment_ids == kv_segment_ids)
+    visible = visible_and(visible, q_segment_ids == kv_segment_ids)
   if q_length is not None:
-    visible = both(visible, q_idx < q_length)
+    visible = visible_and(visible, q_idx < q_length)
   if kv_length is not None:
-    visible = both(visible, k_idx < kv_length)
+    visible = visible_and(visible, k_idx < kv_length)
   if kv_bound is not None:
-    visible = both(visible, k_idx < kv_bound)
+    visible = visible_and(visible, k_idx < kv_bound)
   return visible
 
 

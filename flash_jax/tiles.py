@@ -121,7 +121,7 @@ def tile_visibility(spec: AttentionSpec, arrays: AttentionArrays, mask5, k_start
       kv_length=col(arrays.kv_lengths), kv_bound=kv_bound)
   if mask5 is not None:
     dense = columns(mask5, k_start, width)
-    visible = dense if visible is None else jnp.logical_and(visible, dense)
+    visible = masking.visible_and(visible, dense)
   return visible
 
 

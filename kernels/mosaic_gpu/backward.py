@@ -242,7 +242,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
               compat.load(q_seg_ring.at[slot], compat.col_layout()), kv_seg_rows)
           visible = rules.tile_visible(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1,
                                        read_segment_ids=read_segment_ids if segments else None)
-          visible = _both(visible, dense_visible_t)
+          visible = masking.visible_and(visible, dense_visible_t)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         # Dropout: dV += (P Z)^T dO and dP^T = Z (V dO^T), Z = keep / (1 - rate).
         zt = (None if dropout is None else
@@ -320,13 +320,6 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, dout, lse2, delta, *feature_arrays)
-
-
-def _both(visible, dense_visible):
-  """The conjunction of two visibilities, each None when everything is visible."""
-  if dense_visible is None:
-    return visible
-  return dense_visible if visible is None else visible & dense_visible
 
 
 def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
@@ -427,7 +420,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
               q_seg_rows, features.read_ring_slot(kv_seg_ring, seg_ready, seg_free, slot))
           visible = rules.tile_visible(p.shape, q_lo=q_lo, k_lo=j * block_kv,
                                        read_segment_ids=read_segment_ids if segments else None)
-          visible = _both(visible, dense_visible)
+          visible = masking.visible_and(visible, dense_visible)
           p = p if visible is None else jnp.where(visible, p, 0.0)
         if dropout is not None:  # dP = Z (dO V^T)
           dp = dp * dropout.multiplier(dp.shape, q_lo=q_lo, k_lo=j * block_kv)

@@ -43,22 +43,15 @@ def layout_cast(x, layout):
   return plgpu.layout_cast(x, layout)
 
 
-def load(ref, layout):
-  """Loads a whole SMEM ref into registers with `layout`. The index argument was
+def load(ref, layout, *, optimized: bool = True):
+  """Loads a whole ref into registers with `layout`. optimized=False lets a tile of
+  global memory load where no vectorized access pattern fits (each thread's pair of
+  2-byte columns is less than a 32-byte sector per row). The index argument was
   required (0.10.2), then optional and deprecated (0.11.2), then removed (0.12)."""
   idx = inspect.signature(plgpu.load).parameters.get("idx")
   if idx is not None and idx.default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
-
-
-def load_tile(ref, layout):
-  """Loads a whole ref (global memory included) into registers with `layout`, element
-  by element where no vectorized access pattern fits (a strided tile of global memory)."""
-  idx = inspect.signature(plgpu.load).parameters.get("idx")
-  if idx is not None and idx.default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout, optimized=False)
-  return plgpu.load(ref, layout=layout, optimized=False)
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
+  return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def store_tile(ref, value):

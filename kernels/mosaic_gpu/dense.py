@@ -116,12 +116,12 @@ class DenseTiles:
 
   def _tile(self, ref, row_lo, rows: int, col_lo, cols: int):
     if len(ref.shape) == 2:
-      return compat.load_tile(ref.at[pl.ds(row_lo, rows), pl.ds(col_lo, cols)],
-                              compat.wgmma_layout())
+      return compat.load(ref.at[pl.ds(row_lo, rows), pl.ds(col_lo, cols)],
+                         compat.wgmma_layout(), optimized=False)
     # A key vector: the keys run along the columns, or the rows when transposed.
     key_lo, keys, axis = (row_lo, rows, 0) if self.transposed else (col_lo, cols, 1)
     layout = compat.row_layout() if self.transposed else compat.col_layout()
-    vector = compat.load_tile(ref.at[pl.ds(key_lo, keys)], layout)
+    vector = compat.load(ref.at[pl.ds(key_lo, keys)], layout, optimized=False)
     return lax.broadcast_in_dim(vector, (rows, cols), [axis])
 
   def bias_tile(self, row_lo, rows: int, col_lo, cols: int):

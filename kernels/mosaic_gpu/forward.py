@@ -209,9 +209,8 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
                                                   slot_of(j), active))
           visible = rules.tile_visible(s.shape, q_lo=q_lo, k_lo=j * block_kv,
                                        read_segment_ids=read_segment_ids if segments else None)
-        for extra in (dense_visible, extra_visible):
-          if extra is not None:
-            visible = extra if visible is None else visible & extra
+        visible = masking.visible_and(masking.visible_and(visible, dense_visible),
+                                      extra_visible)
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))

@@ -98,7 +98,7 @@ def visibility(geo: Geometry, pos: TilePosition, shape, batch_ref, q_segment_ids
   if mask is not None:
     # Compared as int32: TPU v4 has no int8 vector compare.
     dense = jnp.broadcast_to(mask.astype(jnp.int32) != 0, shape)
-    visible = dense if visible is None else jnp.logical_and(visible, dense)
+    visible = masking.visible_and(visible, dense)
   return visible
 
 

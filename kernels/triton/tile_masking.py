@@ -281,9 +281,7 @@ class TileMasking:
         q_idx, k_idx, q_segment_ids=q_segments, kv_segment_ids=kv_segments,
         q_length=self.q_length, kv_length=self.kv_length, kv_bound=self.kv_bound,
         **self.positional)
-    if dense is not None:
-      visible = dense if visible is None else jnp.logical_and(visible, dense)
-    return visible
+    return masking.visible_and(visible, dense)
 
   def dropout(self, head, q_idx, k_idx):
     """float32 keep / (1 - rate) multiplier of a tile (indices broadcast), or None."""
