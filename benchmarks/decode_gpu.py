@@ -3,13 +3,16 @@
   python benchmarks/decode_gpu.py check [--implementation triton]
   python benchmarks/decode_gpu.py sweep [--problems 0 1 2]
   python benchmarks/decode_gpu.py hlo
+  python benchmarks/decode_gpu.py profile [--problems 0 1 2]
+  python benchmarks/decode_gpu.py compare --configs '[{"num_stages_split": 2}]'
 
 `check` runs contiguous and paged decode (bf16) against the float32 reference under the
 accuracy rule, with NaN/inf poison in unused pages and past the lengths, over T in
 {1, 2, 7, 16}, odd S, lengths 0 and 1, page sizes 16/64/128, window, softcap, GQA/MQA.
 `sweep` times split-KV configs of the Triton kernel beside cuDNN on the benchmark's
 problems (the loop protocol of flash_jax.bench_decode). `hlo` checks that no compiled
-paged call gathers a contiguous copy of the cache.
+paged call gathers a contiguous copy of the cache. `profile` lists each contender's
+kernel time per call, by kernel, inside the loop protocol.
 """
 
 from __future__ import annotations
@@ -118,6 +121,21 @@ def sweep(problem_indices, repeats: int):
     print(f"SWEEP {problem.label}: best {best[:4]}", flush=True)
 
 
+def compare(problem_indices, repeats: int, configs: list[dict]):
+  """The default beside each of `configs` (TritonConfig fields) and cuDNN, per problem."""
+  from flash_jax.kernels.triton import TritonConfig
+  for i in problem_indices:
+    problem = bench_decode.DEFAULT_PROBLEMS[i]
+    fns = {"cudnn": bench_decode.contenders("gpu")["jax.nn[cudnn]"],
+           "default": bench_decode.contenders("gpu", "triton")["flash_jax"]}
+    for fields in configs:
+      name = " ".join(f"{k}={v}" for k, v in fields.items())
+      fns[name] = bench_decode.contenders("gpu", "triton", TritonConfig(**fields))["flash_jax"]
+    rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
+    ranked = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
+    print(f"COMPARE {problem.label}: {ranked}", flush=True)
+
+
 def splits_sweep(problem_indices, repeats: int, split_counts=(1, 2, 4, 8, 16, 32, 64)):
   """Contiguous and paged at each split count, cuDNN twice (its spread is the noise)."""
   from flash_jax.kernels.triton import TritonConfig
@@ -182,6 +200,30 @@ def bandwidth():
           flush=True)
 
 
+def profile(problem_indices, trace_root: str):
+  """Kernel time per call, by kernel, of flash_jax (contiguous, paged) and cuDNN inside
+  the loop protocol (jax.profiler trace of one looped run each)."""
+  import pathlib
+  from trace_kernels import kernel_times
+  for i in problem_indices:
+    problem = bench_decode.DEFAULT_PROBLEMS[i]
+    sets = (bench_decode.make_inputs(problem, 0), bench_decode.make_inputs(problem, 1))
+    fns = bench_decode.contenders("gpu")
+    for name in ("flash_jax", "flash_jax paged", "jax.nn[cudnn]"):
+      looped = bench_decode.looped(fns[name])
+      trace_dir = pathlib.Path(trace_root) / f"{i}_{name.replace(' ', '_')}"
+      try:
+        jax.block_until_ready(looped(*sets))
+        with jax.profiler.trace(str(trace_dir)):
+          jax.block_until_ready(looped(*sets))
+      except Exception as error:  # noqa: BLE001 (report, go on with the others)
+        print(f"PROFILE {problem.label} {name}: {bench.error_text(error)}", flush=True)
+        continue
+      kernels = kernel_times(trace_dir, bench_decode.CALLS_PER_LOOP, top=6)
+      print(f"PROFILE {problem.label} {name}: " +
+            "; ".join(f"{us} us {kernel}" for kernel, us in kernels), flush=True)
+
+
 def hlo_check() -> bool:
   problem = bench_decode.DecodeProblem(8, 32768, 1, 32, 8, 128)
   x = bench_decode.make_inputs(problem, 0)
@@ -200,10 +242,14 @@ def hlo_check() -> bool:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["check", "sweep", "splits", "paged", "bandwidth", "hlo"])
+  parser.add_argument("mode", choices=["check", "sweep", "splits", "paged", "bandwidth", "hlo",
+                                           "profile", "compare"])
   parser.add_argument("--implementation", default="triton")
   parser.add_argument("--problems", type=int, nargs="+", default=list(range(6)))
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--trace-dir", default="/tmp/decode_traces", help="profile's traces")
+  parser.add_argument("--configs", default='[{"num_stages_split": 2}]',
+                      help="compare: a JSON list of TritonConfig fields")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   if args.mode == "check":
@@ -212,6 +258,11 @@ def main():
     sys.exit(0 if hlo_check() else 1)
   if args.mode == "bandwidth":
     return bandwidth()
+  if args.mode == "profile":
+    return profile(args.problems, args.trace_dir)
+  if args.mode == "compare":
+    import json
+    return compare(args.problems, args.repeats, json.loads(args.configs))
   if args.mode == "paged":
     return paged_sweep(args.problems, args.repeats)
   if args.mode == "splits":

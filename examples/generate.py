@@ -67,7 +67,8 @@ class Sampling:
 class Request:
   prompt: np.ndarray  # int32 [prompt_len]
   max_new_tokens: int
-  generated: list = dataclasses.field(default_factory=list)
+  generated: list = dataclasses.field(default_factory=list)  # values, one step behind
+  produced: int = 0  # new tokens sampled so far (the host knows counts before values)
 
   @property
   def total(self) -> int:
@@ -116,6 +117,13 @@ def sample(logits, rng, sampling: Sampling):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def step_tokens(tokens, previous, use_previous):
+  """tokens int32 [B, T] from the host; previous int32 [B], the last step's samples; each
+  row whose use_previous is set (a decoding row) takes previous as its token. The host
+  thus never needs a step's samples to dispatch the next one (see Pending)."""
+  return tokens.at[:, 0].set(jnp.where(use_previous, previous, tokens[:, 0]))
+
+
 def positions_for(lengths, new_tokens: int, max_context: int):
   """[B] tokens already cached -> positions [B, T] of the new ones (padding clipped)."""
   return jnp.minimum(lengths[:, None] + jnp.arange(new_tokens, dtype=jnp.int32)[None, :],
@@ -157,12 +165,26 @@ class PagedCache:
     self.owned[slot] = []
 
 
-def make_paged_step(graphdef, sampling: Sampling, max_context: int, implementation):
-  @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, pages, tables, lengths, tokens, counts, rng, step_index):
-    """pages: per layer (k_pages, v_pages); tables int32 [S, pages_per_seq]; lengths [S]
-    tokens cached; tokens [S, T], of which row s adds counts[s] (0: an idle slot)."""
-    model = nnx.merge(graphdef, params)
+def serving_weights(params, dtype):
+  """The parameters in the compute dtype, as a serving engine holds them: a step then
+  reads half the bytes and casts nothing (the model keeps its float32 copy). The steps
+  take them, and the module caches, as leaves: a call with an nnx.State flattens it in
+  Python, which for this model's 115 parameters costs more host time (~0.7 ms) than the
+  GPU spends on a decode step."""
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, params)
+
+
+def make_paged_step(graphdef, params_def, sampling: Sampling, max_context: int,
+                    implementation):
+  """One step over the paged cache (the scheduler jits it: run_continuous)."""
+  def step(params, pages, tables, lengths, tokens, counts, previous, use_previous, rng,
+           step_index):
+    """params: leaves of params_def; pages: per layer (k_pages, v_pages); tables int32
+    [S, pages_per_seq]; lengths [S] tokens cached; tokens [S, T] (see step_tokens), of
+    which row s adds counts[s] (0: an idle slot)."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
+    tokens = step_tokens(tokens, previous, use_previous)
     written = []
 
     def attend(layer, attention, h):  # [S, T, D]
@@ -190,12 +212,17 @@ def init_module_caches(model, slots: int, max_context: int, dtype, ragged: bool)
       attention.init_cache((slots, max_context, attention.in_features), dtype)
 
 
-def make_contiguous_step(graphdef, sampling: Sampling, max_context: int):
-  @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, cache, tables, lengths, tokens, counts, rng, step_index):
-    """The modules' own decode cache (nnx.Cache state, one row per slot)."""
+def make_contiguous_step(graphdef, params_def, cache_def, sampling: Sampling,
+                         max_context: int):
+  """One step over the modules' own caches (the scheduler jits it: run_continuous)."""
+  def step(params, cache, tables, lengths, tokens, counts, previous, use_previous, rng,
+           step_index):
+    """The modules' own decode cache (leaves of cache_def's nnx.Cache state, one row per
+    slot)."""
     del tables
-    model = nnx.merge(graphdef, params, cache)
+    model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params),
+                      jax.tree.unflatten(cache_def, cache))
+    tokens = step_tokens(tokens, previous, use_previous)
 
     def attend(layer, attention, h):
       attention.cache_index[...] = lengths  # the host's view: a reused slot restarts at 0
@@ -204,23 +231,46 @@ def make_contiguous_step(graphdef, sampling: Sampling, max_context: int):
     positions = positions_for(lengths, tokens.shape[1], max_context)
     logits = logits_at(model, tokens, positions, jnp.maximum(counts - 1, 0), attend)
     next_tokens = sample(logits, jax.random.fold_in(rng, step_index), sampling)
-    return nnx.state(model, nnx.Cache), next_tokens
+    return jax.tree.leaves(nnx.state(model, nnx.Cache)), next_tokens
 
   return step
 
 
-def make_flax_step(graphdef, sampling: Sampling, max_context: int):
+def make_flax_step(graphdef, params_def, cache_def, sampling: Sampling, max_context: int):
   @functools.partial(jax.jit, donate_argnums=(1,))
-  def step(params, cache, position, tokens, rng, step_index):
-    """nnx.MultiHeadAttention's decode cache: tokens [B, 1] at one shared position."""
-    model = nnx.merge(graphdef, params, cache)
+  def step(params, cache, position, tokens, previous, use_previous, rng, step_index):
+    """nnx.MultiHeadAttention's decode cache: tokens [B, 1] (see step_tokens) at one
+    shared position."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params),
+                      jax.tree.unflatten(cache_def, cache))
+    tokens = step_tokens(tokens, previous, use_previous)
     attend = lambda layer, attention, h: attention(h, decode=True)
     positions = jnp.full(tokens.shape, jnp.minimum(position, max_context - 1), jnp.int32)
     logits = logits_at(model, tokens, positions, jnp.zeros(tokens.shape[0], jnp.int32), attend)
     next_tokens = sample(logits, jax.random.fold_in(rng, step_index), sampling)
-    return nnx.state(model, nnx.Cache), next_tokens
+    return jax.tree.leaves(nnx.state(model, nnx.Cache)), next_tokens
 
   return step
+
+
+def decode_steps(step, params, cache, tables, lengths, counts, previous, rng, step_index, *,
+                 count: int):
+  """`count` decode steps of run_continuous's `step` in one call: every live row
+  (counts 1) adds its last sample, and lengths and the step index advance on the device.
+  One dispatch then carries `count` steps: a step's launches cost the host about as much
+  time as the GPU spends on it. Returns (cache, samples int32 [count, S], the last
+  step's samples [S])."""
+  tokens = jnp.zeros((counts.shape[0], 1), jnp.int32)
+
+  def one(carry, _):
+    cache, lengths, previous, step_index = carry
+    cache, samples = step(params, cache, tables, lengths, tokens, counts, previous,
+                          counts > 0, rng, step_index)
+    return (cache, lengths + counts, samples, step_index + 1), samples
+
+  (cache, _, last, _), samples = jax.lax.scan(one, (cache, lengths, previous, step_index),
+                                              None, length=count)
+  return cache, samples, last
 
 
 # ---- scheduling ------------------------------------------------------------------------------
@@ -250,6 +300,7 @@ class Progress:
 class Timing:
   seconds: float = 0.0
   steps: int = 0
+  calls: int = 0  # host dispatches (a call may run several decode steps)
   decode_steps: int = 0
   decode_seconds: float = 0.0
   mixed_steps: int = 0  # steps that carry prefill chunks beside decoding sequences
@@ -259,28 +310,61 @@ class Timing:
     return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else None
 
 
+class Pending:
+  """Steps' samples and the (row, request) pairs they belong to, read `lag` steps at a
+  time: the host dispatches steps back to back and never waits for the GPU between
+  them, as serving engines schedule. Scheduling needs no sample's value: a sequence ends
+  by its count of new tokens, and a decoding row's next input is the last step's own
+  output (step_tokens). One read per `lag` steps also pays the device-to-host latency
+  once (on the H200 a synchronous read per step cost more than the step itself)."""
+
+  def __init__(self, lag: int):
+    self.lag, self.held, self.steps = max(lag, 1), [], 0
+
+  def hold(self, samples, owners, steps: int = 1):
+    """samples: int32 [rows] on the device and owners the (row, request) pairs that
+    sampled that step; or, with steps > 1, samples [steps, rows] and owners one such list
+    per step."""
+    self.held.append((samples, owners if steps > 1 else [owners]))
+    self.steps += steps
+    if self.steps >= self.lag:
+      self.resolve()
+
+  def resolve(self):
+    values = jax.device_get([samples for samples, _ in self.held])  # one wait
+    for block, (_, owners) in zip(values, self.held):
+      for step_values, step_owners in zip(np.reshape(block, (len(owners), -1)), owners):
+        for row, request in step_owners:
+          request.generated.append(int(step_values[row]))
+    self.held, self.steps = [], 0
+
+
 def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, slots: int,
-                   prefill_chunk: int, rng, progress: Progress) -> Timing:
+                   prefill_chunk: int, rng, progress: Progress, lag: int,
+                   steps_per_call: int) -> Timing:
   """Continuous batching over `slots`: admit, step (prefill chunks and decode tokens
-  together), retire finished sequences (their pages return to the pool)."""
+  together), retire finished sequences (their pages return to the pool). While no slot
+  prefills and no sequence ends within `steps_per_call` steps, one call runs that many
+  decode steps (decode_steps). The samples' values arrive later (Pending)."""
   queue = list(requests)
   active: list[Request | None] = [None] * slots
   fed = np.zeros(slots, np.int64)  # prompt tokens of each slot already in the cache
   lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
-  dummy_tables = np.zeros((slots, 1), np.int32)
-  compiled = {}
-
-  def compiled_step(new_tokens):  # compiled ahead of the clock: one per step width
-    if new_tokens not in compiled:
-      args = (params, cache, paged.tables if paged else dummy_tables, lengths,
-              np.zeros((slots, new_tokens), np.int32), np.zeros(slots, np.int32), rng,
-              np.int32(0))
-      compiled[new_tokens] = step.lower(*args).compile()
-    return compiled[new_tokens]
-
-  for width in sorted({1, prefill_chunk}):
-    compiled_step(width)
-  timing, generated = Timing(), 0
+  tables = paged.tables if paged else np.zeros((slots, 1), np.int32)  # the host edits it
+  previous = jnp.zeros(slots, jnp.int32)  # the last step's samples, on the device
+  counts = np.zeros(slots, np.int32)
+  # Compiled ahead of the clock: a step per width (1, prefill_chunk), and the decode run.
+  single = jax.jit(step, donate_argnums=(1,))
+  compiled = {width: single.lower(params, cache, tables, lengths,
+                                  np.zeros((slots, width), np.int32), counts, previous,
+                                  np.zeros(slots, bool), rng, np.int32(0)).compile()
+              for width in sorted({1, prefill_chunk})}
+  if steps_per_call > 1:
+    run = jax.jit(functools.partial(decode_steps, step, count=steps_per_call),
+                  donate_argnums=(1,))
+    run = run.lower(params, cache, tables, lengths, counts, previous, rng,
+                    np.int32(0)).compile()
+  timing, generated, pending = Timing(), 0, Pending(lag)
   start = time.perf_counter()
   while queue or any(r is not None for r in active):
     for slot in range(slots):  # admit waiting prompts into free slots
@@ -291,44 +375,64 @@ def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, s
                              f"tokens ({paged.pages_for(queue[0].total)} pages)")
           break  # the pool is short: wait for a sequence to finish
         active[slot], fed[slot], lengths[slot] = queue.pop(0), 0, 0
-    prefilling = [s for s, r in enumerate(active) if r is not None and fed[s] < len(r.prompt)]
+    live = [(s, r) for s, r in enumerate(active) if r is not None]
+    prefilling = {s for s, r in live if fed[s] < len(r.prompt)}
     width = prefill_chunk if prefilling else 1
     tokens = np.zeros((slots, width), np.int32)
     counts = np.zeros(slots, np.int32)
-    for slot, request in enumerate(active):
-      if request is None:
-        continue
+    use_previous = np.zeros(slots, bool)
+    for slot, request in live:
       if slot in prefilling:
         chunk = request.prompt[fed[slot]:fed[slot] + width]
         tokens[slot, :len(chunk)], counts[slot] = chunk, len(chunk)
       else:
-        tokens[slot, 0], counts[slot] = request.generated[-1], 1
+        counts[slot], use_previous[slot] = 1, True
+    # A run of decode steps while no slot prefills and none ends before its last step
+    # (admission waits for an end: a free slot with a waiting prompt is short of pages).
+    steps = 1
+    if (not prefilling and steps_per_call > 1 and
+        min(r.max_new_tokens - r.produced for _, r in live) >= steps_per_call):
+      steps = steps_per_call
     tick = time.perf_counter()
-    cache, next_tokens = compiled_step(width)(params, cache,
-                                              paged.tables if paged else dummy_tables,
-                                              lengths, tokens, counts, rng,
-                                              np.int32(timing.steps))
-    next_tokens = np.asarray(next_tokens)  # waits for the step
+    # Copies: the host edits its tables and lengths while this step may still run.
+    if steps == 1:
+      cache, previous = compiled[width](params, cache, tables.copy(), lengths.copy(), tokens,
+                                        counts, previous, use_previous, rng,
+                                        np.int32(timing.steps))
+      samples = previous
+    else:
+      cache, samples, previous = run(params, cache, tables.copy(), lengths.copy(), counts,
+                                     previous, rng, np.int32(timing.steps))
+    owners = []  # per step: the (slot, request) pairs that sampled a new token
+    for _ in range(steps):
+      lengths += counts
+      sampled = []
+      for slot, request in live:
+        if active[slot] is not request:  # ended at an earlier step of this call
+          continue
+        fed[slot] += counts[slot] if slot in prefilling else 0
+        if fed[slot] == len(request.prompt):  # the prompt is in: this step samples a token
+          sampled.append((slot, request))
+          request.produced += 1
+          generated += 1
+          if request.produced == request.max_new_tokens:
+            active[slot] = None
+            if paged is not None:
+              paged.release(slot)
+      owners.append(sampled)
+    pending.hold(samples, owners if steps > 1 else owners[0], steps)
     seconds = time.perf_counter() - tick
-    timing.steps += 1
+    timing.steps += steps
+    timing.calls += 1
     if not prefilling:
-      timing.decode_steps += 1
+      timing.decode_steps += steps
       timing.decode_seconds += seconds
-    elif len(prefilling) < sum(r is not None for r in active):
+    elif len(prefilling) < len(live):
       timing.mixed_steps += 1
-    lengths += counts
-    for slot, request in enumerate(active):
-      if request is None:
-        continue
-      fed[slot] += counts[slot] if slot in prefilling else 0
-      if fed[slot] == len(request.prompt):  # the prompt is in: this step's token is new
-        request.generated.append(int(next_tokens[slot]))
-        generated += 1
-        if len(request.generated) == request.max_new_tokens:
-          active[slot] = None
-          if paged is not None:
-            paged.release(slot)
     progress.update(generated, time.perf_counter() - start, timing.decode_ms)
+  tick = time.perf_counter()
+  pending.resolve()  # the GPU's last held steps (decode steps) end here
+  timing.decode_seconds += time.perf_counter() - tick
   timing.seconds = time.perf_counter() - start
   progress.update(generated, timing.seconds, timing.decode_ms, final=True)
   if paged is not None:
@@ -337,37 +441,45 @@ def run_continuous(step, params, cache, paged: PagedCache | None, requests, *, s
 
 
 def run_lockstep(step, params, fresh_cache, requests, *, slots: int, rng,
-                 progress: Progress) -> Timing:
+                 progress: Progress, lag: int) -> Timing:
   """Flax's decode cache: waves of `slots` sequences, one token per row per step; a row
-  feeds its prompt, then its samples, and idles once done."""
-  timing, generated = Timing(), 0
-  position = np.int32(0)
-  compiled = step.lower(params, fresh_cache(), position, np.zeros((slots, 1), np.int32),
-                        rng, np.int32(0)).compile()
+  feeds its prompt, then its samples, and idles once done; the samples' values arrive a
+  step later (Pending), as in run_continuous."""
+  timing, generated, pending = Timing(), 0, Pending(lag)
+  previous = jnp.zeros(slots, jnp.int32)
+  compiled = step.lower(params, fresh_cache(), np.int32(0), np.zeros((slots, 1), np.int32),
+                        previous, np.zeros(slots, bool), rng, np.int32(0)).compile()
   start = time.perf_counter()
   for first in range(0, len(requests), slots):
     wave = requests[first:first + slots]
     cache = fresh_cache()
     for t in range(max(r.total for r in wave) - 1):
       tokens = np.zeros((slots, 1), np.int32)
+      use_previous = np.zeros(slots, bool)
       for row, request in enumerate(wave):
         if t < len(request.prompt):
           tokens[row, 0] = request.prompt[t]
-        elif len(request.generated) < request.max_new_tokens:
-          tokens[row, 0] = request.generated[-1]
+        elif request.produced < request.max_new_tokens:
+          use_previous[row] = True
       tick = time.perf_counter()
-      cache, next_tokens = compiled(params, cache, np.int32(t), tokens, rng,
-                                    np.int32(timing.steps))
-      next_tokens = np.asarray(next_tokens)
+      cache, previous = compiled(params, cache, np.int32(t), tokens, previous, use_previous,
+                                 rng, np.int32(timing.steps))
+      sampled = []
+      for row, request in enumerate(wave):
+        if len(request.prompt) - 1 <= t and request.produced < request.max_new_tokens:
+          sampled.append((row, request))
+          request.produced += 1
+          generated += 1
+      pending.hold(previous, sampled)
       seconds = time.perf_counter() - tick
       timing.steps += 1
+      timing.calls += 1
       timing.decode_steps += 1
       timing.decode_seconds += seconds
-      for row, request in enumerate(wave):
-        if len(request.prompt) - 1 <= t and len(request.generated) < request.max_new_tokens:
-          request.generated.append(int(next_tokens[row]))
-          generated += 1
       progress.update(generated, time.perf_counter() - start, timing.decode_ms)
+  tick = time.perf_counter()
+  pending.resolve()  # the GPU's last held steps (decode steps) end here
+  timing.decode_seconds += time.perf_counter() - tick
   timing.seconds = time.perf_counter() - start
   progress.update(generated, timing.seconds, timing.decode_ms, final=True)
   return timing
@@ -426,6 +538,10 @@ def parse_args(argv=None):
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--num-pages", type=int, default=None,
                  help="page pool size (default: enough for the --slots longest requests)")
+  p.add_argument("--read-every", type=int, default=16,
+                 help="steps whose samples the host reads at once (see Pending)")
+  p.add_argument("--steps-per-call", type=int, default=8,
+                 help="decode steps one call may run (flash caches; see decode_steps)")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top-k", type=int, default=None)
   # The model (ignored with --checkpoint, which stores its own).
@@ -469,37 +585,40 @@ def main(argv=None) -> dict:
   rng = jax.random.key(args.seed)
   progress = Progress(sum(r.max_new_tokens for r in requests), not args.no_progress)
 
+  if cache_kind != "paged":
+    init_module_caches(model, args.slots, config.seq_len, dtype, ragged=cache_kind != "flax")
+  graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)  # paged: no nnx.Cache
+  params, params_def = jax.tree.flatten(serving_weights(params, dtype))
+  cache, cache_def = jax.tree.flatten(cache)
   if cache_kind == "paged":
-    graphdef, params = nnx.split(model, nnx.Param)
     page_size = args.page_size
     longest = sorted((-(-r.total // page_size) for r in requests), reverse=True)
     num_pages = args.num_pages or sum(longest[:args.slots])
     paged = PagedCache(config, args.slots, num_pages, page_size, dtype)
-    step = make_paged_step(graphdef, sampling, config.seq_len, args.implementation)
+    step = make_paged_step(graphdef, params_def, sampling, config.seq_len,
+                           args.implementation)
     timing = run_continuous(step, params, paged.arrays, paged, requests, slots=args.slots,
-                            prefill_chunk=args.prefill_chunk, rng=rng, progress=progress)
+                            prefill_chunk=args.prefill_chunk, rng=rng, progress=progress,
+                            lag=args.read_every, steps_per_call=args.steps_per_call)
     cache_bytes = paged.bytes
   elif cache_kind == "contiguous":
-    init_module_caches(model, args.slots, config.seq_len, dtype, ragged=True)
-    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
-    step = make_contiguous_step(graphdef, sampling, config.seq_len)
+    cache_bytes = sum(x.nbytes for x in cache)
+    step = make_contiguous_step(graphdef, params_def, cache_def, sampling, config.seq_len)
     timing = run_continuous(step, params, cache, None, requests, slots=args.slots,
-                            prefill_chunk=args.prefill_chunk, rng=rng, progress=progress)
+                            prefill_chunk=args.prefill_chunk, rng=rng, progress=progress,
+                            lag=args.read_every, steps_per_call=args.steps_per_call)
   else:
-    init_module_caches(model, args.slots, config.seq_len, dtype, ragged=False)
-    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
-    fresh_cache = lambda: jax.tree.map(jnp.zeros_like, cache)
-    step = make_flax_step(graphdef, sampling, config.seq_len)
+    cache_bytes = sum(x.nbytes for x in cache)
+    fresh_cache = lambda: [jnp.zeros_like(x) for x in cache]
+    step = make_flax_step(graphdef, params_def, cache_def, sampling, config.seq_len)
     timing = run_lockstep(step, params, fresh_cache, requests, slots=args.slots, rng=rng,
-                          progress=progress)
+                          progress=progress, lag=args.read_every)
 
   new_tokens = sum(len(r.generated) for r in requests)
   result = dict(attention=args.attention, cache=cache_kind, dtype=dtype,
                 device=jax.devices()[0].device_kind, requests=len(requests), slots=args.slots,
                 prompt_tokens=sum(len(r.prompt) for r in requests), new_tokens=new_tokens,
-                steps=timing.steps, mixed_steps=timing.mixed_steps,
+                steps=timing.steps, calls=timing.calls, mixed_steps=timing.mixed_steps,
                 seconds=round(timing.seconds, 3),
                 tokens_per_s=round(new_tokens / timing.seconds, 1),
                 decode_step_ms=round(timing.decode_ms, 3) if timing.decode_ms else None,

@@ -70,11 +70,16 @@ GENERATE_TINY = ["--requests", "5", "--slots", "2", "--min-prompt", "3", "--max-
 def test_generate_greedy_paged_equals_contiguous_flax_and_recomputation():
   """Greedy tokens agree: paged cache with continuous batching (5 prompts in 2 slots,
   chunked prefill beside decode steps), the modules' contiguous cache, Flax's own
-  MultiHeadAttention decode cache, and full-forward recomputation (--check)."""
+  MultiHeadAttention decode cache, and full-forward recomputation (--check). The paged
+  run takes runs of 3 decode steps per call and reads samples 5 steps behind; the
+  contiguous one a step per call, read at once."""
   generate = load_example("generate")
-  paged = generate.main(GENERATE_TINY + ["--check"])
+  paged = generate.main(GENERATE_TINY + ["--check", "--steps-per-call", "3", "--read-every", "5"])
   assert paged["check"] is True, paged
-  contiguous = generate.main(GENERATE_TINY + ["--cache", "contiguous"])
+  assert paged["calls"] < paged["steps"], paged  # some calls ran several decode steps
+  contiguous = generate.main(GENERATE_TINY + ["--cache", "contiguous", "--steps-per-call", "1",
+                                              "--read-every", "1"])
+  assert contiguous["calls"] == contiguous["steps"], contiguous
   flax_cache = generate.main(GENERATE_TINY + ["--attention", "flax"])
   assert paged["generated"] == contiguous["generated"] == flax_cache["generated"]
   lengths = [len(tokens) for tokens in paged["generated"]]
