@@ -239,16 +239,29 @@ def _fmix32(h):
   return h ^ (h >> 16)
 
 
+def _u32(x):
+  return jnp.asarray(x).astype(jnp.uint32)
+
+
 def dropout_keep(seed, batch_idx, head_idx, q_idx, k_idx, rate):
   """Bool keep-mask, True with probability 1 - rate; broadcasts its index arguments.
 
   Indices are global: batch b, query head h (0 <= h < Nq), query row i, key column j.
   """
-  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
-  h = _fmix32(u32(seed) ^ (u32(batch_idx) * jnp.uint32(0x9E3779B1)))
-  h = _fmix32(h ^ (u32(head_idx) * jnp.uint32(0x85EBCA77)))
-  h = _fmix32(h ^ (u32(q_idx) * jnp.uint32(0xC2B2AE3D)))
-  h = _fmix32(h ^ (u32(k_idx) * jnp.uint32(0x27D4EB2F)))
+  return dropout_keep_in_row(dropout_row_hash(seed, batch_idx, head_idx, q_idx), k_idx, rate)
+
+
+def dropout_row_hash(seed, batch_idx, head_idx, q_idx):
+  """uint32: the part of `dropout_keep`'s hash that depends on the query row only, so
+  that a kernel can compute it once per row rather than once per (row, key)."""
+  h = _fmix32(_u32(seed) ^ (_u32(batch_idx) * jnp.uint32(0x9E3779B1)))
+  h = _fmix32(h ^ (_u32(head_idx) * jnp.uint32(0x85EBCA77)))
+  return _fmix32(h ^ (_u32(q_idx) * jnp.uint32(0xC2B2AE3D)))
+
+
+def dropout_keep_in_row(row_hash, k_idx, rate):
+  """`dropout_keep` from a row's `dropout_row_hash` and the key column."""
+  h = _fmix32(row_hash ^ (_u32(k_idx) * jnp.uint32(0x27D4EB2F)))
   # Compare the top 24 bits as int32: signed compares lower everywhere.
   threshold = int(round(rate * (1 << 24)))
   return (h >> 8).astype(jnp.int32) >= threshold

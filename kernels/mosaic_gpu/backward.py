@@ -245,8 +245,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           visible = masking.visible_and(visible, dense_visible_t)
           pt = pt if visible is None else jnp.where(visible, pt, 0.0)
         # Dropout: dV += (P Z)^T dO and dP^T = Z (V dO^T), Z = keep / (1 - rate).
-        zt = (None if dropout is None else
-              dropout.multiplier(pt.shape, q_lo=i * block_q, k_lo=k_lo, q_axis=1))
+        zt = (None if dropout is None else dropout.multiplier(
+            dropout.row_hashes(i * block_q, block_q, q_axis=1), pt.shape, k_lo=k_lo, q_axis=1))
         operands = {}  # output -> (A in registers, B in shared memory) of its wgmma
         if need_dv:
           kept_pt = pt if zt is None else pt * zt
@@ -384,6 +384,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
                                 q_seg_smem2.at[wg], rows_ready.at[wg])
       plgpu.barrier_wait(rows_ready.at[wg])
       lse_rows = compat.load(lse_smem2.at[wg], compat.row_layout())  # [block_q]
+      drop_rows = None if dropout is None else dropout.row_hashes(q_lo, block_q)
       delta_rows = compat.load(delta_smem2.at[wg], compat.row_layout())
       if segments:
         q_seg_rows = compat.load(q_seg_smem2.at[wg], compat.row_layout())
@@ -423,7 +424,7 @@ def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Atte
           visible = masking.visible_and(visible, dense_visible)
           p = p if visible is None else jnp.where(visible, p, 0.0)
         if dropout is not None:  # dP = Z (dO V^T)
-          dp = dp * dropout.multiplier(dp.shape, q_lo=q_lo, k_lo=j * block_kv)
+          dp = dp * dropout.multiplier(drop_rows, dp.shape, k_lo=j * block_kv)
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         if softcap_grad is not None:
           ds = ds * softcap_grad

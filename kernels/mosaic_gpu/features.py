@@ -11,8 +11,9 @@ Q/dO), then compare them on every visited tile (`masking.key_visibility`).
 row's offset and lengths. Its `positional` dict feeds `ranges` and `masking`.
 
 Dropout's seed (uint32, carried as int32 [1]) is a GMEM input too; `Dropout` computes a
-tile's keep / (1 - rate) multiplier from global indices with `masking.dropout_keep`,
-the counter hash every implementation shares, so the kept entries are bitwise the same.
+tile's keep / (1 - rate) multiplier from global indices with the counter hash every
+implementation shares (`masking.dropout_keep`, its row part once per query block), so
+the kept entries are bitwise the same.
 """
 
 from __future__ import annotations
@@ -74,12 +75,19 @@ class Dropout:
     seed = refs[DROPOUT_SEED][0].astype(jnp.uint32)  # same bits: int32 -> uint32 wraps
     return cls(seed, spec.dropout_rate, batch, head)
 
-  def multiplier(self, shape, *, q_lo, k_lo, q_axis: int = 0):
+  def row_hashes(self, q_lo, rows: int, *, q_axis: int = 0):
+    """uint32 [rows]: `masking.dropout_row_hash` of queries q_lo + i, in the layout of a
+    tile's axis `q_axis` (compute once per query block: only the key varies in a row)."""
+    layout = compat.row_layout() if q_axis == 0 else compat.col_layout()
+    q_idx = plgpu.broadcasted_iota(jnp.int32, (rows,), 0, layout=layout) + q_lo
+    return masking.dropout_row_hash(self.seed, self.batch, self.head, q_idx)
+
+  def multiplier(self, row_hashes, shape, *, k_lo, q_axis: int = 0):
     """float32 keep / (1 - rate), 0 where dropped, on a tile whose axis `q_axis` runs
-    over queries q_lo + i and the other over keys k_lo + j."""
-    q_idx = compat.iota(shape, q_axis) + q_lo
+    over the queries of `row_hashes` and the other over keys k_lo + j."""
     k_idx = compat.iota(shape, 1 - q_axis) + k_lo
-    keep = masking.dropout_keep(self.seed, self.batch, self.head, q_idx, k_idx, self.rate)
+    rows = lax.broadcast_in_dim(row_hashes, shape, [q_axis])
+    keep = masking.dropout_keep_in_row(rows, k_idx, self.rate)
     return masking.dropout_multiplier(keep, self.rate)
 
 

@@ -181,6 +181,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
             q_lo, q_lo + block_q, lo, hi, block_kv=block_kv, kv_len=spec.kv_len,
             **rules.positional)
 
+      drop_rows = None if dropout is None else dropout.row_hashes(q_lo, block_q)
       start_max = compat.layout_cast(jnp.full((block_q,), masking.MASK_VALUE, jnp.float32),
                                      compat.row_layout())  # [block_q], base 2
       start_sum = compat.layout_cast(jnp.zeros((block_q,), jnp.float32), compat.row_layout())
@@ -220,7 +221,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
         if dropout is not None:  # the normalizer counts every key; dropout scales P only
-          p = p * dropout.multiplier(p.shape, q_lo=q_lo, k_lo=j * block_kv)
+          p = p * dropout.multiplier(drop_rows, p.shape, k_lo=j * block_kv)
         return p.astype(dtype), new_max, rescale, row_sum
 
       def rescaled(acc, rescale):
