@@ -80,6 +80,7 @@ CASES = (
     Case(2, 200, 333, 4, 2, 128, "bfloat16", ("causal", "lengths", "bias", "mask")),
     Case(2, 97, 130, 2, 2, 64, "float16", ("bias_broadcast", "softcap", "empty_rows")),
     Case(2, 130, 200, 4, 2, 128, "bfloat16", ("causal", "mask_keys", "bias_broadcast")),
+    Case(2, 130, 200, 4, 2, 64, "float16", ("causal", "mask_queries", "bias_broadcast")),
 )
 
 
@@ -125,6 +126,10 @@ def make_inputs(case: Case, seed: int):
     kwargs["bias"] = jax.random.normal(next(keys), (1, case.num_q_heads, 1, s), dtype)
   if "mask" in f:
     kwargs["mask"] = jax.random.bernoulli(next(keys), 0.7, (b, 1, t, s))
+  if "bias_queries" in f:  # one value per query, [1, N, T, 1]: the softmax ignores it
+    kwargs["bias"] = jax.random.normal(next(keys), (1, case.num_q_heads, t, 1), dtype)
+  if "mask_queries" in f:  # query padding: [B, 1, T, 1], rows that see no key
+    kwargs["mask"] = jax.random.bernoulli(next(keys), 0.8, (b, 1, t, 1)).at[:, :, 0].set(False)
   if "mask_keys" in f:  # key padding: [B, 1, 1, S], and a batch row that sees no key
     kwargs["mask"] = jax.random.bernoulli(next(keys), 0.8, (b, 1, 1, s)).at[-1].set(False)
   if "dropout" in f:

@@ -141,6 +141,30 @@ def test_constant_bias_skips_dbias(target):
     assert full in str(jax.make_jaxpr(jax.grad(loss, argnums=3))(q, k, v, bias))
 
 
+def test_query_vectors_equal_their_broadcast(target):
+  """A bias or mask of one value per query ([.., T, 1]: query padding) gives the output
+  and gradients of its broadcast to [.., T, S] (the Hopper kernels keep it a vector, so
+  that memory stays linear in T)."""
+  dtype = "float32" if "float32" in target.dtypes else "bfloat16"
+  case = Case(2, 130, 200, 4, 2, 64, dtype, ("causal", "mask_queries", "bias_queries"))
+  skip_if_unsupported(target, case)
+  q, k, v, kwargs = make_inputs(case, seed=8)
+  b, t, n, s = case.batch, case.q_len, case.num_q_heads, case.kv_len
+  broadcast = dict(kwargs, bias=jnp.broadcast_to(kwargs["bias"], (1, n, t, s)),
+                   mask=jnp.broadcast_to(kwargs["mask"], (b, 1, t, s)))
+  cotangent = jax.random.normal(jax.random.PRNGKey(9), q.shape, q.dtype)
+
+  def results(options):
+    out, vjp = jax.vjp(lambda q, k, v: attend(target, q, k, v, **options), q, k, v)
+    return (out, *vjp(cotangent))
+
+  tolerance = 1e-5 if dtype == "float32" else 2e-2
+  for name, x, y in zip(("out", "dq", "dk", "dv"), results(kwargs), results(broadcast)):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                               rtol=tolerance, atol=tolerance, err_msg=name)
+  assert not np.any(np.asarray(results(kwargs)[0])[:, 0]), "a query row the mask hides"
+
+
 def test_jax_transformations(target):
   """jit, vmap over an extra batch axis, grad, checkpoint and scan over layers."""
   case = SMALL

@@ -206,6 +206,8 @@ FEATURE_CALLS = [
     (64, dict(mask="batch", bias="keys", softcap=20.0)),
     (256, dict(mask="keys", q_offset=133, causal=True)),
     (192, dict(bias="full", mask="full", segment_ids=True, dropout=True)),
+    (128, dict(causal=True, bias="queries", mask="queries")),
+    (64, dict(bias="queries", mask="keys", kv_lengths=True)),
 ]
 
 
@@ -220,9 +222,10 @@ def _feature_kwargs(options, b, t, s):
     kwargs["kv_lengths"] = jnp.array([s - 50, 130][:b], jnp.int32)
   if kwargs.pop("dropout", False):
     kwargs.update(dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(3))
-  # Bias and mask shapes: [1, N, T, S], [B, 1, 1, S] (key padding), [B, 1, T, S], [B, N, T, S].
+  # Bias and mask shapes: [1, N, T, S], [B, 1, 1, S] (key padding), [B, 1, T, S],
+  # [B, N, T, S], [B, 1, T, 1] (query padding).
   shapes = {"heads": (1, 4, t, s), "keys": (b, 1, 1, s), "batch": (b, 1, t, s),
-            "full": (b, 4, t, s)}
+            "full": (b, 4, t, s), "queries": (b, 1, t, 1)}
   if "bias" in kwargs:
     shape = shapes[kwargs["bias"]]
     kwargs["bias"] = jax.random.normal(jax.random.PRNGKey(4), shape, jnp.float32)

@@ -1,9 +1,10 @@
 """Bias and dense bool masks as the Mosaic GPU kernels receive and read them.
 
-Both are [B?, Nq?, T, S] arrays (size-1 batch and head dims stay broadcast). One row per
-key, [B?, Nq?, 1, S] (key padding, a per-key bias), stays a vector [B?, Nq?, S]: each
-visited block reads its [block] slice and broadcasts it over the tile's rows, so memory
-stays linear in S. A size-1 key dim is broadcast to full length first. The consumer
+Both are [B?, Nq?, T, S] arrays (size-1 batch and head dims stay broadcast). One value per
+key, [B?, Nq?, 1, S] (key padding, a per-key bias), stays a vector [B?, Nq?, S], and one
+per query, [B?, Nq?, T, 1] (query padding), a vector [B?, Nq?, T]: each visited tile
+reads its slice and broadcasts it over the tile's other axis, so memory stays linear in
+T and S (`vector_kind`). A [.., 1, 1] array is a key vector of one value. The consumer
 warpgroups load the [64, block] tile of each visited block straight from global memory
 into the wgmma register layout (`plgpu.load`), issued beside the Q K^T wgmma so that the
 load overlaps the matmul (FlashAttention-2's register-level loads, no shared memory: the
@@ -45,27 +46,32 @@ def inputs(bias, mask, spec: AttentionSpec, *, t_pad: int, s_pad: int, rows_per_
 
   def full(x, pad_value):
     b, n = x.shape[:2]
-    if is_key_vector(x.shape):  # [B?, N?, S_pad]
-      return tiles.pad_axis(x[:, :, 0], 2, s_pad, pad_value)
+    kind = vector_kind(x.shape)
+    if kind == "key":  # [B?, N?, S_pad]
+      x = jnp.broadcast_to(x[:, :, 0], (b, n, spec.kv_len))
+      return tiles.pad_axis(x, 2, s_pad, pad_value)
+    if kind == "query":  # [B?, N?, T_pad]
+      return tiles.pad_axis(x[:, :, :, 0], 2, t_pad, pad_value)
     x = jnp.broadcast_to(x, (b, n, spec.q_len, spec.kv_len))
     x = tiles.pad_axis(tiles.pad_axis(x, 2, t_pad, pad_value), 3, s_pad, pad_value)
     return jnp.swapaxes(x, 2, 3) if transposed else x  # [B?, N?, T_pad, S_pad] (or S, T)
 
   if spec.has_bias:
     names.append(BIAS)
-    # Key vectors load in float32 (4-byte elements: one per thread and column).
-    values.append(full(bias.astype(jnp.float32) if is_key_vector(bias.shape) else bias, 0))
+    # Vectors load in float32 (4-byte elements: one per thread and row or column).
+    vector = vector_kind(bias.shape) is not None
+    values.append(full(bias.astype(jnp.float32) if vector else bias, 0))
   if spec.has_mask:
-    vector = is_key_vector(mask.shape)
-    mask = full(mask.astype(jnp.int32 if vector else jnp.int8), 0)
+    kind = vector_kind(mask.shape)
+    mask = full(mask.astype(jnp.int8 if kind is None else jnp.int32), 0)
     rows, cols = (t_pad, s_pad) if not transposed else (s_pad, t_pad)
-    if not vector:  # [B?, N?, row tiles, col blocks]
+    if kind is None:  # [B?, N?, row tiles, col blocks]
       any_true = (mask.reshape(*mask.shape[:2], rows // rows_per_cta, rows_per_cta,
                                cols // block_cols, block_cols) != 0).any(axis=(3, 5))
-    elif not transposed:  # every row tile sees the key blocks the vector has
+    elif tile_axis(kind, transposed) == 1:  # every row tile visits the vector's blocks
       any_true = (mask.reshape(*mask.shape[:2], 1, cols // block_cols, block_cols)
                   != 0).any(axis=-1)
-    else:  # a tile of key rows visits every query block, or none
+    else:  # a row tile visits every column block, or none
       any_true = (mask.reshape(*mask.shape[:2], rows // rows_per_cta, 1, rows_per_cta)
                   != 0).any(axis=-1)
     any_true = jnp.broadcast_to(any_true, mask.shape[:2] + (rows // rows_per_cta,
@@ -75,9 +81,18 @@ def inputs(bias, mask, spec: AttentionSpec, *, t_pad: int, s_pad: int, rows_per_
   return tuple(names), tuple(values)
 
 
-def is_key_vector(shape) -> bool:
-  """A bias or mask of one row per key: [B?, N?, 1, S] with S > 1."""
-  return shape[2] == 1 and shape[3] > 1
+def vector_kind(shape) -> str | None:
+  """"key" for a bias or mask of one value per key ([B?, N?, 1, S], S >= 1), "query" for
+  one per query ([B?, N?, T, 1], T > 1), None for a full [.., T, S] one."""
+  if shape[2] == 1:
+    return "key"
+  return "query" if shape[3] == 1 else None
+
+
+def tile_axis(kind: str, transposed: bool) -> int:
+  """The tile axis a vector runs along: tiles are queries x keys, or keys x queries
+  when transposed (the dK/dV kernel)."""
+  return (1 if kind == "key" else 0) ^ int(transposed)
 
 
 def block_ranges(any_true):
@@ -95,10 +110,12 @@ def block_ranges(any_true):
 class DenseTiles:
   """The bias and mask of one (batch row, query head), read tile by tile in a kernel."""
 
-  bias: Any  # GMEM ref [rows, cols] of this batch row and head ([S] key vector), or None
+  bias: Any  # GMEM ref [rows, cols] of this batch row and head (a [T] or [S] vector), or None
   mask: Any
   blocks: Any  # GMEM ref [row tiles, 2] (see `block_ranges`), or None
   transposed: bool  # tiles are keys x queries (the dK/dV kernel)
+  bias_kind: str | None = None  # `vector_kind` of the bias and of the mask
+  mask_kind: str | None = None
 
   @classmethod
   def read(cls, spec: AttentionSpec, refs: dict, batch, head, *,
@@ -107,32 +124,37 @@ class DenseTiles:
       if name not in refs:
         return None
       return refs[name].at[0 if shape[0] == 1 else batch, 0 if shape[1] == 1 else head]
+    kind = lambda name, shape: vector_kind(shape) if name in refs else None
     return cls(at(BIAS, spec.bias_shape), at(MASK, spec.mask_shape),
-               at(MASK_BLOCKS, spec.mask_shape), transposed)
+               at(MASK_BLOCKS, spec.mask_shape), transposed,
+               kind(BIAS, spec.bias_shape), kind(MASK, spec.mask_shape))
 
   @property
   def has_mask(self) -> bool:
     return self.mask is not None
 
-  def _tile(self, ref, row_lo, rows: int, col_lo, cols: int):
-    if len(ref.shape) == 2:
+  def _tile(self, ref, kind, row_lo, rows: int, col_lo, cols: int):
+    if kind is None:
       return compat.load(ref.at[pl.ds(row_lo, rows), pl.ds(col_lo, cols)],
                          compat.wgmma_layout(), optimized=False)
-    # A key vector: the keys run along the columns, or the rows when transposed.
-    key_lo, keys, axis = (row_lo, rows, 0) if self.transposed else (col_lo, cols, 1)
-    layout = compat.row_layout() if self.transposed else compat.col_layout()
-    vector = compat.load(ref.at[pl.ds(key_lo, keys)], layout, optimized=False)
+    # A vector: its slice along the tile axis it runs on, broadcast over the other.
+    axis = tile_axis(kind, self.transposed)
+    lo, length = (row_lo, rows) if axis == 0 else (col_lo, cols)
+    layout = compat.row_layout() if axis == 0 else compat.col_layout()
+    vector = compat.load(ref.at[pl.ds(lo, length)], layout, optimized=False)
     return lax.broadcast_in_dim(vector, (rows, cols), [axis])
 
   def bias_tile(self, row_lo, rows: int, col_lo, cols: int):
     """The bias tile (its dtype) [rows, cols] in the wgmma layout, or None."""
-    return None if self.bias is None else self._tile(self.bias, row_lo, rows, col_lo, cols)
+    if self.bias is None:
+      return None
+    return self._tile(self.bias, self.bias_kind, row_lo, rows, col_lo, cols)
 
   def visible(self, row_lo, rows: int, col_lo, cols: int):
     """Bool visibility [rows, cols] by the mask, or None."""
     if self.mask is None:
       return None
-    return self._tile(self.mask, row_lo, rows, col_lo, cols) != 0
+    return self._tile(self.mask, self.mask_kind, row_lo, rows, col_lo, cols) != 0
 
   def block_range(self, row_tile, lo, hi):
     """[lo, hi) narrowed to the blocks where row tile `row_tile` has a True mask entry."""
