@@ -149,7 +149,7 @@ def main(argv=None):
                 np.ones(args.batch, bool), key, np.int32(0))
         feed_back = lambda a, out: (a[0], out[0], *a[2:4], out[1], *a[5:])
         cache_bytes = sum(x.nbytes for x in cache)
-      compiled = step.lower(*call).compile()
+      compiled = jax.jit(step, donate_argnums=(1,)).lower(*call).compile()
       hlo = compiled.as_text()
       if args.dump:
         pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)

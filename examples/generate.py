@@ -20,6 +20,12 @@ lengths (windows of the standard library's source) generates with:
                       dense mask over max_length, one index shared by the batch, so
                       sequences run in lockstep waves of --slots.
 
+Scheduling, for every cache: the host dispatches a step without waiting for the last
+one's samples (a decoding row's input is the last step's output, on the device) and reads
+them --read-every steps at a time (Pending); the flash caches run up to --steps-per-call
+decode steps in one call while no slot prefills or ends (decode_steps). Weights are held
+in the compute dtype.
+
 Sampling: greedy (--temperature 0, the default) or temperature with --top-k. A progress
 bar shows tokens/s and time per decode step; the last line sums the run up:
   SUMMARY attention=flash cache=paged ... tokens_per_s=... decode_step_ms=...
@@ -237,7 +243,7 @@ def make_contiguous_step(graphdef, params_def, cache_def, sampling: Sampling,
 
 
 def make_flax_step(graphdef, params_def, cache_def, sampling: Sampling, max_context: int):
-  @functools.partial(jax.jit, donate_argnums=(1,))
+  """One step over Flax's decode caches (the scheduler jits it: run_lockstep)."""
   def step(params, cache, position, tokens, previous, use_previous, rng, step_index):
     """nnx.MultiHeadAttention's decode cache: tokens [B, 1] (see step_tokens) at one
     shared position."""
@@ -447,8 +453,9 @@ def run_lockstep(step, params, fresh_cache, requests, *, slots: int, rng,
   step later (Pending), as in run_continuous."""
   timing, generated, pending = Timing(), 0, Pending(lag)
   previous = jnp.zeros(slots, jnp.int32)
-  compiled = step.lower(params, fresh_cache(), np.int32(0), np.zeros((slots, 1), np.int32),
-                        previous, np.zeros(slots, bool), rng, np.int32(0)).compile()
+  compiled = jax.jit(step, donate_argnums=(1,)).lower(
+      params, fresh_cache(), np.int32(0), np.zeros((slots, 1), np.int32), previous,
+      np.zeros(slots, bool), rng, np.int32(0)).compile()
   start = time.perf_counter()
   for first in range(0, len(requests), slots):
     wave = requests[first:first + slots]
