@@ -121,16 +121,18 @@ def sweep(problem_indices, repeats: int):
     print(f"SWEEP {problem.label}: best {best[:4]}", flush=True)
 
 
-def compare(problem_indices, repeats: int, configs: list[dict]):
-  """The default beside each of `configs` (TritonConfig fields) and cuDNN, per problem."""
+def compare(problem_indices, repeats: int, configs: list[dict], paged: bool = False):
+  """The default beside each of `configs` (TritonConfig fields) and cuDNN, per problem,
+  over contiguous caches or (`paged`) paged ones."""
   from flash_jax.kernels.triton import TritonConfig
+  layout = "flash_jax paged" if paged else "flash_jax"
   for i in problem_indices:
     problem = bench_decode.DEFAULT_PROBLEMS[i]
     fns = {"cudnn": bench_decode.contenders("gpu")["jax.nn[cudnn]"],
-           "default": bench_decode.contenders("gpu", "triton")["flash_jax"]}
+           "default": bench_decode.contenders("gpu", "triton")[layout]}
     for fields in configs:
       name = " ".join(f"{k}={v}" for k, v in fields.items())
-      fns[name] = bench_decode.contenders("gpu", "triton", TritonConfig(**fields))["flash_jax"]
+      fns[name] = bench_decode.contenders("gpu", "triton", TritonConfig(**fields))[layout]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
     ranked = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
     print(f"COMPARE {problem.label}: {ranked}", flush=True)
@@ -250,6 +252,7 @@ def main():
   parser.add_argument("--trace-dir", default="/tmp/decode_traces", help="profile's traces")
   parser.add_argument("--configs", default='[{"num_stages_split": 2}]',
                       help="compare: a JSON list of TritonConfig fields")
+  parser.add_argument("--paged", action="store_true", help="compare: paged caches")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   if args.mode == "check":
@@ -262,7 +265,7 @@ def main():
     return profile(args.problems, args.trace_dir)
   if args.mode == "compare":
     import json
-    return compare(args.problems, args.repeats, json.loads(args.configs))
+    return compare(args.problems, args.repeats, json.loads(args.configs), args.paged)
   if args.mode == "paged":
     return paged_sweep(args.problems, args.repeats)
   if args.mode == "splits":

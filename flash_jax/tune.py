@@ -69,7 +69,7 @@ def _triton_grids(head_dim: int) -> dict:
       "dq": {"block_q_dq": (64, 128), "block_kv_dq": (32, 64), "num_warps_dq": (4, 8),
              "num_stages_dq": (2, 3)},
       "split": {"block_kv_split": (32, 64, 128), "num_stages_split": (2, 3),
-                "split_programs_per_multiprocessor": (1, 2, 4)},
+                "num_stages_one_split": (3, 4), "split_programs_per_multiprocessor": (1, 2, 4)},
   }
 
 

@@ -165,7 +165,8 @@ DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan in interpret mode
 def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
   """The split-KV kernel's fields for this call: the table's (`fields`, default: the
   lookup's) with blocks fitted to the call, and num_splits, unless the table fixes it,
-  planned for about `split_programs_per_multiprocessor` programs per multiprocessor."""
+  planned for about `split_programs_per_multiprocessor` programs per multiprocessor, and
+  `num_stages_one_split` stages where that plan takes one split."""
   if fields is None:
     fields = tuning.lookup(TUNING, table_key(spec)).fields
   rows = _fit(fields["block_q_split"], spec.packed_rows)
@@ -178,10 +179,12 @@ def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
         multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
         per_multiprocessor=fields["split_programs_per_multiprocessor"],
         min_blocks_per_split=fields["split_min_blocks"])
+  # One split: the call has programs enough without splitting, each streaming its whole
+  # row; the table may pipeline those deeper (fewer programs share a multiprocessor).
+  stages = fields["num_stages_one_split" if splits == 1 else "num_stages_split"]
   return dict(block_q_split=rows, block_kv_split=block_kv,
-              num_warps_split=fields["num_warps_split"],
-              num_stages_split=fields["num_stages_split"], num_splits=splits,
-              prefetch_pages=fields["prefetch_pages"])
+              num_warps_split=fields["num_warps_split"], num_stages_split=stages,
+              num_splits=splits, prefetch_pages=fields["prefetch_pages"])
 
 
 # ---- the tuning table ------------------------------------------------------------------
@@ -189,8 +192,9 @@ def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
 # each entry with the measurement behind it (flash_jax/tuning.py reads them).
 
 # Fields of a table entry that are no TritonConfig field: how split_kv_config plans the
-# number of splits of a call (split_kv.num_splits).
-PLAN_FIELDS = ("split_programs_per_multiprocessor", "split_min_blocks")
+# number of splits of a call (split_kv.num_splits), and the split-KV kernel's stages
+# when the plan takes one split.
+PLAN_FIELDS = ("split_programs_per_multiprocessor", "split_min_blocks", "num_stages_one_split")
 TILE_HEAD_DIMS = (16, 32, 64, 128, 256)  # padded_head_dim of every head dim up to 256
 
 
