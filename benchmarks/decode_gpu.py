@@ -98,6 +98,11 @@ def check(implementation: str) -> bool:
   return ok
 
 
+def _ranked(rows):
+  """(µs, contender) of the timed rows, fastest first."""
+  return sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
+
+
 def sweep(problem_indices, repeats: int):
   from flash_jax.kernels.triton import TritonConfig, config as config_lib
   problems = [bench_decode.DEFAULT_PROBLEMS[i] for i in problem_indices]
@@ -117,8 +122,7 @@ def sweep(problem_indices, repeats: int):
         fns[name] = bench_decode.contenders("gpu", "triton", config)["flash_jax"]
     fns["paged default"] = bench_decode.contenders("gpu", "triton")["flash_jax paged"]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
-    best = sorted((r["us"], r["implementation"]) for r in rows if "us" in r)
-    print(f"SWEEP {problem.label}: best {best[:4]}", flush=True)
+    print(f"SWEEP {problem.label}: best {_ranked(rows)[:4]}", flush=True)
 
 
 def compare(problem_indices, repeats: int, configs: list[dict], paged: bool = False):
@@ -134,8 +138,7 @@ def compare(problem_indices, repeats: int, configs: list[dict], paged: bool = Fa
       name = " ".join(f"{k}={v}" for k, v in fields.items())
       fns[name] = bench_decode.contenders("gpu", "triton", TritonConfig(**fields))[layout]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
-    ranked = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
-    print(f"COMPARE {problem.label}: {ranked}", flush=True)
+    print(f"COMPARE {problem.label}: {_ranked(rows)}", flush=True)
 
 
 def splits_sweep(problem_indices, repeats: int, split_counts=(1, 2, 4, 8, 16, 32, 64)):
@@ -151,8 +154,7 @@ def splits_sweep(problem_indices, repeats: int, split_counts=(1, 2, 4, 8, 16, 32
         fns[f"{layout} splits{n}"] = bench_decode.contenders(
             "gpu", "triton", TritonConfig(num_splits=n))[key]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
-    best = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
-    print(f"SPLITS {problem.label}: {best[:6]}", flush=True)
+    print(f"SPLITS {problem.label}: {_ranked(rows)[:6]}", flush=True)
 
 
 def paged_sweep(problem_indices, repeats: int):
@@ -177,8 +179,7 @@ def paged_sweep(problem_indices, repeats: int):
         config = TritonConfig(num_splits=2 * config_lib.split_kv_config(spec)["num_splits"])
       fns[name] = bench_decode.contenders("gpu", "triton", config)["flash_jax paged"]
     rows = bench_decode.measure([problem], fns, warmup=2, repeats=repeats)
-    best = sorted((round(r["us"], 1), r["implementation"]) for r in rows if "us" in r)
-    print(f"PAGED {problem.label}: {best}", flush=True)
+    print(f"PAGED {problem.label}: {_ranked(rows)}", flush=True)
 
 
 def _paged_shapes(problem):

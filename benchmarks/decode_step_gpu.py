@@ -125,9 +125,7 @@ def main(argv=None):
       tokens = rng.integers(0, 256, (args.batch, 1)).astype(np.int32)
       if cache_kind == "flax":
         generate.init_module_caches(model, args.batch, config.seq_len, dtype, ragged=False)
-      graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-      params, params_def = jax.tree.flatten(generate.serving_weights(params, dtype))
-      cache, cache_def = jax.tree.flatten(cache)
+      graphdef, params, params_def, cache, cache_def = generate.step_operands(model, dtype)
       if cache_kind == "paged":
         paged = generate.PagedCache(config, args.batch, args.batch * -(-config.seq_len //
                                                                         args.page_size),

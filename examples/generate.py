@@ -181,6 +181,16 @@ def serving_weights(params, dtype):
   return jax.tree.map(cast, params)
 
 
+def step_operands(model, dtype):
+  """(graphdef, params, params_def, cache, cache_def): the model split for the steps,
+  its weights in the compute dtype (serving_weights) and its parameters and module caches
+  (none for the paged cache) as leaves with their tree definitions."""
+  graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+  params, params_def = jax.tree.flatten(serving_weights(params, dtype))
+  cache, cache_def = jax.tree.flatten(cache)
+  return graphdef, params, params_def, cache, cache_def
+
+
 def make_paged_step(graphdef, params_def, sampling: Sampling, max_context: int,
                     implementation):
   """One step over the paged cache (the scheduler jits it: run_continuous)."""
@@ -594,9 +604,7 @@ def main(argv=None) -> dict:
 
   if cache_kind != "paged":
     init_module_caches(model, args.slots, config.seq_len, dtype, ragged=cache_kind != "flax")
-  graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)  # paged: no nnx.Cache
-  params, params_def = jax.tree.flatten(serving_weights(params, dtype))
-  cache, cache_def = jax.tree.flatten(cache)
+  graphdef, params, params_def, cache, cache_def = step_operands(model, dtype)
   if cache_kind == "paged":
     page_size = args.page_size
     longest = sorted((-(-r.total // page_size) for r in requests), reverse=True)
