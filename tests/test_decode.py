@@ -162,12 +162,22 @@ def test_paged_attention_validates_its_arguments(kwargs, error, match):
     flash_jax.paged_attention(**args)
 
 
-def test_paged_attention_declined_by_mosaic_gpu(monkeypatch):
+@pytest.mark.parametrize("page_size, head_dim, served", [
+    (16, 64, True), (64, 128, True), (128, 256, True), (32, 192, True),
+    (7, 64, False),  # a block would span pages of 7 rows: no TMA copy per page
+    (48, 64, False),  # 64-key blocks neither hold nor fit in whole pages
+    (64, 96, False),  # padding the head dim would copy the cache
+])
+def test_mosaic_gpu_serves_paged_caches_it_reads_in_place(monkeypatch, page_size, head_dim,
+                                                          served):
   from flash_jax.kernels.mosaic_gpu import IMPLEMENTATION, compat
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  pages = jnp.zeros((4, page_size, 2, head_dim), jnp.bfloat16)
   spec = flash_jax.paged.normalize_paged(
-      jnp.zeros((1, 1, 4, 64), jnp.bfloat16), jnp.zeros((4, 16, 2, 64), jnp.bfloat16),
-      jnp.zeros((4, 16, 2, 64), jnp.bfloat16), jnp.zeros((1, 4), jnp.int32),
+      jnp.zeros((1, 1, 4, head_dim), jnp.bfloat16), pages, pages, jnp.zeros((1, 4), jnp.int32),
       jnp.ones((1,), jnp.int32))[0]
-  with pytest.raises(NotImplementedError, match="paged"):
+  if served:
     IMPLEMENTATION.check_spec(spec)
+  else:
+    with pytest.raises(NotImplementedError, match="page size|head dims"):
+      IMPLEMENTATION.check_spec(spec)

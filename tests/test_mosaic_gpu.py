@@ -16,8 +16,9 @@ from conftest import assert_accurate
 from flash_jax import masking, spec as spec_lib
 from flash_jax.kernels.mosaic_gpu import compat, ranges
 from flash_jax import tuning
-from flash_jax.kernels.mosaic_gpu.config import (TUNING, MosaicGPUBlockSizes, default_config,
-                                                  resolve, table_key)
+from flash_jax.kernels.mosaic_gpu.config import (PLAN_FIELDS, TUNING, MosaicGPUBlockSizes,
+                                                 default_config, split_kv_plan,
+                                                 resolve, table_key)
 
 RULES = [
     dict(causal=False, window=None),
@@ -145,7 +146,14 @@ def test_config_defaults_and_validation():
   for d, causal in itertools.product((64, 128, 256), (False, True)):
     spec = _spec(d, causal=causal)
     fields = tuning.lookup(TUNING, table_key(spec)).fields
-    assert default_config(spec) == MosaicGPUBlockSizes(**fields)
+    kernel_fields = {k: v for k, v in fields.items() if k not in PLAN_FIELDS}
+    planned = split_kv_plan(spec, block_kv=fields["block_kv_split"],
+                            **{name: fields[name] for name in PLAN_FIELDS})
+    assert default_config(spec) == MosaicGPUBlockSizes(**kernel_fields, num_splits=planned)
+  with pytest.raises(ValueError, match="block_kv_split=96 must be a multiple of 64"):
+    MosaicGPUBlockSizes(block_kv_split=96)
+  with pytest.raises(ValueError, match="num_splits=129 must be at most"):
+    MosaicGPUBlockSizes(num_splits=129)
 
 
 def test_features_served_and_declined(monkeypatch):
@@ -447,3 +455,78 @@ def test_lengths_offsets_segments_with_poison(head_dim, options):
     assert np.all(np.asarray(got[0], np.float32)[hidden] == 0)
     assert np.all(np.isneginf(np.asarray(got[1]).transpose(0, 2, 1)[hidden]))
     assert np.all(np.asarray(got[2], np.float32)[hidden] == 0)
+
+
+# ---- split-KV decode (split_kv.py) ---------------------------------------------------------
+
+DECODE_CALLS = [  # (T, Nq, Nkv, head dim, page size, num_splits (None: planned), options)
+    (1, 32, 8, 128, 64, None, {}),
+    (2, 16, 1, 128, 16, 3, {}),  # MQA; pages of 16 (8 TMA copies per 128-key block)
+    (7, 8, 8, 64, 128, None, {"window": (100, 0)}),
+    (16, 32, 8, 128, 64, 5, {"softcap": 30.0}),  # uneven shares: some splits are empty
+    (1, 8, 2, 256, 128, None, {"scale": 0.3}),
+    (3, 8, 2, 192, 32, None, {}),  # MLA's (192, 128)
+]
+
+
+@pytest.mark.parametrize("t,nq,nkv,head_dim,page_size,splits,options", DECODE_CALLS, ids=str)
+def test_split_kv_kernel_lowers_for_cuda(monkeypatch, t, nq, nkv, head_dim, page_size, splits,
+                                         options):
+  """Decode-shaped contiguous and paged calls lower to the split-KV kernel on any host."""
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  head_dim_v = 128 if head_dim == 192 else head_dim
+  block_sizes = MosaicGPUBlockSizes(num_splits=splits)
+  q = jax.ShapeDtypeStruct((2, t, nq, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1000, nkv, head_dim), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((2, 1000, nkv, head_dim_v), jnp.bfloat16)
+  lengths = jnp.array([997, 17], jnp.int32)
+  contiguous = lambda q, k, v: flash_jax.flash_attention(
+      q, k, v, causal=True, kv_lengths=lengths, q_offset=lengths - t, block_sizes=block_sizes,
+      implementation="mosaic_gpu", **options)
+  tables = jnp.zeros((2, -(-1000 // page_size)), jnp.int32)
+  paged = lambda q, k, v: flash_jax.paged_attention(
+      q, k, v, tables, lengths, block_sizes=block_sizes, implementation="mosaic_gpu", **options)
+  k_pages = jax.ShapeDtypeStruct((40, page_size, nkv, head_dim), jnp.bfloat16)
+  v_pages = jax.ShapeDtypeStruct((40, page_size, nkv, head_dim_v), jnp.bfloat16)
+  for fn, args in ((contiguous, (q, k, v)), (paged, (q, k_pages, v_pages))):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+    assert "flash_jax_mosaic_gpu_split_kv" in text
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("t,nq,nkv,head_dim,page_size,splits,options", DECODE_CALLS, ids=str)
+def test_split_kv_decode_with_junk_on_gpu(t, nq, nkv, head_dim, page_size, splits, options):
+  """Contiguous and paged decode through the split-KV kernel match the float32 reference
+  by the accuracy rule, with lengths 0, 1 and odd ones, NaN/inf past the lengths of the
+  contiguous cache, in unused pages and in unused table entries (out of the pool)."""
+  from cases import PagedCase, make_paged_inputs, poison_unseen_keys
+  head_dim_v = 128 if head_dim == 192 else head_dim
+  case = PagedCase(4, t, nq, nkv, head_dim, page_size, -(-600 // page_size), "bfloat16",
+                   head_dim_v=None if head_dim_v == head_dim else head_dim_v)
+  q, k_pages, v_pages, tables, lengths, _, (k, v) = make_paged_inputs(case, seed=t + head_dim)
+  kwargs = dict(causal=True, **options)
+  k, v = poison_unseen_keys(k, v, dict(kwargs, kv_lengths=lengths, q_offset=lengths - t), t)
+  block_sizes = MosaicGPUBlockSizes(num_splits=splits)
+  calls = {
+      "contiguous": lambda impl, q, k, v: flash_jax.flash_attention(
+          q, k, v, kv_lengths=lengths, q_offset=lengths - t, return_lse=True,
+          implementation=impl, block_sizes=block_sizes if impl == "mosaic_gpu" else None,
+          **kwargs),
+      "paged": lambda impl, q, k, v: flash_jax.paged_attention(
+          q, k, v, tables, lengths, return_lse=True, implementation=impl,
+          block_sizes=block_sizes if impl == "mosaic_gpu" else None, **kwargs),
+  }
+  for layout, call in calls.items():
+    args = (q, k, v) if layout == "contiguous" else (q, k_pages, v_pages)
+    assert "flash_jax_mosaic_gpu_split_kv" in jax.jit(
+        lambda *a: call("mosaic_gpu", *a)).lower(*args).as_text()
+    got = call("mosaic_gpu", *args)
+    same = call("xla", *args)
+    with jax.default_matmul_precision("highest"):
+      ref = call("xla", *(x.astype(jnp.float32) for x in args))
+    for name, g, sp, r in zip(("out", "lse"), got, same, ref):
+      assert np.all(np.isfinite(np.asarray(g, np.float32))[np.isfinite(np.asarray(r))]), name
+      assert_accurate(name, g, sp, r, dtype="bfloat16")

@@ -111,8 +111,8 @@ def test_every_mosaic_gpu_table_config_is_accepted(monkeypatch, kind):
 
 
 def test_mosaic_gpu_table_configs_lower_for_cuda(monkeypatch):
-  """Every distinct config of the shipped tables lowers, forward and backward, to Mosaic
-  GPU (jax.export for the cuda platform; no GPU needed)."""
+  """Every distinct config of the shipped tables lowers, forward, backward and split-KV
+  decode, to Mosaic GPU (jax.export for the cuda platform; no GPU needed)."""
   from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
@@ -122,7 +122,9 @@ def test_mosaic_gpu_table_configs_lower_for_cuda(monkeypatch):
     for head_dim, causal in itertools.product(schema.keys["head_dim"], (False, True)):
       choice = tuning.lookup(schema, dict(head_dim=head_dim, causal=causal, dtype="bfloat16"),
                              kind=kind)
-      configs.setdefault((head_dim, mosaic_config.MosaicGPUBlockSizes(**choice.fields)), causal)
+      fields = {name: value for name, value in choice.fields.items()
+                if name not in mosaic_config.PLAN_FIELDS}
+      configs.setdefault((head_dim, mosaic_config.MosaicGPUBlockSizes(**fields)), causal)
   for (head_dim, config), causal in configs.items():
     q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
     attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, causal=causal,
@@ -131,6 +133,10 @@ def test_mosaic_gpu_table_configs_lower_for_cuda(monkeypatch):
     grads = jax.grad(lambda *a: jnp.sum(attn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     for fn in (attn, grads):
       assert "mosaic_gpu" in jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, q).mlir_module()
+    decode_q = jax.ShapeDtypeStruct((1, 1, 8, head_dim), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, 1000, 2, head_dim), jnp.bfloat16)
+    text = jax.export.export(jax.jit(attn), platforms=["cuda"])(decode_q, cache, cache).mlir_module()
+    assert "split_kv" in text
 
 
 # ---- lookup and fallback -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from flash_jax import tuning
+from flash_jax import device, split_kv, tuning
 from flash_jax.config import BlockSizes
 from flash_jax.spec import AttentionSpec
 
@@ -19,7 +19,7 @@ NUM_COMPUTE_WGS = 2  # consumer warpgroups per CTA in the forward (FA3 ping-pong
 WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
 
 
-STAGE_FIELDS = ("num_stages", "num_stages_dkv", "num_stages_dq")
+STAGE_FIELDS = ("num_stages", "num_stages_dkv", "num_stages_dq", "num_stages_split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,12 @@ class MosaicGPUBlockSizes(BlockSizes):
   # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
   # ping-pong); None: the tuning table's. One consumer at d256: no effect.
   dkv_ping_pong: bool | None = None
+  # Split-KV decode kernel (split_kv.py; decode-shaped and paged calls): key blocks of
+  # block_kv_split through a ring of num_stages_split slots, over one of num_splits runs
+  # of a row's keys (None: planned for the call, `split_kv_plan`).
+  block_kv_split: int | None = None
+  num_stages_split: int | None = None
+  num_splits: int | None = None
   switches = ("overlap_softmax", "dkv_ping_pong")
 
   def __post_init__(self):
@@ -51,10 +57,26 @@ class MosaicGPUBlockSizes(BlockSizes):
       if value is not None and value < 2:
         raise ValueError(f"{type(self).__name__}.{name} must be an int >= 2, got {value!r}")
     self.require_multiple(WGMMA_ROWS)
+    if self.block_kv_split is not None and self.block_kv_split % WGMMA_ROWS:
+      raise ValueError(f"{type(self).__name__}.block_kv_split={self.block_kv_split} must be a "
+                       f"multiple of {WGMMA_ROWS}")
+    if self.num_splits is not None and self.num_splits > split_kv.MAX_SPLITS:
+      raise ValueError(f"{type(self).__name__}.num_splits={self.num_splits} must be at most "
+                       f"{split_kv.MAX_SPLITS}")
+
+
+# Fields of a table entry that are no MosaicGPUBlockSizes field: how `split_kv_plan`
+# picks a call's number of splits (split_kv.num_splits).
+PLAN_FIELDS = ("split_programs_per_multiprocessor", "split_min_blocks")
 
 
 def _check_table_fields(fields: dict) -> None:
   """A tuning entry's fields as MosaicGPUBlockSizes and `resolve` take them."""
+  fields = dict(fields)
+  for name in PLAN_FIELDS:
+    value = fields.pop(name, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
   MosaicGPUBlockSizes(**fields)
   if fields.get("block_q", WGMMA_ROWS) != WGMMA_ROWS:
     raise ValueError(f"block_q={fields['block_q']} must be {WGMMA_ROWS}")
@@ -72,6 +94,7 @@ def table_key(spec: AttentionSpec) -> dict:
   return dict(head_dim=head_dim, causal=spec.causal, dtype=spec.dtype)
 
 
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes))
 # The defaults are data: kernels/mosaic_gpu/tuning/<device kind>.json, one file per GPU,
 # each entry with the measurement behind it (flash_jax/tuning.py reads them).
 TUNING = tuning.Schema(
@@ -80,14 +103,35 @@ TUNING = tuning.Schema(
     keys={"head_dim": TABLE_HEAD_DIMS, "causal": (False, True),
           "dtype": ("bfloat16", "float16")},
     key=table_key,
-    fields=tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes)),
-    required=tuple(f.name for f in dataclasses.fields(MosaicGPUBlockSizes)),
+    fields=_CONFIG_FIELDS + PLAN_FIELDS,
+    # num_splits depends on the call's shape: planned unless a table fixes it.
+    required=tuple(name for name in _CONFIG_FIELDS if name != "num_splits") + PLAN_FIELDS,
     check=_check_table_fields)
+
+DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan where no device is seen
 
 
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
-  """The tuning table's config for this call on the current device."""
-  return MosaicGPUBlockSizes(**tuning.lookup(TUNING, table_key(spec)).fields)
+  """The tuning table's config for this call on the current device, its number of
+  splits planned for the call (`split_kv_plan`) unless the table fixes it."""
+  fields = tuning.lookup(TUNING, table_key(spec)).fields
+  config = {name: value for name, value in fields.items() if name not in PLAN_FIELDS}
+  if config.get("num_splits") is None:
+    config["num_splits"] = split_kv_plan(spec, block_kv=config["block_kv_split"], **{
+        name: fields[name] for name in PLAN_FIELDS})
+  return MosaicGPUBlockSizes(**config)
+
+
+def split_kv_plan(spec: AttentionSpec, *, block_kv: int, split_programs_per_multiprocessor: int,
+                  split_min_blocks: int) -> int:
+  """Splits per (batch row, K/V head, row tile) of a split-KV call: about
+  `split_programs_per_multiprocessor` CTAs per multiprocessor, each streaming at least
+  `split_min_blocks` key blocks (split_kv.num_splits)."""
+  row_tiles = -(-spec.packed_rows // WGMMA_ROWS)
+  return split_kv.num_splits(
+      programs=spec.batch * spec.num_kv_heads * row_tiles, kv_blocks=-(-spec.kv_len // block_kv),
+      multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
+      per_multiprocessor=split_programs_per_multiprocessor, min_blocks_per_split=split_min_blocks)
 
 
 def resolve(config: BlockSizes, spec: AttentionSpec) -> MosaicGPUBlockSizes:

@@ -1,6 +1,7 @@
 """The "mosaic_gpu" implementation: Pallas Mosaic GPU kernels for Hopper (sm90).
 
-Forward: `forward.py` (FlashAttention-3 warp specialization and ping-pong). Backward:
+Forward: `forward.py` (FlashAttention-3 warp specialization and ping-pong); decode-shaped
+and paged calls: `split_kv.py` (split-KV, GQA packing, pages read in place). Backward:
 `backward.py` (dK/dV and dQ kernels, deterministic). `check_spec` raises
 NotImplementedError for every call these kernels do not serve, so that dispatch with
 implementation=None moves on to the next implementation (Triton, chunked).
@@ -13,12 +14,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from flash_jax import masking, tiles, versions
+from flash_jax import masking, split_kv, tiles, versions
 from flash_jax.implementation import BlockwiseImplementation, unsupported
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
 from flash_jax.kernels.mosaic_gpu import compat, config as config_lib
 from flash_jax.kernels.mosaic_gpu import forward as forward_kernel
+from flash_jax.kernels.mosaic_gpu import split_kv as split_kv_kernel
 
 # Head dims the kernels are built for, for H and Hv each: multiples of wgmma's
 # 64-column tiles of 2-byte operands (128-byte swizzle); H != Hv as they come (MLA's
@@ -37,11 +39,13 @@ PREFERRED_MIN_HEAD_DIM = 40
 # constant bias 1.22x (Triton 1.66x); only with d bias is mosaic_gpu ahead (0.91x, Triton
 # 0.79x). Each bias tile load weighs twice as much against d64's matmuls as at d128.
 BIAS_PREFERRED_MIN_HEAD_DIM = 65
+# Decode-shaped calls at head dims over 64 and up to 128 go to Triton's split-KV kernel:
+# the two were level there in two runs on the H200 (bf16, 2026-11-30, benchmarks/decode_gpu.py
+# compare; docs/measurements/2026-11-30_h200_decode_mosaic_gpu.txt), each ahead by 1-6% on
+# some problems, Triton by 6% at B = 64, S = 4096. At d64 (142-165 vs 147-182 us) and d256
+# (474-500 vs 501-508) this kernel was ahead in both layouts.
+SPLIT_KV_TRITON_HEAD_DIMS = range(65, 129)
 SUPPORTED_DTYPES = ("bfloat16", "float16")
-# Features whose arrays the kernels do not read. (q_offset, segment ids, the per-batch
-# lengths and the dropout seed reach the kernels through `features`, bias and dense masks
-# through `dense`.)
-UNSUPPORTED_FEATURES = ("paged",)
 
 
 class MosaicGPUImplementation(BlockwiseImplementation):
@@ -49,6 +53,7 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   platforms = ("gpu",)
   interpretable = False  # the Mosaic GPU interpreter lacks layout_cast and run_state
   differentiable_backward = False  # Pallas Mosaic GPU kernels have no JVP
+  split_kv_kernels = True
   config_type = config_lib.MosaicGPUBlockSizes
 
   def check_spec(self, spec: AttentionSpec) -> None:
@@ -58,14 +63,26 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     if missing:
       raise unsupported(self.name, f"JAX {jax.__version__}, whose Pallas lacks "
                         f"{', '.join(missing)}")
-    for feature in spec.features():
-      if feature in UNSUPPORTED_FEATURES:
-        raise unsupported(self.name, feature)
+    if spec.paged:
+      if not native_head_dims(spec):
+        raise unsupported(self.name, f"paged caches at head dims ({spec.head_dim}, "
+                          f"{spec.head_dim_v}): the split-KV kernel takes "
+                          f"{KERNEL_HEAD_DIMS}, and padding would copy the cache")
+      block_kv = config_lib.default_config(spec).block_kv_split
+      if not split_kv_kernel.serves_page_size(spec.page_size, block_kv):
+        raise unsupported(self.name, f"page size {spec.page_size} with {block_kv}-key blocks "
+                          "(a page must hold whole blocks, or a block whole pages of a "
+                          "multiple of 8 tokens)")
     if spec.dtype not in SUPPORTED_DTYPES:
       raise unsupported(self.name, f"dtype {spec.dtype} (only {', '.join(SUPPORTED_DTYPES)})")
     # spec.normalize bounds both head dims by 256, the largest of KERNEL_HEAD_DIMS.
 
   def slower_than_next(self, spec: AttentionSpec) -> bool:
+    if split_kv.decode_shaped(spec):
+      # Not through the split-KV kernel, the forward kernel would run on a padded copy
+      # of the cache.
+      return (not uses_split_kv(spec)
+              or max(spec.head_dim, spec.head_dim_v) in SPLIT_KV_TRITON_HEAD_DIMS)
     head_dim = max(spec.head_dim, spec.head_dim_v)
     if spec.has_bias and head_dim < BIAS_PREFERRED_MIN_HEAD_DIM:
       return True
@@ -88,6 +105,10 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     """With a bias, the stats are the rows' (max in natural units, log2 sum) (see
     `backward.kernel_operands`); None without."""
     del interpret
+    if uses_split_kv(spec):  # no bias: the backward recomputes from lse alone
+      out, lse = split_kv_kernel.split_kv_forward(q, k, v, arrays, spec,
+                                                  config_lib.resolve(config, spec))
+      return out, lse, None
     k, v = tiles.zero_keys_no_row_sees(spec, arrays, k, v)  # TMA loads whole key blocks
     padded = kernel_spec(spec)
     q, k = (pad_head_dim(x, padded.head_dim) for x in (q, k))
@@ -125,6 +146,20 @@ def bias_gradient(dlogits, bias, arrays, spec: AttentionSpec):
     dlogits = jnp.where(visible, grouped, 0.0).reshape(dlogits.shape)
   dbias = masking.bias_grad(dlogits, bias)
   return tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
+
+
+def native_head_dims(spec: AttentionSpec) -> bool:
+  """Whether H and Hv are both head dims the kernels are built for (no padding)."""
+  return spec.head_dim in KERNEL_HEAD_DIMS and spec.head_dim_v in KERNEL_HEAD_DIMS
+
+
+def uses_split_kv(spec: AttentionSpec) -> bool:
+  """Decode-shaped calls go to the split-KV kernel, which reads the cache in place. A
+  contiguous call at other head dims, or whose cache length is no multiple of 8 (TMA
+  tiles the cache's rows by 8), runs the forward kernel on a padded copy instead."""
+  if not split_kv.decode_shaped(spec):
+    return False
+  return spec.paged or (native_head_dims(spec) and spec.kv_len % 8 == 0)
 
 
 def kernel_head_dim(head_dim: int) -> int:

@@ -56,11 +56,14 @@ def produce(streams: tuple[Stream, ...], num_steps, stages: int) -> None:
   plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
   def issue(step, slot, wait_free: bool):
-    for stream in streams:
+    # The sources first: a paged block's page id is a scalar load, which then runs
+    # while the producer waits for the slot.
+    views = [[source(step) for source in stream.sources] for stream in streams]
+    for stream, stream_views in zip(streams, views):
       if wait_free:
         plgpu.barrier_wait(stream.free.at[slot])
-      for source, ring in zip(stream.sources, stream.rings):
-        plgpu.copy_gmem_to_smem(source(step), ring.at[slot], stream.ready.at[slot])
+      for view, ring in zip(stream_views, stream.rings):
+        plgpu.copy_gmem_to_smem(view, ring.at[slot], stream.ready.at[slot])
 
   for i in range(stages):
     pl.when(i < num_steps)(functools.partial(issue, jnp.int32(i), i, False))
