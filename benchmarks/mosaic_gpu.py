@@ -216,8 +216,9 @@ def main():
                                                        overlap_softmax=overlap)
     # Beside each default (config.py), the alternatives v6 weighed: the other forward
     # schedule (sequential softmax vs overlapped with the PV matmul) and, at d64, 256-wide
-    # key blocks.
-    configs = {64: [None, m(256, False), m(128, True)],
+    # key blocks and deeper rings (the H200's 1.4x bandwidth).
+    configs = {64: [None, m(256, False), m(128, True), m(128, False, 3), m(128, False, 4),
+                    m(256, False, 3)],
                128: [None, m(128, False)],
                256: [None, m(64, False)]}  # d256: Q + a 2-slot ring of 64-row blocks fill SMEM
   variants(sys.stdout, args.head_dims, args.seqs, configs, args.modes)

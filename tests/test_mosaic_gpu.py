@@ -472,7 +472,8 @@ DECODE_CALLS = [  # (T, Nq, Nkv, head dim, page size, num_splits (None: planned)
 @pytest.mark.parametrize("t,nq,nkv,head_dim,page_size,splits,options", DECODE_CALLS, ids=str)
 def test_split_kv_kernel_lowers_for_cuda(monkeypatch, t, nq, nkv, head_dim, page_size, splits,
                                          options):
-  """Decode-shaped contiguous and paged calls lower to the split-KV kernel on any host."""
+  """Decode-shaped contiguous and paged calls lower to the split-KV kernel on any host,
+  the paged one with no gather of the pool (pages are read in place)."""
   from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
@@ -492,7 +493,7 @@ def test_split_kv_kernel_lowers_for_cuda(monkeypatch, t, nq, nkv, head_dim, page
   v_pages = jax.ShapeDtypeStruct((40, page_size, nkv, head_dim_v), jnp.bfloat16)
   for fn, args in ((contiguous, (q, k, v)), (paged, (q, k_pages, v_pages))):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
-    assert "flash_jax_mosaic_gpu_split_kv" in text
+    assert "flash_jax_mosaic_gpu_split_kv" in text and "stablehlo.gather" not in text
 
 
 @pytest.mark.gpu
