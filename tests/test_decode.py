@@ -181,3 +181,20 @@ def test_mosaic_gpu_serves_paged_caches_it_reads_in_place(monkeypatch, page_size
   else:
     with pytest.raises(NotImplementedError, match="page size|head dims"):
       IMPLEMENTATION.check_spec(spec)
+
+
+def test_mosaic_gpu_block_that_does_not_tile_the_pages_is_a_value_error(monkeypatch):
+  from flash_jax.kernels.mosaic_gpu import compat
+  from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  # The default 64-key blocks tile pages of 192 tokens; 128-key blocks do not.
+  pages = jax.ShapeDtypeStruct((4, 192, 2, 128), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16)
+  call = lambda q, k, v: flash_jax.paged_attention(
+      q, k, v, jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32),
+      implementation="mosaic_gpu", block_sizes=MosaicGPUBlockSizes(block_kv_split=128))
+  with pytest.raises(ValueError, match="block_kv_split=128 does not tile pages of 192"):
+    jax.eval_shape(call, q, pages, pages)
+

@@ -77,6 +77,10 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
   head_dim, head_dim_v, dtype = spec.head_dim, spec.head_dim_v, q.dtype
   kv_len = spec.kv_len
   kv_bound = kv_len if kv_len % block_kv else None  # the last block overhangs the cache
+  if spec.paged and not serves_page_size(spec.page_size, block_kv):
+    raise ValueError(f"block_kv_split={block_kv} does not tile pages of {spec.page_size} "
+                     "tokens: a page must hold whole blocks, or a block whole pages of a "
+                     "multiple of 8 tokens")
   copies = block_copies(spec, block_kv)
   feature_names, feature_arrays = features.inputs(arrays, spec, t_pad=spec.q_len, s_pad=kv_len)
   if spec.paged:
