@@ -55,7 +55,8 @@ class Group:
 GROUPS = {
     "triton": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
                Group("split", "decode", ("head_dim", "dtype", "decode"))),
-    "mosaic_gpu": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd")),
+    "mosaic_gpu": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
+                   Group("split", "decode", ("head_dim", "dtype"))),
 }
 
 
@@ -78,11 +79,16 @@ def _mosaic_grids(head_dim: int) -> dict:
     return {"fwd": {"block_kv": (64,), "num_stages": (2,), "overlap_softmax": (False, True)},
             "dkv": {"block_q_dkv": (64,), "block_kv_dkv": (64,), "num_stages_dkv": (2,),
                     "dkv_ping_pong": (False,)},
-            "dq": {"block_q_dq": (64,), "block_kv_dq": (64,), "num_stages_dq": (2,)}}
+            "dq": {"block_q_dq": (64,), "block_kv_dq": (64,), "num_stages_dq": (2,)},
+            "split": {"block_kv_split": (64,), "num_stages_split": (2,),
+                      "split_programs_per_multiprocessor": (1,), "split_min_blocks": (2, 4)}}
   return {"fwd": {"block_kv": (64, 128), "num_stages": (2, 3), "overlap_softmax": (False, True)},
           "dkv": {"block_q_dkv": (64, 128), "block_kv_dkv": (64,), "num_stages_dkv": (2, 3),
                   "dkv_ping_pong": (False, True)},
-          "dq": {"block_q_dq": (64,), "block_kv_dq": (64, 128), "num_stages_dq": (2, 3)}}
+          "dq": {"block_q_dq": (64,), "block_kv_dq": (64, 128), "num_stages_dq": (2, 3)},
+          # Two slots of 64 keys let two CTAs share a multiprocessor; the rest fit one.
+          "split": {"block_kv_split": (64, 128), "num_stages_split": (2, 3, 4),
+                    "split_programs_per_multiprocessor": (1, 2), "split_min_blocks": (4,)}}
 
 
 # --tiny: two candidates per group, none of them a shipped default, so that a tiny table
@@ -102,6 +108,8 @@ _TINY_GRIDS = {
         "dkv": {"block_q_dkv": (64,), "block_kv_dkv": (64,), "num_stages_dkv": (3,),
                 "dkv_ping_pong": (False, True)},
         "dq": {"block_q_dq": (64,), "block_kv_dq": (64,), "num_stages_dq": (2, 3)},
+        "split": {"block_kv_split": (64,), "num_stages_split": (3, 4),
+                  "split_programs_per_multiprocessor": (1,), "split_min_blocks": (4,)},
     },
 }
 
@@ -432,7 +440,10 @@ _TINY_TRAINING = {"triton": dict(seq_lens=[64], head_dims=[32], tokens=128, mode
                                  dtype="float32", causal=[True]),
                   "mosaic_gpu": dict(seq_lens=[256], head_dims=[64], tokens=512,
                                      model_dim=128, dtype="bfloat16", causal=[True])}
-TINY_DECODE = (bench_decode.DecodeProblem(2, 128, 1, 4, 2, 32, page_size=16, dtype="float32"),)
+_TINY_DECODE = {
+    "triton": bench_decode.DecodeProblem(2, 128, 1, 4, 2, 32, page_size=16, dtype="float32"),
+    "mosaic_gpu": bench_decode.DecodeProblem(2, 512, 1, 4, 2, 64, page_size=64,
+                                             dtype="bfloat16")}
 
 
 def main(argv=None, log=None):
@@ -442,7 +453,7 @@ def main(argv=None, log=None):
   parser.add_argument("--implementation", required=True, choices=sorted(GROUPS))
   parser.add_argument("--groups", nargs="+", default=None,
                       help="the kernels' field groups to sweep (default: all of the "
-                           "implementation's: fwd dkv dq, and split for triton)")
+                           "implementation's: fwd dkv dq split)")
   parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
                       help="training problems' sequence lengths (default 4096 16384)")
   parser.add_argument("--head-dims", type=int, nargs="+", default=None,
@@ -488,7 +499,7 @@ def main(argv=None, log=None):
   if args.decode_problems is not None:
     decode = [bench_decode.DEFAULT_PROBLEMS[i] for i in args.decode_problems]
   else:
-    decode = list(TINY_DECODE if args.tiny else bench_decode.DEFAULT_PROBLEMS)
+    decode = [_TINY_DECODE[implementation]] if args.tiny else list(bench_decode.DEFAULT_PROBLEMS)
   settings = Settings(implementation, interpret=platform != "gpu",
                       warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 3),
                       repeats=args.repeats if args.repeats is not None else (2 if args.tiny else 20),

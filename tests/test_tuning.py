@@ -139,6 +139,21 @@ def test_mosaic_gpu_table_configs_lower_for_cuda(monkeypatch):
     assert "split_kv" in text
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_mosaic_gpu_split_candidates_are_table_entries(head_dim):
+  """The tuner's split-KV candidates for mosaic_gpu are entries its table schema takes,
+  the plan fields included, and each gives a config."""
+  from flash_jax import tune
+  schema = SCHEMAS["mosaic_gpu"]
+  fields_list = tune.candidates("mosaic_gpu", "split", head_dim, tiny=False)
+  assert len(fields_list) > 1
+  for fields in fields_list:
+    schema.check(dict(fields))
+    assert set(fields) <= set(schema.fields)
+    assert mosaic_config.MosaicGPUBlockSizes(**{
+        k: v for k, v in fields.items() if k not in mosaic_config.PLAN_FIELDS})
+
+
 # ---- lookup and fallback -------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,capability,expected", [
