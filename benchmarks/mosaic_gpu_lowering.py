@@ -6,7 +6,8 @@
 
 Exports forward and gradients of `flash_attention(implementation="mosaic_gpu")` for a set
 of configurations (head dims 64/128/256; causal, window + softcap; offsets, lengths and
-segment ids) with `jax.export` for the cuda platform on any host, decodes each kernel's
+segment ids; a bias; a negative scale) and the forward of decode-shaped and paged calls
+(the split-KV kernel) with `jax.export` for the cuda platform on any host, decodes each kernel's
 serialized Mosaic GPU module and prints it without debug locations (source line numbers
 change with any edit), one file per configuration. Identical files mean identical kernels;
 the wrapper program (padding, reshapes) is compared with locations stripped too.
@@ -44,6 +45,20 @@ CONFIGS = {  # name -> (head_dim, flash_attention keyword arguments)
                               segment_ids=(_ids(T, 1), _ids(S, 2)))),
     "features64": (64, dict(window=(40, 0), segment_ids=(_ids(T, 3), _ids(S, 4)),
                             kv_lengths=jnp.array([300, 20]))),
+    "bias128": (128, dict(causal=True, bias=jax.random.normal(jax.random.PRNGKey(5),
+                                                              (1, 4, T, S)))),
+    "scale64": (64, dict(scale=-0.1, kv_lengths=jnp.array([333, 100]))),
+}
+# Decode-shaped calls (T new tokens; the split-KV kernel, forward only): name ->
+# (head dim, T, flash_attention keyword arguments; page_size: paged_attention instead).
+DECODE_LENGTHS = jnp.array([333, 17])
+DECODE_CONFIGS = {
+    "decode128": (128, 1, dict(causal=True, kv_lengths=DECODE_LENGTHS,
+                               q_offset=DECODE_LENGTHS - 1)),
+    "decode64_window": (64, 7, dict(causal=True, window=(100, 0), softcap=30.0,
+                                    kv_lengths=DECODE_LENGTHS, q_offset=DECODE_LENGTHS - 7)),
+    "paged256": (256, 2, dict(page_size=64)),
+    "paged128_small_pages": (128, 1, dict(page_size=16)),
 }
 
 
@@ -91,7 +106,24 @@ def main(out_dir: str) -> None:
       text = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, kv, kv).mlir_module()
       with open(os.path.join(out_dir, f"{name}_{tag}.mlir.txt"), "w") as f:
         f.write(location_free(text))
-  print(f"wrote {2 * len(CONFIGS)} files to {out_dir}")
+  for name, (head_dim, q_len, kwargs) in DECODE_CONFIGS.items():
+    q = jax.ShapeDtypeStruct((B, q_len, 8, head_dim), jnp.bfloat16)
+    kwargs = dict(kwargs)
+    page_size = kwargs.pop("page_size", None)
+    if page_size is None:
+      kv = jax.ShapeDtypeStruct((B, S + 3, 2, head_dim), jnp.bfloat16)  # S + 3: a multiple of 8
+      attend = lambda q, k, v, kwargs=kwargs: flash_jax.flash_attention(
+          q, k, v, implementation="mosaic_gpu", **kwargs)
+    else:
+      pages = -(-S // page_size)
+      kv = jax.ShapeDtypeStruct((B * pages, page_size, 2, head_dim), jnp.bfloat16)
+      tables = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
+      attend = lambda q, k, v, tables=tables: flash_jax.paged_attention(
+          q, k, v, tables, DECODE_LENGTHS, implementation="mosaic_gpu", **kwargs)
+    text = jax.export.export(jax.jit(attend), platforms=["cuda"])(q, kv, kv).mlir_module()
+    with open(os.path.join(out_dir, f"{name}_fwd.mlir.txt"), "w") as f:
+      f.write(location_free(text))
+  print(f"wrote {2 * len(CONFIGS) + len(DECODE_CONFIGS)} files to {out_dir}")
 
 
 if __name__ == "__main__":

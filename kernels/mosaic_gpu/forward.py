@@ -30,14 +30,13 @@ diagonal, window edges, length boundaries, the key tail) apply
 ids stream through the ring beside K and V, the query ids sit beside Q.
 Both consumers walk the same blocks, so their barrier counts always match.
 Softmax statistics are kept in base 2 (logits times log2(e)) so exp2 does the work; without
-a softcap the row max is taken on q.k^T itself and the scale enters exp2's argument, one
-fused multiply-add per score (`max_units`; -8% forward time at d128 s16384, v8).
+a softcap or bias the row max is taken on q.k^T itself and the scale enters exp2's
+argument, one fused multiply-add per score (`softmax.SoftmaxUnits`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +46,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, tiles
 from flash_jax.spec import AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, ranges, softmax
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSizes):
@@ -86,48 +82,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
   mask_every_block = segments or spec.has_mask
   with_stats = spec.has_bias  # the backward's exact (max, sum) for rows of huge biases
 
-  # The online softmax tracks its row max in "max units": q.k^T itself when the logits
-  # are a positive multiple of it (no softcap, no bias), so that exp2's argument
-  # s * c - max * c is one fused multiply-add per score (FlashAttention-3's
-  # softmax_scale_log2); the natural logits with a bias; the base-2 logits otherwise
-  # (softcap or scale <= 0). With a bias exp2 takes (s - max) * log2(e): the difference
-  # first, exact where s is the max. A fused s * c - max * c would subtract a rounded
-  # product from an unrounded one, off by up to half an ulp of the product: 1e13 for a
-  # row of -1e20 biases, and 2**1e13 = inf.
-  fold_scale = spec.softcap is None and spec.scale > 0 and not spec.has_bias
-  natural = spec.has_bias
-  exp2_scale = spec.scale * LOG2E if fold_scale else 1.0
-
-  def max_units(qk, bias):
-    """float32 q.k^T [block_q, block_kv] (and its bias tile) -> scores in max units."""
-    if fold_scale:
-      return qk
-    if natural:
-      return masking.transform_logits(qk, scale=spec.scale, bias=bias, softcap=spec.softcap)
-    if spec.softcap is None:
-      return masking.transform_logits(qk, scale=spec.scale * LOG2E)
-    return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
-
-  def exp2_minus(s, row_max):
-    """2 ** (s - row max) in base 2: s [block_q, n] and row_max [block_q] in max units
-    (row_max finite)."""
-    if natural:
-      return jnp.exp2((s - lax.broadcast_in_dim(row_max, s.shape, [0])) * LOG2E)
-    return jnp.exp2(base2(s) - lax.broadcast_in_dim(base2_row_max(row_max), s.shape, [0]))
-
-  def rescale_of(old_max, new_max):
-    """2 ** (old - new row max) [block_q], the online softmax's correction factor."""
-    if natural:
-      return jnp.exp2(jnp.maximum((old_max - new_max) * LOG2E, masking.MASK_VALUE))
-    return jnp.exp2(base2_row_max(old_max) - base2_row_max(new_max))
-
-  def base2(x):
-    """Max units -> base-2 logits."""
-    return x * exp2_scale if fold_scale else x
-
-  def base2_row_max(row_max):
-    """[block_q] max units -> base 2, kept finite (MASK_VALUE * c may overflow)."""
-    return jnp.maximum(base2(row_max), masking.MASK_VALUE)
+  units = softmax.SoftmaxUnits.of(spec)  # base-2 statistics; see softmax.py
 
   def kernel(*refs):
     (q_ref, k_ref, v_ref), feature_refs, refs = features.split_refs(refs, feature_names, 3)
@@ -202,7 +157,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
         max, rescale of the old accumulator, new row sum). FlashAttention-2 section
         3.1.1, in base 2. `active`: see `features.read_ring_slot`."""
         bias, dense_visible = dense_tile
-        s = max_units(qk, bias)  # [block_q, block_kv]
+        s = units.max_units(qk, bias)  # [block_q, block_kv]
         visible = None
         if masked:
           read_segment_ids = lambda: (  # this block's key ids ride the K/V ring
@@ -215,8 +170,8 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = rescale_of(row_max, new_max)
-        p = exp2_minus(s, new_max)
+        rescale = units.rescale_of(row_max, new_max)
+        p = units.exp2_minus(s, new_max)
         if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
@@ -365,11 +320,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
                       acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
       out_smem[...] = out.astype(dtype)
       lse_smem = lse_smem2.at[wg]
-      if natural:
-        lse = row_max + jnp.log2(safe_sum) * LN2
-      else:
-        lse = (base2(row_max) + jnp.log2(safe_sum)) * LN2
-      lse_smem[...] = jnp.where(seen, lse, -jnp.inf)
+      lse_smem[...] = jnp.where(seen, units.lse(row_max, safe_sum), -jnp.inf)
       if with_stats:
         max_smem2.at[wg][...] = row_max  # natural units
         sum_smem2.at[wg][...] = row_sum

@@ -29,7 +29,6 @@ end of a contiguous cache come from TMA's out-of-bounds fill (zeros).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +38,9 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from flash_jax import masking, split_kv, tiles
 from flash_jax.spec import AttentionArrays, AttentionSpec
-from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges
+from flash_jax.kernels.mosaic_gpu import compat, features, pipeline, ranges, softmax
 from flash_jax.kernels.mosaic_gpu.config import WGMMA_ROWS, MosaicGPUBlockSizes
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 CONSUMER, PRODUCER = 0, 1  # warpgroup indices
 
 
@@ -86,21 +83,7 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
   if spec.paged:
     feature_names += ("block_tables",)
     feature_arrays += (arrays.block_tables,)
-  fold_scale = spec.softcap is None and spec.scale > 0
-  exp2_scale = spec.scale * LOG2E if fold_scale else 1.0
-
-  def max_units(qk):
-    """float32 q.k^T -> scores in "max units": q.k^T itself when the logits are a
-    positive multiple of it (the scale then enters exp2's argument), else base-2 logits."""
-    if fold_scale:
-      return qk
-    if spec.softcap is None:
-      return masking.transform_logits(qk, scale=spec.scale * LOG2E)
-    return masking.transform_logits(qk, scale=spec.scale, softcap=spec.softcap) * LOG2E
-
-  def base2_row_max(row_max):
-    """[64] max units -> base 2, kept finite (MASK_VALUE * c may overflow)."""
-    return jnp.maximum(row_max * exp2_scale, masking.MASK_VALUE)
+  units = softmax.SoftmaxUnits.of(spec)  # no bias here: q.k^T or base-2 logits
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     feature_refs = dict(zip(feature_names, refs))
@@ -152,14 +135,15 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
           plgpu.wgmma(s_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
           return s_ref[...]
 
-        s = max_units(pl.run_scoped(qk_matmul, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32)))
+        s = units.max_units(pl.run_scoped(qk_matmul,
+                                          plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32)))
         plgpu.barrier_arrive(k_free.at[slot])
         visible = visibility(s.shape, k_lo) if masked else None
         if visible is not None:
           s = masking.masked_logits(s, visible)
         new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = jnp.exp2(base2_row_max(row_max) - base2_row_max(new_max))
-        p = jnp.exp2(s * exp2_scale - lax.broadcast_in_dim(base2_row_max(new_max), s.shape, [0]))
+        rescale = units.rescale_of(row_max, new_max)
+        p = units.exp2_minus(s, new_max)
         if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
           p = jnp.where(visible, p, 0.0)
         row_sum = row_sum * rescale + p.sum(axis=1)
@@ -188,8 +172,7 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
       inv_sum = jnp.where(seen, 1.0 / safe_sum, 0.0)
       out_smem[...] = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]),
                                 acc * lax.broadcast_in_dim(inv_sum, acc.shape, [0]), 0.0)
-      lse_smem[...] = jnp.where(seen, (base2_row_max(row_max) + jnp.log2(safe_sum)) * LN2,
-                                -jnp.inf)
+      lse_smem[...] = jnp.where(seen, units.lse(row_max, safe_sum), -jnp.inf)
       plgpu.commit_smem()
       stored = pl.ds(0, stored_rows) if row_tiles == 1 else pl.ds(r_lo, WGMMA_ROWS)
       plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, min(stored_rows, WGMMA_ROWS))],
