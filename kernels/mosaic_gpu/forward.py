@@ -167,14 +167,7 @@ def forward(q, k, v, bias, arrays, spec: AttentionSpec, config: MosaicGPUBlockSi
                                        read_segment_ids=read_segment_ids if segments else None)
         visible = masking.visible_and(masking.visible_and(visible, dense_visible),
                                       extra_visible)
-        if visible is not None:
-          s = masking.masked_logits(s, visible)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = units.rescale_of(row_max, new_max)
-        p = units.exp2_minus(s, new_max)
-        if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
-          p = jnp.where(visible, p, 0.0)
-        row_sum = row_sum * rescale + p.sum(axis=1)
+        p, new_max, rescale, row_sum = units.step(s, visible, row_max, row_sum)
         if dropout is not None:  # the normalizer counts every key; dropout scales P only
           p = p * dropout.multiplier(drop_rows, p.shape, k_lo=j * block_kv)
         return p.astype(dtype), new_max, rescale, row_sum

@@ -78,6 +78,20 @@ class SoftmaxUnits:
       return jnp.exp2(jnp.maximum((old_max - new_max) * LOG2E, masking.MASK_VALUE))
     return jnp.exp2(self.base2_row_max(old_max) - self.base2_row_max(new_max))
 
+  def step(self, s, visible, row_max, row_sum):
+    """One key block of the online softmax (FlashAttention-2 section 3.1.1): scores s
+    [rows, n] in max units, their visibility (bool [rows, n], or None on a block every
+    row fully sees), the running row max and sum [rows] -> (P [rows, n] float32, new row
+    max, rescale of the old accumulator, new row sum)."""
+    if visible is not None:
+      s = masking.masked_logits(s, visible)
+    new_max = jnp.maximum(row_max, s.max(axis=1))
+    rescale = self.rescale_of(row_max, new_max)
+    p = self.exp2_minus(s, new_max)
+    if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
+      p = jnp.where(visible, p, 0.0)
+    return p, new_max, rescale, row_sum * rescale + p.sum(axis=1)
+
   def lse(self, row_max, row_sum):
     """Natural-log lse [rows] of rows with a positive `row_sum` (others: the caller's)."""
     if self.natural:

@@ -139,14 +139,7 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
                                           plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32)))
         plgpu.barrier_arrive(k_free.at[slot])
         visible = visibility(s.shape, k_lo) if masked else None
-        if visible is not None:
-          s = masking.masked_logits(s, visible)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        rescale = units.rescale_of(row_max, new_max)
-        p = units.exp2_minus(s, new_max)
-        if visible is not None:  # rows that saw nothing yet have p = 1 otherwise
-          p = jnp.where(visible, p, 0.0)
-        row_sum = row_sum * rescale + p.sum(axis=1)
+        p, new_max, rescale, row_sum = units.step(s, visible, row_max, row_sum)
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
         plgpu.barrier_wait(v_ready.at[slot])
         if masked:
