@@ -85,6 +85,11 @@ def location_free(exported_text: str) -> str:
                    "", exported_text, flags=re.M)
   context = jax_mlir.make_ir_context()
   context.allow_unregistered_dialects = True
+  try:  # newer JAX serializes types of the Mosaic GPU dialect (barriers) into the modules
+    from jax._src.lib import mosaic_gpu_dialect  # pylint: disable=import-outside-toplevel
+    mosaic_gpu_dialect.register_dialect(context)
+  except (ImportError, AttributeError):
+    pass
   with context:
     kernels = [ir.Module.parse(_unescape(m)).operation.get_asm(enable_debug_info=False)
                for m in modules]
