@@ -466,6 +466,7 @@ DECODE_CALLS = [  # (T, Nq, Nkv, head dim, page size, num_splits (None: planned)
     (16, 32, 8, 128, 64, 5, {"softcap": 30.0}),  # uneven shares: some splits are empty
     (1, 8, 2, 256, 128, None, {"scale": 0.3}),
     (3, 8, 2, 192, 32, None, {}),  # MLA's (192, 128)
+    (16, 8, 1, 128, 64, 2, {}),  # 16 tokens x 8 heads: two 64-row tiles per K/V head
 ]
 
 
