@@ -198,3 +198,18 @@ def test_mosaic_gpu_block_that_does_not_tile_the_pages_is_a_value_error(monkeypa
   with pytest.raises(ValueError, match="block_kv_split=128 does not tile pages of 192"):
     jax.eval_shape(call, q, pages, pages)
 
+
+@pytest.mark.parametrize("head_dim, t, group, mosaic_gpu_first", [
+    (64, 1, 4, True), (256, 16, 4, True),  # one 64-row tile: mosaic_gpu's kernel
+    (128, 1, 4, False),  # d65-128: Triton's (the two are level on an H200)
+    (64, 16, 8, False),  # two row tiles: Triton's until checked on a GPU
+])
+def test_mosaic_gpu_split_kv_preference(monkeypatch, head_dim, t, group, mosaic_gpu_first):
+  from flash_jax.kernels.mosaic_gpu import IMPLEMENTATION, compat
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  q = jnp.zeros((1, t, 2 * group, head_dim), jnp.bfloat16)
+  k = jnp.zeros((1, 4096, 2, head_dim), jnp.bfloat16)
+  spec = spec_lib.normalize(q, k, k, causal=True, q_offset=4096 - t)[0]
+  assert split_kv.decode_shaped(spec)
+  assert IMPLEMENTATION.slower_than_next(spec) is not mosaic_gpu_first
+

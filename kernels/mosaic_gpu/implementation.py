@@ -80,9 +80,11 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   def slower_than_next(self, spec: AttentionSpec) -> bool:
     if split_kv.decode_shaped(spec):
       # Not through the split-KV kernel, the forward kernel would run on a padded copy
-      # of the cache.
+      # of the cache. Calls of several 64-row tiles per K/V head lower for CUDA but have
+      # not yet run on a GPU: Triton's kernel, checked there, serves them by default.
       return (not uses_split_kv(spec)
-              or max(spec.head_dim, spec.head_dim_v) in SPLIT_KV_TRITON_HEAD_DIMS)
+              or max(spec.head_dim, spec.head_dim_v) in SPLIT_KV_TRITON_HEAD_DIMS
+              or spec.packed_rows > config_lib.WGMMA_ROWS)
     head_dim = max(spec.head_dim, spec.head_dim_v)
     if spec.has_bias and head_dim < BIAS_PREFERRED_MIN_HEAD_DIM:
       return True
