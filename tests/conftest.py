@@ -45,6 +45,8 @@ def target(request) -> Target:
   t = request.param
   if t.platform == "gpu" and jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
+  if t.tests is not None and request.function.__name__ not in t.tests:
+    pytest.skip(f"{t.id} joins {', '.join(t.tests)} only")
   return t
 
 

@@ -10,6 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 from flash_jax import BlockSizes
+from flash_jax.kernels.triton import TritonConfig
+
+# The shared tests that take gradients: what a variant of the backward alone joins.
+GRADIENT_TESTS = ("test_gradients", "test_constant_bias_skips_dbias",
+                  "test_rows_that_see_nothing", "test_rows_that_see_nothing_with_sinks",
+                  "test_junk_in_unseen_keys_has_no_effect",
+                  "test_rows_of_huge_negative_or_infinite_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +30,12 @@ class Target:
   label: str = ""  # tells apart two targets of one implementation
   # False where jax.checkpoint cannot wrap the calls (the TPU interpreter's IO effects).
   checkpointable: bool = True
+  # The shared tests it joins (None: all). A variant of one pass joins the tests of that
+  # pass, so that the suite does not run the rest twice.
+  tests: tuple[str, ...] | None = None
+  # False where the backward sums in no fixed order (atomics): gradients of two calls
+  # may differ in their last bits.
+  ordered_backward: bool = True
 
   @property
   def id(self) -> str:
@@ -39,6 +52,11 @@ TARGETS: tuple[Target, ...] = (
            checkpointable=False),
     Target("triton", interpret=True, max_tokens=20000),
     Target("triton", platform="gpu"),
+    # The unordered backward: dQ added up by the dK/dV kernel with atomics.
+    Target("triton", interpret=True, max_tokens=20000, block_sizes=TritonConfig(atomic_dq=True),
+           label="atomic_dq", tests=GRADIENT_TESTS, ordered_backward=False),
+    Target("triton", platform="gpu", block_sizes=TritonConfig(atomic_dq=True),
+           label="atomic_dq", tests=GRADIENT_TESTS, ordered_backward=False),
     Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16", "float16")),
     # Many key/value chunks with a ragged tail: the online-softmax merge path.
     Target("chunked", block_sizes=BlockSizes(block_kv=48), label="bkv48"),

@@ -133,7 +133,11 @@ def test_constant_bias_skips_dbias(target):
   constant = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, bias)
   learned = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
   for a, b in zip(constant, learned):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if target.ordered_backward:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:  # the constant bias's backward adds dQ up in no fixed order
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=1e-5, atol=1e-6)
   assert learned[3].shape == bias.shape
   if target.name not in ("xla", "chunked"):  # autodiff keeps its own [T, S] tensors
     full = f"f32[{case.batch},{case.num_q_heads},{case.q_len},{case.kv_len}]"

@@ -243,6 +243,19 @@ def test_kernels_lower_to_valid_triton_for_cuda(monkeypatch, case):
   assert len(seen) == 3  # forward, dK/dV, dQ
 
 
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES
+                                  if "bias" not in c.features])
+def test_fused_backward_lowers_to_valid_triton_for_cuda(monkeypatch, case):
+  """The unordered backward: the forward and one dK/dV kernel that adds dQ up (atomics)."""
+  seen = _verified_lowering(monkeypatch)
+  q, k, v, kwargs = make_inputs(case, seed=0)
+  loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(
+      q, k, v, implementation="triton", block_sizes=TritonConfig(atomic_dq=True),
+      deterministic=False, **kwargs).astype(jnp.float32))
+  _export_for_h200(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  assert len(seen) == 2
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAGED_CASES])
 def test_paged_kernel_lowers_to_valid_triton_for_cuda(monkeypatch, case):
   seen = _verified_lowering(monkeypatch)
@@ -250,3 +263,47 @@ def test_paged_kernel_lowers_to_valid_triton_for_cuda(monkeypatch, case):
   _export_for_h200(lambda *a: flash_jax.paged_attention(*a, implementation="triton", **kwargs),
                    q, k_pages, v_pages, tables, lengths)
   assert len(seen) == 1
+
+
+# ---- the unordered backward (atomic dQ) ------------------------------------------------
+
+@pytest.mark.parametrize("atomic_dq, kwargs, fused", [
+    (True, dict(deterministic=False), True),
+    (True, dict(deterministic=True), False),  # reproducible: the dQ kernel
+    (True, dict(deterministic=False, bias=True), False),  # d bias needs the dQ kernel's dS
+    (False, dict(deterministic=False), False),
+    (None, dict(deterministic=False), False),  # the shipped tables: off until measured
+])
+def test_atomic_dq_serves_only_where_allowed(atomic_dq, kwargs, fused):
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 40, 2, 32), jnp.float32)
+  bias = jax.random.normal(jax.random.PRNGKey(1), (1, 2, 40, 40)) if kwargs.pop("bias", None) else None
+
+  def loss(q, bias):
+    return jnp.sum(flash_jax.flash_attention(
+        q, q, q, bias=bias, implementation="triton", interpret=True,
+        block_sizes=TritonConfig(atomic_dq=atomic_dq), **kwargs))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1) if bias is not None else 0))(q, bias))
+  assert ("flash_jax_triton_bwd_dkv_dq" in jaxpr) is fused
+  assert ("flash_jax_triton_bwd_dq" in jaxpr) is not fused
+
+
+def test_atomic_dq_sums_every_key_block_and_group_head():
+  """Many key blocks and a GQA group add into the same dQ rows; a ragged query tail
+  (padded rows) adds nothing."""
+  keys = jax.random.split(jax.random.PRNGKey(2), 4)
+  q = jax.random.normal(keys[0], (2, 45, 6, 32), jnp.float32)
+  k = jax.random.normal(keys[1], (2, 83, 2, 32), jnp.float32)
+  v = jax.random.normal(keys[2], (2, 83, 2, 24), jnp.float32)
+  dout = jax.random.normal(keys[3], (2, 45, 6, 24), jnp.float32)
+  config = dataclasses.replace(SMALL_BLOCKS, atomic_dq=True)
+
+  def grads(**kwargs):
+    loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(q, k, v, **kwargs) * dout)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  fused = grads(implementation="triton", interpret=True, block_sizes=config,
+                deterministic=False)
+  with jax.default_matmul_precision("highest"):
+    exact = grads(implementation="xla")
+  for name, got, want in zip(("dq", "dk", "dv"), fused, exact):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)

@@ -13,6 +13,12 @@ tile it recomputes P from the forward's row statistics instead of storing it (se
 
 Tiles are computed transposed, [keys, queries], so P^T and dS^T are the left operands
 of the two products as they come out of the registers, with no transpose.
+
+Fused dQ (`fused_dq`, the unordered backward): the program also adds its key block's
+share of dQ, dS K, into a float32 buffer with atomic adds, as FlashAttention-2's
+sequence-parallel backward does, so the dQ kernel and its second recomputation of S and
+dP (2 of the backward's 7 products) are not needed. The order of the adds varies from
+run to run, so the sums do too, in their last bits.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from flash_jax import masking
 from flash_jax.spec import AttentionArrays, AttentionSpec
@@ -37,7 +44,8 @@ def _transpose(x):
   return None if x is None else x.T
 
 
-def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool):
+def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interpret: bool,
+                fused_dq: bool):
   block_q, block_kv = config.block_q_dkv, config.block_kv_dkv
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   kv_block, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -94,7 +102,11 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
         ds_t = p_t * (dp_t - delta[None, :])  # d loss / d logits
         if spec.softcap is not None:
           ds_t = ds_t * masking.softcap_grad(logits_t, spec.softcap)
-        dk = dk + tile_math.dot(ds_t.astype(q.dtype), q)
+        ds_t = ds_t.astype(q.dtype)
+        dk = dk + tile_math.dot(ds_t, q)
+        if fused_dq:  # this key block's share of dQ = dS K (scaled afterwards)
+          plgpu.atomic_add(refs.dq_sum, (pl.ds(q_lo, block_q), g, slice(None)),
+                           tile_math.dot_tn(ds_t, k))
         return dk, dv
       return step
 
@@ -113,9 +125,11 @@ def _dkv_kernel(refs: Refs, *, spec: AttentionSpec, config: TritonConfig, interp
 
 
 def backward_dkv(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta,
-                 spec: AttentionSpec, config: TritonConfig, interpret: bool):
-  """-> dk [B, S, Nkv, H], dv [B, S, Nkv, Hv]; stats: the forward's base-2 (row max,
-  log2-sum), delta: [B, Nq, T] float32."""
+                 spec: AttentionSpec, config: TritonConfig, interpret: bool,
+                 fused_dq: bool = False):
+  """-> dk [B, S, Nkv, H], dv [B, S, Nkv, Hv], and dq [B, T, Nq, H] where `fused_dq`
+  (None otherwise); stats: the forward's base-2 (row max, log2-sum), delta: [B, Nq, T]
+  float32."""
   t, s, group = spec.q_len, spec.kv_len, spec.group_size
   head_dim, head_dim_v = padded_head_dim(spec.head_dim), padded_head_dim(spec.head_dim_v)
   group_rows = lambda width: pl.BlockSpec((None, t, group, width), lambda j, b, h: (b, 0, h, 0))
@@ -135,8 +149,23 @@ def backward_dkv(q, k, v, bias, arrays: AttentionArrays, stats, dout, delta,
       Output("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows(head_dim)),
       Output("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows(head_dim_v)),
   ]
-  return call(functools.partial(_dkv_kernel, spec=spec, config=config, interpret=interpret),
-              inputs=inputs, outputs=outputs,
-              grid=(cdiv(s, config.block_kv_dkv), spec.batch, spec.num_kv_heads),
-              name="flash_jax_triton_bwd_dkv", num_warps=config.num_warps_dkv,
-              num_stages=config.num_stages_dkv, interpret=interpret)
+  if fused_dq:
+    # Every key block adds into its group's rows: float32 sums [B, T_pad, Nq, H_pad] that
+    # start at zero, padded so that no atomic needs a mask (padded rows add zeros).
+    t_pad = cdiv(t, config.block_q_dkv) * config.block_q_dkv
+    zeros = jnp.zeros((spec.batch, t_pad, spec.num_q_heads, head_dim), jnp.float32)
+    sum_rows = pl.BlockSpec((None, t_pad, group, head_dim), lambda j, b, h: (b, 0, h, 0))
+    inputs.append(Operand("dq_zeros", zeros, sum_rows))
+    outputs.append(Output("dq_sum", jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), sum_rows,
+                          aliases="dq_zeros"))
+  dk, dv, *dq_sum = call(
+      functools.partial(_dkv_kernel, spec=spec, config=config, interpret=interpret,
+                        fused_dq=fused_dq),
+      inputs=inputs, outputs=outputs,
+      grid=(cdiv(s, config.block_kv_dkv), spec.batch, spec.num_kv_heads),
+      name="flash_jax_triton_bwd_dkv" + ("_dq" if fused_dq else ""),
+      num_warps=config.num_warps_dkv, num_stages=config.num_stages_dkv, interpret=interpret)
+  if not fused_dq:
+    return dk, dv, None
+  dq = dq_sum[0][:, :t, :, :spec.head_dim] * spec.scale
+  return dk, dv, dq.astype(q.dtype)

@@ -47,7 +47,11 @@ class TritonConfig(BlockSizes):
   num_splits: int | None = None
   # Paged tiles that slice one page: read the next tile's page id one step ahead.
   prefetch_pages: bool | None = None
-  switches = ("prefetch_pages",)
+  # The unordered backward: the dK/dV kernel adds dQ up with atomics and no dQ kernel
+  # runs. Only where the call allows it (`implementation.fuses_dq`): deterministic=True
+  # and a bias gradient keep the two kernels whatever this says.
+  atomic_dq: bool | None = None
+  switches = ("prefetch_pages", "atomic_dq")
 
   def __post_init__(self):
     super().__post_init__()
@@ -64,9 +68,10 @@ class TritonConfig(BlockSizes):
       value = getattr(self, name)
       if value is not None and value > MAX_STAGES:
         raise ValueError(f"TritonConfig.{name}={value} must be at most {MAX_STAGES}")
-    if self.prefetch_pages is not None and not isinstance(self.prefetch_pages, bool):
-      raise ValueError(f"TritonConfig.prefetch_pages must be a bool or None, got "
-                       f"{self.prefetch_pages!r}")
+    for name in self.switches:
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, bool):
+        raise ValueError(f"TritonConfig.{name} must be a bool or None, got {value!r}")
     if self.num_splits is not None and self.num_splits > split_kv.MAX_SPLITS:
       raise ValueError(f"TritonConfig.num_splits={self.num_splits} must be at most "
                        f"{split_kv.MAX_SPLITS}")

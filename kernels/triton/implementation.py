@@ -1,7 +1,8 @@
 """The "triton" implementation: Pallas kernels lowered through Triton, NVIDIA GPUs from Ampere.
 
 Forward (forward.py; split_kv.py for decode-shaped and paged calls), dK/dV
-(backward_dkv.py) and dQ (backward_dq.py) kernels, wired
+(backward_dkv.py, which can also add up dQ with atomics: `fuses_dq`) and dQ
+(backward_dq.py) kernels, wired
 into one jax.custom_vjp by `BlockwiseImplementation`, whose residuals are q, k, v, the
 mask arrays, out and lse (nothing of size T x S) and which computes
 delta = rowsum(dO * O) - dlse in XLA before the backward kernels run.
@@ -80,11 +81,23 @@ class TritonImplementation(BlockwiseImplementation):
     if stats is None:  # from lse alone, in the kernels' units
       row_max, log_sum = tiles.stats_or_lse(None, lse)
       stats = (tile_math.from_natural(row_max, spec), log_sum)
-    dq, dbias = backward_dq(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
-    dk, dv = backward_dkv(q, k, v, bias, arrays, stats, dout, delta, spec, config, interpret)
+    fused = fuses_dq(spec, config)
+    dk, dv, dq = backward_dkv(q, k, v, bias, arrays, stats, dout, delta, spec, config,
+                              interpret, fused_dq=fused)
+    dbias = None
+    if not fused:
+      dq, dbias = backward_dq(q, k, v, bias, arrays, stats, dout, delta, spec, config,
+                              interpret)
     if dbias is not None:
       dbias = tiles.sum_to_shape(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def fuses_dq(spec: AttentionSpec, config: TritonConfig) -> bool:
+  """Whether the dK/dV kernel also accumulates dQ, with atomics (`backward_dkv`): where
+  the config asks for it, the call allows an unordered backward (not deterministic), and
+  no bias gradient wants the dQ kernel's d logits."""
+  return config.atomic_dq and not spec.deterministic and not spec.computes_dbias
 
 
 IMPLEMENTATION = TritonImplementation()

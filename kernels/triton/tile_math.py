@@ -45,6 +45,11 @@ def dot(a, b):
   return _dot(a, b, 1, 0)
 
 
+def dot_tn(a, b):
+  """a [k, m]^T @ b [k, n] -> float32 [m, n] (e.g. dS K from dS^T)."""
+  return _dot(a, b, 0, 0)
+
+
 def dot_t(a, b):
   """a [m, k] @ b [n, k]^T -> float32 [m, n] (e.g. q k^T)."""
   return _dot(a, b, 1, 1)
