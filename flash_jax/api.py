@@ -58,10 +58,11 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     deterministic: True: gradients are bitwise reproducible from run to run. False
       allows an implementation a faster backward that accumulates in no fixed order.
       None (default): True exactly when XLA_FLAGS sets --xla_gpu_deterministic_ops, the
-      switch that makes XLA's own (and cuDNN's) backward reproducible. Every backward
-      flash_jax ships today is deterministic, so False costs nothing and changes nothing
-      yet; see docs/performance_mosaic_gpu.md for the measured price of cuDNN's
-      reproducibility.
+      switch that makes XLA's own (and cuDNN's) backward reproducible. The unordered
+      backward that False allows is Triton's atomic dQ (`TritonConfig(atomic_dq=True)`),
+      which the shipped tuning tables leave off until it is timed on a GPU; every
+      default backward is deterministic today. See docs/performance_mosaic_gpu.md for
+      the measured price of cuDNN's reproducibility.
 
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no

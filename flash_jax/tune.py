@@ -2,8 +2,9 @@
 
 Sweeps candidate configs of a GPU backend and writes a tuning table (flash_jax/tuning.py)
 with the fastest candidate per entry. The config's fields come in groups, one per kernel:
-the forward (timed forward only), dK/dV and dQ (timed forward+backward) and Triton's
-split-KV kernel (timed on decode problems). Problems: the FlashAttention-paper protocol
+the forward (timed forward only), dK/dV and dQ (timed forward+backward), Triton's
+backward form (`atomic_dq`, timed forward+backward) and split-KV kernel (timed on decode
+problems). Problems: the FlashAttention-paper protocol
 of `python -m flash_jax.bench` (batch x seq = 16384 tokens, model dim 2048) at each
 --seq-lens, head dim and causal, and the decode problems of flash_jax/bench_decode.py.
 
@@ -54,7 +55,7 @@ class Group:
 
 GROUPS = {
     "triton": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
-               Group("split", "decode", ("head_dim", "dtype", "decode"))),
+               Group("bwd", "fwd_bwd"), Group("split", "decode", ("head_dim", "dtype", "decode"))),
     "mosaic_gpu": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
                    Group("split", "decode", ("head_dim", "dtype"))),
 }
@@ -69,6 +70,9 @@ def _triton_grids(head_dim: int) -> dict:
               "num_stages_dkv": (2, 3)},
       "dq": {"block_q_dq": (64, 128), "block_kv_dq": (32, 64), "num_warps_dq": (4, 8),
              "num_stages_dq": (2, 3)},
+      # The backward's form: the dQ kernel, or dQ added up by the dK/dV kernel (atomics;
+      # it serves calls that allow an unordered backward, which the tuner's do).
+      "bwd": {"atomic_dq": (False, True)},
       "split": {"block_kv_split": (32, 64, 128), "num_stages_split": (2, 3),
                 "num_stages_one_split": (3, 4), "split_programs_per_multiprocessor": (1, 2, 4)},
   }
@@ -100,6 +104,7 @@ _TINY_GRIDS = {
                 "num_stages_dkv": (2,)},
         "dq": {"block_q_dq": (16, 32), "block_kv_dq": (16,), "num_warps_dq": (4,),
                "num_stages_dq": (2,)},
+        "bwd": {"atomic_dq": (True,)},  # the one value that is not the shipped default
         "split": {"block_kv_split": (16, 32), "num_stages_split": (2,),
                   "split_programs_per_multiprocessor": (2,)},
     },
