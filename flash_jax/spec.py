@@ -86,8 +86,8 @@ class AttentionSpec:
   # jax.default_matmul_precision when the call was made (None: the platform default). The
   # jnp implementations pass it to every product, forward and backward alike.
   precision: str | None = None
-  # The backward must be bitwise reproducible (`resolve_deterministic`). Every backward
-  # is today; a faster unordered one (atomic dQ accumulation) may serve only when False.
+  # The backward must be bitwise reproducible (`resolve_deterministic`). An unordered
+  # one (Triton's atomic dQ: `fuses_dq`) may serve only when False.
   deterministic: bool = False
   # False in a backward whose bias is a constant (no gradient asked: ALiBi, a fixed
   # bias): the kernels then skip d bias, a float32 [B, Nq, T, S] write.
