@@ -13,7 +13,7 @@ from flash_jax import BlockSizes
 from flash_jax.kernels.triton import TritonConfig
 
 # The shared tests that take gradients: what a variant of the backward alone joins.
-GRADIENT_TESTS = ("test_gradients", "test_constant_bias_skips_dbias",
+GRADIENT_TESTS = ("test_gradients", "test_constant_bias_skips_dbias", "test_jax_transformations",
                   "test_rows_that_see_nothing", "test_rows_that_see_nothing_with_sinks",
                   "test_junk_in_unseen_keys_has_no_effect",
                   "test_rows_of_huge_negative_or_infinite_bias")
