@@ -45,9 +45,21 @@ def target(request) -> Target:
   t = request.param
   if t.platform == "gpu" and jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
-  if t.tests is not None and request.function.__name__ not in t.tests:
-    pytest.skip(f"{t.id} joins {', '.join(t.tests)} only")
   return t
+
+
+def pytest_collection_modifyitems(config, items):
+  """A target that joins some shared tests only (`Target.tests`) is deselected from the
+  others: not collected for them, rather than reported as skipped."""
+  kept, dropped = [], []
+  for item in items:
+    params = getattr(item, "callspec", None)
+    target = params.params.get("target") if params else None
+    joins = not isinstance(target, Target) or target.tests is None
+    (kept if joins or item.originalname in target.tests else dropped).append(item)
+  if dropped:
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
 
 
 def skip_if_unsupported(target: Target, case=None):

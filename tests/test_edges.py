@@ -19,16 +19,22 @@ import flash_jax
 from flash_jax import BlockSizes
 from cases import poison_unseen_keys, unseen_keys
 from conftest import assert_accurate, highest_precision, upcast
-from targets import Target
+from flash_jax.kernels.triton import TritonConfig
+from targets import GRADIENT_TESTS, Target
 
 CPU_TARGETS = (
     Target("xla"),
     Target("chunked", block_sizes=BlockSizes(block_kv=16), label="bkv16"),
     Target("triton", interpret=True, block_sizes=BlockSizes(block_q=16, block_kv=16)),
     Target("mosaic_tpu", interpret=True),
+    Target("triton", interpret=True, label="atomic_dq", tests=GRADIENT_TESTS,
+           block_sizes=TritonConfig(block_q=16, block_kv=16, atomic_dq=True),
+           ordered_backward=False),
 )
 GPU_TARGETS = (
     Target("triton", platform="gpu"),
+    Target("triton", platform="gpu", label="atomic_dq", tests=GRADIENT_TESTS,
+           block_sizes=TritonConfig(atomic_dq=True), ordered_backward=False),
     Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16",)),
 )
 TARGET_PARAMS = ([pytest.param(t, id=t.id) for t in CPU_TARGETS]
