@@ -11,6 +11,9 @@ results of its visiting K/V blocks with the same function.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+
+from flash_jax import device
 
 # Most splits a call may take: past this the partial results' traffic and the combine
 # outgrow what the extra programs win (FlashAttention-3 caps its num_splits at 128).
@@ -36,20 +39,38 @@ def merge(outs, lses, axis: int = 0):
   return out, jnp.squeeze(lse, axis)
 
 
-def num_splits(*, programs: int, kv_blocks: int, multiprocessors: int, per_multiprocessor: int,
-               min_blocks_per_split: int) -> int:
+# Multiprocessors a split plan assumes where no GPU is seen (interpret mode, lowering on
+# CPU): an H100/H200 SXM's.
+DEFAULT_MULTIPROCESSORS = 132
+
+
+def num_splits(*, programs: int, kv_blocks: int, per_multiprocessor: int,
+               min_blocks_per_split: int, multiprocessors: int | None = None) -> int:
   """Splits per (batch row, K/V head): about `per_multiprocessor` programs per multiprocessor.
 
   programs: the programs of one split (batch x K/V heads x query-row tiles); kv_blocks:
-  key/value blocks of the longest row. The count is a power of two (the largest at or
-  under the target), at least 1, and leaves each split `min_blocks_per_split` blocks, so
-  that its query tile and epilogue stay small beside its streaming.
+  key/value blocks of the longest row; multiprocessors: None for the default GPU's
+  (DEFAULT_MULTIPROCESSORS where none is seen). The count is a power of two (the largest
+  at or under the target), at least 1, and leaves each split `min_blocks_per_split`
+  blocks, so that its query tile and epilogue stay small beside its streaming.
   """
+  if multiprocessors is None:
+    multiprocessors = device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS
   wanted = per_multiprocessor * multiprocessors / max(programs, 1)
   splits = 1
   while splits * 2 <= min(wanted, MAX_SPLITS, kv_blocks / max(min_blocks_per_split, 1)):
     splits *= 2
   return splits
+
+
+def split_part(lo, hi, part, parts: int):
+  """Blocks [lo, hi) (int32 scalars) -> the blocks of part `part` of `parts` near-equal
+  runs of whole blocks: the run one split takes; may be empty."""
+  if parts == 1:
+    return lo, hi
+  share = lax.div(hi - lo + (parts - 1), jnp.int32(parts))
+  part_lo = jnp.minimum(lo + part * share, hi)
+  return part_lo, jnp.minimum(part_lo + share, hi)
 
 
 # Query rows per K/V head (T x G) up to which a call is decode-shaped: one packed tile.

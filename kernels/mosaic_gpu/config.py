@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from flash_jax import device, split_kv, tuning
+from flash_jax import split_kv, tuning
 from flash_jax.config import BlockSizes
 from flash_jax.spec import AttentionSpec
 
@@ -108,9 +108,6 @@ TUNING = tuning.Schema(
     required=tuple(name for name in _CONFIG_FIELDS if name != "num_splits") + PLAN_FIELDS,
     check=_check_table_fields)
 
-DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan where no device is seen
-
-
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
   """The tuning table's config for this call on the current device, its number of
   splits planned for the call (`split_kv_plan`) unless the table fixes it."""
@@ -130,7 +127,6 @@ def split_kv_plan(spec: AttentionSpec, *, block_kv: int, split_programs_per_mult
   row_tiles = -(-spec.packed_rows // WGMMA_ROWS)
   return split_kv.num_splits(
       programs=spec.batch * spec.num_kv_heads * row_tiles, kv_blocks=-(-spec.kv_len // block_kv),
-      multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
       per_multiprocessor=split_programs_per_multiprocessor, min_blocks_per_split=split_min_blocks)
 
 

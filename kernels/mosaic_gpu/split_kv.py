@@ -101,7 +101,7 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
     key_range = masking.visible_kv_range(t_lo, t_hi, kv_len=kv_len, **rules.positional)
     lo, hi = ranges.visited_kv_blocks(t_lo, t_hi, block_kv=block_kv, kv_len=kv_len,
                                       **rules.positional)
-    lo, hi = _share(lo, hi, split, splits)
+    lo, hi = split_kv.split_part(lo, hi, split, splits)
     num_steps = hi - lo
     slot_of = lambda j: pipeline.slot_of(j - lo, stages)
 
@@ -215,15 +215,6 @@ def split_kv_forward(q, k, v, arrays: AttentionArrays, spec: AttentionSpec,
   out, lse = split_kv.merge(rows_of(partial_out), rows_of(partial_lse), axis=2)  # [B, Nkv, R, ...]
   return (tiles.unpack_rows(out, spec).astype(dtype),
           jnp.transpose(tiles.unpack_rows(lse, spec), (0, 2, 1)))
-
-
-def _share(lo, hi, part, parts: int):
-  """Part `part` of `parts` near-equal runs of the blocks [lo, hi); may be empty."""
-  if parts == 1:
-    return lo, hi
-  share = lax.div(hi - lo + parts - 1, jnp.int32(parts))
-  part_lo = jnp.minimum(lo + part * share, hi)
-  return part_lo, jnp.minimum(part_lo + share, hi)
 
 
 def _ring_part(ring, copy: int, rows: int):

@@ -164,9 +164,6 @@ def heuristic_config(spec: AttentionSpec) -> TritonConfig:
   return fit_shared_memory(config, spec)
 
 
-DEFAULT_MULTIPROCESSORS = 132  # H100/H200 SXM: the plan in interpret mode
-
-
 def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
   """The split-KV kernel's fields for this call: the table's (`fields`, default: the
   lookup's) with blocks fitted to the call, and num_splits, unless the table fixes it,
@@ -181,7 +178,6 @@ def split_kv_config(spec: AttentionSpec, fields: dict | None = None) -> dict:
     splits = split_kv.num_splits(
         programs=spec.batch * spec.num_kv_heads * -(-spec.packed_rows // rows),
         kv_blocks=-(-spec.kv_len // block_kv),
-        multiprocessors=device.multiprocessor_count() or DEFAULT_MULTIPROCESSORS,
         per_multiprocessor=fields["split_programs_per_multiprocessor"],
         min_blocks_per_split=fields["split_min_blocks"])
   # One split: the call has programs enough without splitting, each streaming its whole

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_jax import masking
+from flash_jax import masking, split_kv
 from flash_jax.config import next_power_of_two
 from flash_jax.spec import AttentionSpec
 
@@ -103,9 +103,7 @@ class TileRange:
     """Part `index` of `parts` near-equal runs of whole tiles (split-KV); may be empty."""
     if parts == 1:
       return self
-    share = cdiv(self.hi - self.lo, parts)
-    lo = jnp.minimum(self.lo + index * share, self.hi)
-    hi = jnp.minimum(lo + share, self.hi)
+    lo, hi = split_kv.split_part(self.lo, self.hi, index, parts)
     full_lo = jnp.clip(self.full_lo, lo, hi)
     return TileRange(lo, full_lo, jnp.clip(self.full_hi, full_lo, hi), hi, self.keys)
 
