@@ -227,33 +227,30 @@ def _export_for_h200(fn, *args):
     return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_kernels_lower_to_valid_triton_for_cuda(monkeypatch, case):
-  """Forward (the split-KV kernel for decode-shaped cases) and both backward kernels."""
+# Each case with the two backward kernels, and with the unordered backward (its bias a
+# constant: a bias gradient needs the dQ kernel).
+LOWERING_PARAMS = ([pytest.param(c, False, id=c.id) for c in CASES]
+                   + [pytest.param(c, True, id=c.id + "-atomic_dq") for c in CASES])
+
+
+@pytest.mark.parametrize("case, atomic_dq", LOWERING_PARAMS)
+def test_kernels_lower_to_valid_triton_for_cuda(monkeypatch, case, atomic_dq):
+  """Forward (the split-KV kernel for decode-shaped cases) and the backward: the dK/dV
+  and dQ kernels, or with atomic_dq one dK/dV kernel that adds dQ up."""
   seen = _verified_lowering(monkeypatch)
   q, k, v, kwargs = make_inputs(case, seed=0)
   bias = kwargs.pop("bias", None)
+  block_sizes = TritonConfig(atomic_dq=atomic_dq)
+  learned_bias = bias is not None and not atomic_dq
 
   def loss(q, k, v, bias):
-    out = flash_jax.flash_attention(q, k, v, implementation="triton", bias=bias, **kwargs)
+    out = flash_jax.flash_attention(q, k, v, implementation="triton", bias=bias,
+                                    block_sizes=block_sizes, deterministic=False, **kwargs)
     return jnp.sum(out.astype(jnp.float32))
 
-  _export_for_h200(jax.grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3)),
+  _export_for_h200(jax.grad(loss, argnums=(0, 1, 2, 3) if learned_bias else (0, 1, 2)),
                    q, k, v, bias)
-  assert len(seen) == 3  # forward, dK/dV, dQ
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES
-                                  if "bias" not in c.features])
-def test_fused_backward_lowers_to_valid_triton_for_cuda(monkeypatch, case):
-  """The unordered backward: the forward and one dK/dV kernel that adds dQ up (atomics)."""
-  seen = _verified_lowering(monkeypatch)
-  q, k, v, kwargs = make_inputs(case, seed=0)
-  loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(
-      q, k, v, implementation="triton", block_sizes=TritonConfig(atomic_dq=True),
-      deterministic=False, **kwargs).astype(jnp.float32))
-  _export_for_h200(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
-  assert len(seen) == 2
+  assert len(seen) == (2 if atomic_dq else 3)  # forward, dK/dV, and a dQ kernel unless fused
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAGED_CASES])
