@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -26,24 +27,38 @@ def _reference(q, k, v, kwargs, *, exact):
   return flash_jax.flash_attention(q, k, v, implementation="xla", return_lse=True, **kwargs)
 
 
+def _forward_inputs(case: Case):
+  return make_inputs(case, seed=zlib.crc32(case.id.encode()))
+
+
+@functools.cache
+def _forward_references(case: Case):
+  """(exact out, exact lse, same-precision out, same-precision lse, exact lse without the
+  sinks) of `case`: computed once, shared by every target."""
+  q, k, v, kwargs = _forward_inputs(case)
+  exact = _reference(q, k, v, kwargs, exact=True)
+  same = _reference(q, k, v, kwargs, exact=False)
+  sinkless = dict(kwargs)
+  sinkless_lse = (_reference(q, k, v, sinkless, exact=True)[1]
+                  if sinkless.pop("sinks", None) is not None else exact[1])
+  return (*exact, *same, sinkless_lse)
+
+
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_forward_and_lse(target, case: Case):
   skip_if_unsupported(target, case)
-  q, k, v, kwargs = make_inputs(case, seed=zlib.crc32(case.id.encode()))
+  q, k, v, kwargs = _forward_inputs(case)
   out, lse = attend(target, q, k, v, return_lse=True, **kwargs)
   assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
   assert lse.shape == (case.batch, case.num_q_heads, case.q_len) and lse.dtype == jnp.float32
-  ref_out, ref_lse = _reference(q, k, v, kwargs, exact=True)
-  same_out, same_lse = _reference(q, k, v, kwargs, exact=False)
+  ref_out, ref_lse, same_out, same_lse, sinkless_lse = _forward_references(case)
   assert_accurate("out", out, same_out, ref_out, dtype=case.dtype)
   assert_accurate("lse", lse, same_lse, ref_lse, dtype=case.dtype)
   # Rows that see no key: exactly zero output and -inf lse (with sinks: lse = the sink,
   # which makes every lse finite, so the rows are found without sinks).
-  sinks = kwargs.pop("sinks", None)
-  if sinks is not None:
-    ref_lse = _reference(q, k, v, kwargs, exact=True)[1]
-  hidden = ~visible_rows(ref_lse)
+  hidden = ~visible_rows(sinkless_lse)
   assert np.all(np.asarray(out, np.float32)[hidden] == 0)
+  sinks = kwargs.get("sinks")
   if sinks is not None:
     sink_rows = np.broadcast_to(np.asarray(sinks, np.float32), hidden.shape)
     np.testing.assert_array_equal(np.asarray(lse).transpose(0, 2, 1)[hidden], sink_rows[hidden])
@@ -67,21 +82,39 @@ def _loss_and_grads(fn, q, k, v, extras, seed):
   return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, extras)
 
 
-@pytest.mark.parametrize("case", CASE_PARAMS)
-def test_gradients(target, case: Case):
-  skip_if_unsupported(target, case)
+def _gradient_inputs(case: Case):
+  """q, k, v, the differentiable keyword inputs and the other keyword arguments."""
   q, k, v, kwargs = make_inputs(case, seed=zlib.crc32(case.id.encode()) + 1)
   extras = {name: kwargs.pop(name) for name in DIFFERENTIABLE_KWARGS if name in kwargs}
-  seed = 7
+  return q, k, v, extras, kwargs
 
-  grads = _loss_and_grads(lambda *a, **kw: attend(target, *a, return_lse=True, **kwargs, **kw),
-                          q, k, v, extras, seed)
+
+GRADIENT_SEED = 7
+
+
+@functools.cache
+def _gradient_references(case: Case):
+  """(same-precision, exact) gradients of `case` by the xla reference: computed once,
+  shared by every target."""
+  q, k, v, extras, kwargs = _gradient_inputs(case)
   same = _loss_and_grads(lambda *a, **kw: flash_jax.flash_attention(
-      *a, implementation="xla", return_lse=True, **kwargs, **kw), q, k, v, extras, seed)
+      *a, implementation="xla", return_lse=True, **kwargs, **kw), q, k, v, extras,
+      GRADIENT_SEED)
   q32, k32, v32, extras32, kw32 = upcast((q, k, v, extras, kwargs))
   with highest_precision():
     exact = _loss_and_grads(lambda *a, **kw: flash_jax.flash_attention(
-        *a, implementation="xla", return_lse=True, **kw32, **kw), q32, k32, v32, extras32, seed)
+        *a, implementation="xla", return_lse=True, **kw32, **kw), q32, k32, v32, extras32,
+        GRADIENT_SEED)
+  return same, exact
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_gradients(target, case: Case):
+  skip_if_unsupported(target, case)
+  q, k, v, extras, kwargs = _gradient_inputs(case)
+  grads = _loss_and_grads(lambda *a, **kw: attend(target, *a, return_lse=True, **kwargs, **kw),
+                          q, k, v, extras, GRADIENT_SEED)
+  same, exact = _gradient_references(case)
   results = list(zip(("dq", "dk", "dv"), grads[:3], same[:3], exact[:3], (q, k, v)))
   results += [(f"d{name}", grads[3][name], same[3][name], exact[3][name], x)
               for name, x in extras.items()]
