@@ -97,7 +97,7 @@ def test_performance_tables_match_measurements():
 def test_readme_keeps_the_commands_ci_runs():
   readme = (ROOT / "README.md").read_text()
   for command in ("pip install . && python examples/quickstart.py",
-                  'pip install -e ".[test]" && python -m pytest tests -q'):
+                  'pip install -e ".[test]" && python -m pytest tests -q -n auto'):
     assert command in readme
 
 
