@@ -70,8 +70,10 @@ class Schema:
 
   keys: each match key and the values it takes (`key(spec)` computes them for a call).
   fields: the config fields an entry may set; `required`: those a lookup must end with
-  (the reference table sets them for every combination of keys). `check(fields)` raises
-  ValueError for values the implementation's config rejects.
+  (the reference table sets them for every combination of keys). `plan_fields`: those
+  of `fields` that are no config field but positive ints that plan a call (the split-KV
+  plan's, split_kv.num_splits). `check(fields)`, given the others, raises ValueError for
+  values the implementation's config rejects; `validate` checks a whole entry's config.
   """
 
   implementation: str
@@ -81,6 +83,7 @@ class Schema:
   fields: tuple[str, ...]
   required: tuple[str, ...]
   check: Callable[[dict], None]
+  plan_fields: tuple[str, ...] = ()
   # Devices without a table of their own: those of a compute capability (major) listed
   # here take its table (sm90: H800, H20, GH200, H100 PCIe share the H100's architecture);
   # every other one takes the reference, the card the defaults were measured on, whose
@@ -91,6 +94,14 @@ class Schema:
 
   def __hash__(self):
     return hash(self.implementation)
+
+  def validate(self, config: Mapping[str, Any]) -> None:
+    """Raises ValueError (or TypeError) for an entry's config the implementation rejects."""
+    for name in self.plan_fields:
+      value = config.get(name, 1)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    self.check({name: value for name, value in config.items() if name not in self.plan_fields})
 
   def shipped_path(self, kind: str) -> pathlib.Path:
     return self.directory / f"{file_stem(kind)}.json"
@@ -214,7 +225,7 @@ def _parse_entry(entry, where: str, schema: Schema, fail) -> Entry:
     fail(f"{where}.config", f"unknown fields {unknown}; {schema.implementation} tables "
          f"set {list(schema.fields)}")
   try:
-    schema.check(dict(config))
+    schema.validate(config)
   except (TypeError, ValueError) as e:
     fail(f"{where}.config", str(e))
   return Entry(parsed_match, dict(config), reason)

@@ -148,7 +148,7 @@ def test_mosaic_gpu_split_candidates_are_table_entries(head_dim):
   fields_list = tune.candidates("mosaic_gpu", "split", head_dim, tiny=False)
   assert len(fields_list) > 1
   for fields in fields_list:
-    schema.check(dict(fields))
+    schema.validate(fields)
     assert set(fields) <= set(schema.fields)
     assert mosaic_config.MosaicGPUBlockSizes(**{
         k: v for k, v in fields.items() if k not in mosaic_config.PLAN_FIELDS})
@@ -292,6 +292,8 @@ def _pallas_grids(jaxpr) -> list:
     (dict(entries=[_entry({"block_q": 64}, {"causal": 1})]), r"match.causal: 1 is not one of"),
     (dict(entries=[_entry({"block_q": 64}, reason=" ")]), r"entries\[0\].reason: must say why"),
     (dict(entries=[_entry({"split_min_blocks": 0})]), "split_min_blocks must be a positive int"),
+    (dict(entries=[_entry({"num_stages_one_split": True})]),
+     r"entries\[0\].config: num_stages_one_split must be a positive int, got True"),
     (dict(entries=[_entry({})]), r"entries\[0\].config: must be an object naming at least one"),
 ])
 def test_bad_tables_raise_naming_the_place(change, message):
@@ -306,6 +308,9 @@ def test_bad_files_raise_naming_the_file(tmp_path):
     tuning.use_table(path)
   path.write_text(json.dumps(_table("mosaic_gpu", [_entry({"block_q": 128})])))
   with pytest.raises(ValueError, match=r"broken.json: entries\[0\].config: block_q=128 must be 64"):
+    tuning.use_table(path)
+  path.write_text(json.dumps(_table("mosaic_gpu", [_entry({"split_min_blocks": 2.0})])))
+  with pytest.raises(ValueError, match="split_min_blocks must be a positive int, got 2.0"):
     tuning.use_table(path)
   with pytest.raises(ValueError, match="no such file"):
     tuning.use_table(tmp_path / "absent.json")

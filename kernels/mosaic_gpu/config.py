@@ -71,12 +71,7 @@ PLAN_FIELDS = ("split_programs_per_multiprocessor", "split_min_blocks")
 
 
 def _check_table_fields(fields: dict) -> None:
-  """A tuning entry's fields as MosaicGPUBlockSizes and `resolve` take them."""
-  fields = dict(fields)
-  for name in PLAN_FIELDS:
-    value = fields.pop(name, 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  """A tuning entry's config fields as MosaicGPUBlockSizes and `resolve` take them."""
   MosaicGPUBlockSizes(**fields)
   if fields.get("block_q", WGMMA_ROWS) != WGMMA_ROWS:
     raise ValueError(f"block_q={fields['block_q']} must be {WGMMA_ROWS}")
@@ -106,7 +101,8 @@ TUNING = tuning.Schema(
     fields=_CONFIG_FIELDS + PLAN_FIELDS,
     # num_splits depends on the call's shape: planned unless a table fixes it.
     required=tuple(name for name in _CONFIG_FIELDS if name != "num_splits") + PLAN_FIELDS,
-    check=_check_table_fields)
+    check=_check_table_fields,
+    plan_fields=PLAN_FIELDS)
 
 def default_config(spec: AttentionSpec) -> MosaicGPUBlockSizes:
   """The tuning table's config for this call on the current device, its number of

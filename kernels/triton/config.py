@@ -207,14 +207,6 @@ def table_key(spec: AttentionSpec) -> dict:
               causal=spec.causal, decode=split_kv.decode_shaped(spec), paged=spec.paged)
 
 
-def _check_table_fields(fields: dict) -> None:
-  plan = {name: fields.pop(name) for name in PLAN_FIELDS if name in fields}
-  for name, value in plan.items():
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
-  TritonConfig(**fields)
-
-
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TritonConfig))
 TUNING = tuning.Schema(
     implementation="triton",
@@ -225,7 +217,8 @@ TUNING = tuning.Schema(
     fields=_CONFIG_FIELDS + PLAN_FIELDS,
     # num_splits depends on the call's shape: planned unless a table fixes it.
     required=tuple(name for name in _CONFIG_FIELDS if name != "num_splits") + PLAN_FIELDS,
-    check=_check_table_fields)
+    check=lambda fields: TritonConfig(**fields),
+    plan_fields=PLAN_FIELDS)
 
 
 def _fit(block: int, length: int) -> int:
