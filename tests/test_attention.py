@@ -38,9 +38,8 @@ def _forward_references(case: Case):
   q, k, v, kwargs = _forward_inputs(case)
   exact = _reference(q, k, v, kwargs, exact=True)
   same = _reference(q, k, v, kwargs, exact=False)
-  sinkless = dict(kwargs)
-  sinkless_lse = (_reference(q, k, v, sinkless, exact=True)[1]
-                  if sinkless.pop("sinks", None) is not None else exact[1])
+  sinkless = {name: value for name, value in kwargs.items() if name != "sinks"}
+  sinkless_lse = _reference(q, k, v, sinkless, exact=True)[1] if "sinks" in kwargs else exact[1]
   return (*exact, *same, sinkless_lse)
 
 
