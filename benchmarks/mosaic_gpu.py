@@ -72,13 +72,15 @@ def check(log, cases=None, block_sizes=None) -> bool:
       dlse = jax.random.normal(keys[4], (b, nq, t), jnp.float32)
       got = _run("mosaic_gpu", q, k, v, kw, dout, dlse, block_sizes)
       again = _run("mosaic_gpu", q, k, v, kw, dout, dlse, block_sizes)
-      deterministic = all(np.array_equal(np.asarray(a), np.asarray(b))
-                          for a, b in zip(got, again))
+      # The unordered backward (atomic_dq) may differ in the last bits from run to run.
+      deterministic = not getattr(block_sizes, "atomic_dq", False) and all(
+          np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, again))
       same = _run("xla", q, k, v, kw, dout, dlse)
       up = lambda x: x.astype(jnp.float32)
       with jax.default_matmul_precision("highest"):
         ref = _run("xla", up(q), up(k), up(v), kw, dout, dlse)
-      cells, ok = [] if deterministic else ["NOT DETERMINISTIC"], deterministic
+      ok = deterministic or getattr(block_sizes, "atomic_dq", False)
+      cells = [] if deterministic else ["not bitwise reproducible"]
       for label, g, sp, r in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref):
         verdict = accuracy.judge(g, sp, r, factor=accuracy.factor_for(label), dtype=dtype)
         ok &= verdict.ok
@@ -105,7 +107,8 @@ def variants(log, head_dims, seqs, configs, modes):
         for cfg in configs.get(h, [None]):
           label = "mosaic" if cfg is None else "mosaic " + ",".join(
               f"{x}" for x in (cfg.block_kv, cfg.num_stages, cfg.block_kv_dq)) + (
-                  {True: ",overlap", False: ",sequential"}.get(cfg.overlap_softmax, ""))
+                  {True: ",overlap", False: ",sequential"}.get(cfg.overlap_softmax, "")) + (
+                      ",atomic_dq" if cfg.atomic_dq else "")
           contenders[label] = lambda q, k, v, c=causal, cfg=cfg: flash_jax.flash_attention(
               q, k, v, causal=c, implementation="mosaic_gpu", block_sizes=cfg)
         for mode in modes:
@@ -162,6 +165,10 @@ def kernels(log, head_dims, seqs, sweep=False):
           "dq": (lambda config: jax.jit(lambda *t: backward_kernels._dq(
               *t, names, feature_arrays, spec=spec, config=config, t_pad=t_pad)[0]),
                  tuple(tensors)),
+          "dkv+dq": (lambda config: jax.jit(lambda *t: tuple(  # the unordered backward
+              backward_kernels._dkv(*t, names, feature_arrays, spec=spec, config=config,
+                                    s_pad=s_pad, outputs=outputs, adds_dq="dk" in outputs)
+              for outputs in backward_kernels.dkv_launches(spec))), tuple(tensors)),
       }
 
       def whole(q, k, v):
@@ -169,10 +176,13 @@ def kernels(log, head_dims, seqs, sweep=False):
                                                       implementation="mosaic_gpu")
         return jax.vjp(f, q, k, v)[1](dout)
 
-      matmuls = bench.KERNEL_MATMULS
+      # dK/dV+dQ issues the 5 matmuls of one fused pass (S, dP, dV, dK, dQ).
+      matmuls = dict(bench.KERNEL_MATMULS, **{"dkv+dq": 2.5})
       runs = [(kernel, label, {}) for kernel, label in
               (("fwd", "forward"), ("dkv", "dK/dV"), ("dq", "dQ"))]
       runs += KERNEL_VARIANTS.get(h, []) if sweep else []
+      if h <= 128:
+        runs.append(("dkv+dq", "dK/dV+dQ (atomic_dq)", {}))
       parts = {}  # label -> (jitted call, operands, FLOPs of the matmuls it issues)
       for kernel, label, fields in runs:
         variant = dataclasses.replace(config, **fields)
@@ -180,7 +190,8 @@ def kernels(log, head_dims, seqs, sweep=False):
           continue
         make, operands = kernel_calls[kernel]
         parts[label] = (make(variant), operands, matmuls[kernel] * flops)
-      parts["fwd+bwd call"] = (jax.jit(whole), (q, k, v), sum(matmuls.values()) * flops)
+      parts["fwd+bwd call"] = (jax.jit(whole), (q, k, v),
+                               sum(bench.KERNEL_MATMULS.values()) * flops)
       seconds, failed = bench.time_contenders(
           {label: lambda fn=fn, args=args: fn(*args) for label, (fn, args, _) in parts.items()},
           [()], warmup=3, repeats=15)
@@ -201,16 +212,26 @@ def main():
   parser.add_argument("--sweep", action="store_true", help="time several configs per head dim")
   parser.add_argument("--overlap-softmax", choices=["true", "false"], default=None,
                       help="check: MosaicGPUBlockSizes.overlap_softmax (default: the default)")
+  parser.add_argument("--atomic-dq", action="store_true",
+                      help="check: the unordered backward; variants: it beside the default")
+  parser.add_argument("--dq-own-scope", action="store_true",
+                      help="experiment: the unordered backward's dQ matmul in its own scope")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  if args.dq_own_scope:
+    from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
+    backward_kernels.DQ_OWN_SCOPE = True
   if args.what == "check":
-    block_sizes = None if args.overlap_softmax is None else MosaicGPUBlockSizes(
-        overlap_softmax=args.overlap_softmax == "true")
+    overlap = None if args.overlap_softmax is None else args.overlap_softmax == "true"
+    block_sizes = MosaicGPUBlockSizes(overlap_softmax=overlap,
+                                      atomic_dq=True if args.atomic_dq else None)
     sys.exit(0 if check(sys.stdout, args.cases, block_sizes) else 1)
   if args.what == "kernels":
     kernels(sys.stdout, args.head_dims, args.seqs, args.sweep)
     return
   configs = {}
+  if args.atomic_dq:
+    configs = {h: [None, MosaicGPUBlockSizes(atomic_dq=True)] for h in args.head_dims}
   if args.sweep:
     m = lambda bkv, overlap, st=2: MosaicGPUBlockSizes(block_kv=bkv, num_stages=st,
                                                        overlap_softmax=overlap)

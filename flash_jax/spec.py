@@ -71,6 +71,13 @@ class AttentionSpec:
     return self.has_bias and self.bias_grad
 
   @property
+  def allows_atomic_dq(self) -> bool:
+    """Whether a backward may add dQ up across key blocks with atomics (an unordered sum,
+    so not bitwise reproducible): when the call is not `deterministic` and no bias
+    gradient wants the dQ kernel's d logits."""
+    return not self.deterministic and not self.computes_dbias
+
+  @property
   def paged(self) -> bool:
     return self.page_size is not None
 
@@ -87,7 +94,7 @@ class AttentionSpec:
   # jnp implementations pass it to every product, forward and backward alike.
   precision: str | None = None
   # The backward must be bitwise reproducible (`resolve_deterministic`). An unordered
-  # one (Triton's atomic dQ: `fuses_dq`) may serve only when False.
+  # one (atomic dQ: `allows_atomic_dq`) may serve only when False.
   deterministic: bool = False
   # False in a backward whose bias is a constant (no gradient asked: ALiBi, a fixed
   # bias): the kernels then skip d bias, a float32 [B, Nq, T, S] write.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from flash_jax import BlockSizes
+from flash_jax.kernels.mosaic_gpu.config import MosaicGPUBlockSizes
 from flash_jax.kernels.triton import TritonConfig
 
 # The shared tests that take gradients: what a variant of the backward alone joins.
@@ -52,12 +53,15 @@ TARGETS: tuple[Target, ...] = (
            checkpointable=False),
     Target("triton", interpret=True, max_tokens=20000),
     Target("triton", platform="gpu"),
-    # The unordered backward: dQ added up by the dK/dV kernel with atomics.
+    # The unordered backwards: dQ added up by the dK/dV kernel with atomics.
     Target("triton", interpret=True, max_tokens=20000, block_sizes=TritonConfig(atomic_dq=True),
            label="atomic_dq", tests=GRADIENT_TESTS, ordered_backward=False),
     Target("triton", platform="gpu", block_sizes=TritonConfig(atomic_dq=True),
            label="atomic_dq", tests=GRADIENT_TESTS, ordered_backward=False),
     Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16", "float16")),
+    Target("mosaic_gpu", platform="gpu", dtypes=("bfloat16", "float16"),
+           block_sizes=MosaicGPUBlockSizes(atomic_dq=True), label="atomic_dq",
+           tests=GRADIENT_TESTS, ordered_backward=False),
     # Many key/value chunks with a ragged tail: the online-softmax merge path.
     Target("chunked", block_sizes=BlockSizes(block_kv=48), label="bkv48"),
 )

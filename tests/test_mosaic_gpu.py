@@ -247,12 +247,20 @@ def _feature_kwargs(options, b, t, s):
   return kwargs
 
 
-@pytest.mark.parametrize("schedules", [False, True], ids=["sequential", "overlapped+ping_pong"])
+SCHEDULES = {  # the kernels' schedules: the forward's, dK/dV's, and the unordered backward
+    "sequential": MosaicGPUBlockSizes(overlap_softmax=False, dkv_ping_pong=False),
+    "overlapped+ping_pong": MosaicGPUBlockSizes(overlap_softmax=True, dkv_ping_pong=True),
+    "atomic_dq": MosaicGPUBlockSizes(overlap_softmax=True, dkv_ping_pong=True, atomic_dq=True),
+}
+
+
+@pytest.mark.parametrize("schedules", list(SCHEDULES))
 @pytest.mark.parametrize("head_dim,options", FEATURE_CALLS, ids=str)
 def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedules):
   """Forward and backward kernels (each schedule: the forward's `overlap_softmax`, the
-  dK/dV `dkv_ping_pong`) with offsets, lengths and segment ids lower to Mosaic GPU on
-  any host (no GPU needed: jax.export for the cuda platform)."""
+  dK/dV `dkv_ping_pong`, the unordered backward's `atomic_dq`) with offsets, lengths and
+  segment ids lower to Mosaic GPU on any host (no GPU needed: jax.export for the cuda
+  platform)."""
   from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
   monkeypatch.setattr(compat, "is_hopper", lambda: True)
   monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
@@ -260,13 +268,18 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedule
   kwargs = _feature_kwargs(options, b, t, s)
   q = jax.ShapeDtypeStruct((b, t, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, s, 2, head_dim), jnp.bfloat16)
-  block_sizes = MosaicGPUBlockSizes(overlap_softmax=schedules, dkv_ping_pong=schedules)
+  block_sizes = SCHEDULES[schedules]
   attn = lambda q, k, v: flash_jax.flash_attention(q, k, v, implementation="mosaic_gpu",
                                                    block_sizes=block_sizes, **kwargs)
   grads = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
   for fn in (attn, grads):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, k, k).mlir_module()
     assert "mosaic_gpu" in text
+  # The unordered backward runs no dQ kernel, except where the head dim leaves no
+  # registers for dQ's rows (`backward.fuses_dq`; the bias here is a constant).
+  fused = schedules == "atomic_dq" and head_dim <= 128
+  assert ("flash_jax_mosaic_gpu_bwd_dkdv_dq" in text) == fused
+  assert ("flash_jax_mosaic_gpu_bwd_dq" in text) == (not fused)
 
 
 @pytest.mark.parametrize("head_dim,head_dim_v", [(192, 128), (96, 96), (80, 80), (64, 40),

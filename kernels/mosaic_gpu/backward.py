@@ -37,12 +37,13 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from flash_jax import masking, tiles
+from flash_jax import masking, tiles, vmapping
 from flash_jax.spec import AttentionSpec
 from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, ranges
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
+DQ_OWN_SCOPE = False  # experiment: the fused dQ matmul after dK/dV's, with its own wait
 
 
 def _kernel_logits(qk, spec: AttentionSpec, bias=None):
@@ -86,12 +87,17 @@ def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
   operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config,
                                            stats=stats)
   dense_args = dict(bias=bias, mask=arrays.mask)
-  grads = {}
-  for outputs in dkv_launches(spec):
-    grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
-                                   outputs=outputs, **dense_args)))
-  dk, dv = grads["dk"], grads["dv"]
-  dq, dlogits = _dq(*operands, spec=spec, config=config, t_pad=t_pad, **dense_args)
+  if fuses_dq(spec, config):
+    dq, dk, dv = _fused_dq_backward(operands, spec=spec, config=config, s_pad=s_pad,
+                                    **dense_args)
+    dlogits = None
+  else:
+    grads = {}
+    for outputs in dkv_launches(spec):
+      grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
+                                     outputs=outputs, **dense_args)))
+    dk, dv = grads["dk"], grads["dv"]
+    dq, dlogits = _dq(*operands, spec=spec, config=config, t_pad=t_pad, **dense_args)
   if dlogits is not None:
     dlogits = dlogits[:, :, :spec.q_len, :spec.kv_len]
   if spec.group_size > 1:  # [B, S, Nq, H] -> [B, S, Nkv, H]: sum each group in float32
@@ -99,6 +105,30 @@ def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
                                 x.shape[-1]).astype(jnp.float32).sum(axis=3).astype(k.dtype)
     dk, dv = group(dk), group(dv)
   return dq[:, :spec.q_len], dk[:, :spec.kv_len], dv[:, :spec.kv_len], dlogits
+
+
+def fuses_dq(spec: AttentionSpec, config: MosaicGPUBlockSizes) -> bool:
+  """Whether the dK/dV kernel also adds up dQ (`_fused_dq_backward`): where the config
+  asks for it, the call allows an unordered sum (`spec.allows_atomic_dq`), and one
+  consumer's registers hold dQ's rows beside dK and dV (head dims up to 128; at 256 the
+  dK launch alone fills them)."""
+  return (bool(config.atomic_dq) and spec.allows_atomic_dq
+          and max(spec.head_dim, spec.head_dim_v) <= 128)
+
+
+def _fused_dq_backward(operands, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
+                       s_pad: int, bias=None, mask=None):
+  """dq [B, T_pad, Nq, H], dk, dv [B, S_pad, Nq, H|Hv] from the dK/dV kernel alone: the
+  launch that computes dS (the one with dK) also adds each step's dS K into a float32 dQ
+  (`_dkv(adds_dq=True)`)."""
+  grads = {}
+  for outputs in dkv_launches(spec):
+    adds_dq = "dk" in outputs
+    results = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=outputs,
+                   bias=bias, mask=mask, adds_dq=adds_dq)
+    grads.update(zip(outputs + (("dq",) if adds_dq else ()), results))
+  q = operands[0]
+  return (grads["dq"] * spec.scale).astype(q.dtype), grads["dk"], grads["dv"]
 
 
 def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
@@ -137,8 +167,13 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...], bias=None,
-         mask=None):
-  """dK [B, S_pad, Nq, H] and/or dV [B, S_pad, Nq, Hv] per query head."""
+         mask=None, adds_dq: bool = False):
+  """dK [B, S_pad, Nq, H] and/or dV [B, S_pad, Nq, Hv] per query head; adds_dq (with
+  dK): and dS K summed over key blocks, float32 [B, T_pad, Nq, H] (dQ before the scale).
+
+  With adds_dq each step adds its query block's dS K [block_q, H] into that float32 sum
+  in global memory with a TMA reduce-add, in no fixed order (FlashAttention-2 Algorithm
+  2 line 21; FlashAttention-3 section 3.1's dQ accumulation), so no dQ kernel runs."""
   block_kv, block_q, stages = config.block_kv_dkv, config.block_q_dkv, config.num_stages_dkv
   wgs = consumer_warpgroups(spec)
   rows_per_cta = wgs * block_kv
@@ -157,8 +192,12 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   def kernel(*refs):
     tensors, feature_refs, refs = features.split_refs(refs, feature_names, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = tensors
+    if adds_dq:
+      dq_ref, *refs = refs  # the operand ref after the feature arrays
     out_refs, refs = refs[:len(outputs)], refs[len(outputs):]
     kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
+    if adds_dq:
+      ds_smem2, dq_stage2, *barriers = barriers
     if segments:
       kv_seg_smem2, q_seg_ring, *barriers = barriers
     if ping_pong:
@@ -214,6 +253,10 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
                                               **rules.positional)
       zeros = lambda name: compat.layout_cast(jnp.zeros((block_kv, dims[name]), jnp.float32),
                                               compat.wgmma_layout())
+      if adds_dq:
+        ds_smem, dq_stage = ds_smem2.at[wg], dq_stage2.at[wg]  # [block_kv, block_q], [block_q, H]
+        zeros_dq = lambda: compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                              compat.wgmma_layout())
 
       def step(i, carry, *, masked: bool):
         slot = pipeline.slot_of(i - q_lo_blk, stages)
@@ -266,11 +309,28 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
           plgpu.barrier_arrive(schedule)
           plgpu.barrier_wait(schedule)
 
-        def update(refs):  # both accumulations in one scope: one wgmma wait
+        if adds_dq:  # dS^T to shared memory: the A operand (read transposed) of dS K
+          ds_smem[...] = operands["dk"][0]
+          plgpu.commit_smem()
+        dq_matmul = lambda ref: plgpu.wgmma(ref, ds_smem.transpose((1, 0)), k_smem)
+
+        def update(refs):  # all accumulations in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
             plgpu.wgmma(ref, *operands[name])
+          if adds_dq and not DQ_OWN_SCOPE:  # this query block's dQ rows: dS K [block_q, H]
+            dq_matmul(refs[-1])
 
-        carry = dict(zip(outputs, compat.accumulate_all(update, [carry[n] for n in outputs])))
+        with_dq = adds_dq and not DQ_OWN_SCOPE
+        accs = compat.accumulate_all(
+            update, [carry[n] for n in outputs] + ([zeros_dq()] if with_dq else []))
+        carry = dict(zip(outputs, accs))
+        if adds_dq:  # stage the rows and add them to the float32 dQ in global memory (TMA)
+          dq_part = accs[-1] if with_dq else compat.accumulate(dq_matmul, zeros_dq())
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add read the stage
+          dq_stage[...] = dq_part
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[batch, pl.ds(i * block_q, block_q), head],
+                                  reduction_op="add")
         pipeline.release(streams, slot)
         return carry
 
@@ -305,14 +365,22 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       plgpu.SMEM((stages, block_q), jnp.float32),
       plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=wgs),  # K, V (ids) rows
   ]
+  if adds_dq:  # each consumer's dS^T (bf16) and dQ rows (float32) on their way out
+    scratch += [plgpu.SMEM((wgs, block_kv, block_q), dtype, transforms=transforms),
+                plgpu.SMEM((wgs, block_q, head_dim), jnp.float32,
+                           transforms=compat.smem_transforms(jnp.float32))]
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
   scratch += pipeline.ring_barriers(stages, wgs, num_operands=5 if segments else 4)
   if ping_pong:
     scratch.append(plgpu.Barrier(num_arrivals=2))  # schedule
-  kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs)
+  kernel.__name__ = "flash_jax_mosaic_gpu_bwd_" + "".join(outputs) + ("_dq" if adds_dq else "")
   out_type = tuple(jax.ShapeDtypeStruct((spec.batch, s_pad, spec.num_q_heads, dims[name]), dtype)
                    for name in outputs)
+  if adds_dq:
+    return _launch_adding_dq(kernel, out_type=out_type, scratch=scratch, spec=spec,
+                             num_kv_tiles=num_kv_tiles, wgs=wgs)(
+        q, k, v, dout, lse2, delta, *feature_arrays)
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(spec.num_q_heads, num_kv_tiles, spec.batch),
@@ -320,6 +388,37 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compat.compiler_params(),
   )(q, k, v, dout, lse2, delta, *feature_arrays)
+
+
+def _launch_adding_dq(kernel, *, out_type, scratch, spec: AttentionSpec, num_kv_tiles: int,
+                      wgs: int):
+  """The dK/dV launch whose kernel adds into a float32 dQ sum: operands -> its outputs
+  and that sum [B, T_pad, Nq, H]. The kernel writes the sum in place, a ref that starts
+  at zero (its last operand), inside `pl.run_state`, so that no ref outlives this call
+  (refs cannot cross the custom_jvp that guards the backward against differentiation).
+  Under vmap, one launch per element: Pallas batches a kernel that writes a ref only at
+  size 1."""
+  launch = compat.kernel_on_refs(
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(spec.num_q_heads, num_kv_tiles, spec.batch),
+      grid_names=("heads", "kv_tiles", "batch"), num_threads=wgs + 1, thread_name="wg",
+      name=kernel.__name__)
+
+  @vmapping.map_when_vmapped
+  def run(*operands):
+    q = operands[0]  # [B, T_pad, Nq, H]
+
+    def body(refs):  # the kernel's outputs leave through refs too, overwritten whole
+      dq_sum, *out_refs = refs
+      for ref, value in zip(out_refs, launch(*operands, dq_sum)):
+        ref[...] = value
+
+    initial = (jnp.zeros(q.shape, jnp.float32),) + tuple(
+        jnp.zeros(o.shape, o.dtype) for o in out_type)  # the outputs' are dead: DCE
+    dq_sum, *outputs = pl.run_state(body)(initial)
+    return (*outputs, dq_sum)
+
+  return run
 
 
 def _dq(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,

@@ -86,6 +86,23 @@ def smem_transforms(dtype):
   return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
 
 
+def kernel_on_refs(body, *, out_type, scratch_types, grid, grid_names, num_threads,
+                   thread_name, name):
+  """`plgpu.kernel` for calls that pass a mutable `jax.new_ref` operand, which the kernel
+  writes in place (the unordered backward's float32 dQ). plgpu.kernel's vmap wrapper
+  loses such a ref's write effect under JAX 0.10.2, so this builds the same launch from
+  pl.kernel and a plgpu.Mesh: the body takes operand refs, output refs, then scratch."""
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=num_threads,
+                    thread_name=thread_name)
+
+  def with_scratch(*refs):
+    pl.run_scoped(lambda *scratch: body(*refs, *scratch), *scratch_types,
+                  collective_axes=thread_name)
+
+  return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
+                   compiler_params=compiler_params(), name=name)
+
+
 def compiler_params():
   # approx_math: exp2 / log2 / division through the fast MUFU approximations.
   # reduction_scratch_bytes=0: the kernels reduce only along the rows of wgmma-layout
@@ -100,8 +117,8 @@ _PLGPU_API = ("SMEM", "Barrier", "ACC", "Layout", "TilingTransform", "SwizzleTra
               "CompilerParams", "kernel", "barrier_wait", "barrier_arrive", "wgmma",
               "wgmma_accumulator_load", "copy_gmem_to_smem", "copy_smem_to_gmem",
               "wait_smem_to_gmem", "commit_smem", "set_max_registers", "load", "layout_cast",
-              "broadcasted_iota")
-_PL_API = ("ds", "when", "run_state", "run_scoped", "loop")
+              "broadcasted_iota", "Mesh")
+_PL_API = ("ds", "when", "run_state", "run_scoped", "loop", "kernel")
 
 
 def missing_api() -> tuple[str, ...]:

@@ -38,13 +38,17 @@ class MosaicGPUBlockSizes(BlockSizes):
   # elementwise step under the other's matmuls, FlashAttention-3 section 3.1's
   # ping-pong); None: the tuning table's. One consumer at d256: no effect.
   dkv_ping_pong: bool | None = None
+  # The unordered backward: the dK/dV kernel also adds each step's dS K into a float32
+  # dQ in global memory (TMA reduce-add) and no dQ kernel runs; None: the tuning
+  # table's. Only where the call allows it (`spec.allows_atomic_dq`).
+  atomic_dq: bool | None = None
   # Split-KV decode kernel (split_kv.py; decode-shaped and paged calls): key blocks of
   # block_kv_split through a ring of num_stages_split slots, over one of num_splits runs
   # of a row's keys (None: planned for the call, `split_kv_plan`).
   block_kv_split: int | None = None
   num_stages_split: int | None = None
   num_splits: int | None = None
-  switches = ("overlap_softmax", "dkv_ping_pong")
+  switches = ("overlap_softmax", "dkv_ping_pong", "atomic_dq")
 
   def __post_init__(self):
     super().__post_init__()

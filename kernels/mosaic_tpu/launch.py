@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from flash_jax import vmapping
 from flash_jax.kernels.mosaic_tpu.config import LANES, SUBLANES
 from flash_jax.kernels.mosaic_tpu.layout import Geometry
 
@@ -164,33 +165,5 @@ def call(body, *, name: str, grid: tuple[int, int, int, int], scalars: Sequence[
                                            vmem_limit_bytes=vmem_limit_bytes),
       cost_estimate=cost, interpret=params)
   if params:
-    run = map_when_vmapped(run)
+    run = vmapping.map_when_vmapped(run)
   return run(*scalars, *[op.value for op in inputs])
-
-
-def map_when_vmapped(fn):
-  """Under vmap, runs an interpreted pallas_call once per element (lax.map).
-
-  TPU interpret mode (JAX 0.10 and 0.11) rejects a vmapped pallas_call whose grid has
-  dimension semantics: Pallas' batching rule prepends a grid axis that the interpreter's
-  semantics check does not count. Compiled TPU calls keep Pallas' own batching rule.
-  """
-  @jax.custom_batching.custom_vmap
-  def mapped(*args):
-    return fn(*args)
-
-  @mapped.def_vmap
-  def _rule(axis_size, in_batched, *args):
-    del axis_size
-    batched = [i for i, is_batched in enumerate(in_batched) if is_batched]
-
-    def one(elements):
-      full = list(args)
-      for i, x in zip(batched, elements):
-        full[i] = x
-      return mapped(*full)
-
-    outs = jax.lax.map(one, [args[i] for i in batched])
-    return outs, jax.tree.map(lambda _: True, outs)
-
-  return mapped

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flash_jax import masking, tiles
+from flash_jax import masking, tiles, vmapping
 from flash_jax.spec import AttentionArrays, AttentionSpec
 
 from flash_jax.kernels.mosaic_tpu import launch, layout, page_info
@@ -225,7 +225,7 @@ def decode_attention(q, k, v, arrays: AttentionArrays, geo: PagedGeometry, *, in
                           [s for _, s, _ in outputs]),
       interpret=params)
   if params:
-    run = launch.map_when_vmapped(run)
+    run = vmapping.map_when_vmapped(run)
   scalars = (fetch.reshape(-1), ranges.reshape(-1), layout.batch_scalars(arrays, spec))
   out, lse = run(*scalars, *[x for _, x, _ in inputs])
   out = tiles.unpack_rows(out[:, :, :geo.rows], spec)  # [B, T, Nq, Hv]

@@ -95,9 +95,8 @@ class TritonImplementation(BlockwiseImplementation):
 
 def fuses_dq(spec: AttentionSpec, config: TritonConfig) -> bool:
   """Whether the dK/dV kernel also accumulates dQ, with atomics (`backward_dkv`): where
-  the config asks for it, the call allows an unordered backward (not deterministic), and
-  no bias gradient wants the dQ kernel's d logits."""
-  return config.atomic_dq and not spec.deterministic and not spec.computes_dbias
+  the config asks for it and the call allows it (`spec.allows_atomic_dq`)."""
+  return config.atomic_dq and spec.allows_atomic_dq
 
 
 IMPLEMENTATION = TritonImplementation()
