@@ -130,7 +130,7 @@ def sweep(problem_indices, repeats: int):
     print(f"SWEEP {problem.label}: best {_ranked(rows)[:4]}", flush=True)
 
 
-def compare(problem_indices, repeats: int, configs: list[dict], paged: bool = False,
+def compare(problems, repeats: int, configs: list[dict], paged: bool = False,
             implementation: str = "triton"):
   """The defaults of the GPU implementations beside each of `configs` (fields of
   `implementation`'s config) and cuDNN, per problem, over contiguous caches or (`paged`)
@@ -138,8 +138,7 @@ def compare(problem_indices, repeats: int, configs: list[dict], paged: bool = Fa
   from flash_jax import dispatch
   layout = "flash_jax paged" if paged else "flash_jax"
   config_type = dispatch.get_implementation(implementation).config_type
-  for i in problem_indices:
-    problem = bench_decode.DEFAULT_PROBLEMS[i]
+  for problem in problems:
     fns = {"cudnn": bench_decode.contenders("gpu")["jax.nn[cudnn]"]}
     for name in ("triton", "mosaic_gpu"):
       fns[name] = bench_decode.contenders("gpu", name)[layout]
@@ -263,6 +262,8 @@ def main():
   parser.add_argument("--configs", default='[{"num_stages_split": 2}]',
                       help="compare: a JSON list of config fields of --implementation")
   parser.add_argument("--paged", action="store_true", help="compare: paged caches")
+  parser.add_argument("--shape", type=int, nargs=6, metavar=("B", "S", "T", "NQ", "NKV", "H"),
+                      help="compare: this problem in place of --problems")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   if args.mode == "check":
@@ -275,7 +276,9 @@ def main():
     return profile(args.problems, args.trace_dir)
   if args.mode == "compare":
     import json
-    return compare(args.problems, args.repeats, json.loads(args.configs), args.paged,
+    problems = ([bench_decode.DecodeProblem(*args.shape)] if args.shape else
+                [bench_decode.DEFAULT_PROBLEMS[i] for i in args.problems])
+    return compare(problems, args.repeats, json.loads(args.configs), args.paged,
                    args.implementation)
   if args.mode == "paged":
     return paged_sweep(args.problems, args.repeats)

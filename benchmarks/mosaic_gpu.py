@@ -214,13 +214,8 @@ def main():
                       help="check: MosaicGPUBlockSizes.overlap_softmax (default: the default)")
   parser.add_argument("--atomic-dq", action="store_true",
                       help="check: the unordered backward; variants: it beside the default")
-  parser.add_argument("--dq-own-scope", action="store_true",
-                      help="experiment: the unordered backward's dQ matmul in its own scope")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  if args.dq_own_scope:
-    from flash_jax.kernels.mosaic_gpu import backward as backward_kernels
-    backward_kernels.DQ_OWN_SCOPE = True
   if args.what == "check":
     overlap = None if args.overlap_softmax is None else args.overlap_softmax == "true"
     block_sizes = MosaicGPUBlockSizes(overlap_softmax=overlap,

@@ -117,6 +117,21 @@ def _spec(head_dim=128, **kwargs):
   return spec_lib.normalize(q, q, q, **kwargs)[0]
 
 
+def test_unordered_backward_serves_only_where_the_call_allows_it():
+  """atomic_dq fuses dQ into the dK/dV kernel only for a call that is not deterministic,
+  wants no d bias, and has head dims up to 128; otherwise the two ordered kernels run."""
+  from flash_jax.kernels.mosaic_gpu.backward import fuses_dq
+  on, off = MosaicGPUBlockSizes(atomic_dq=True), MosaicGPUBlockSizes(atomic_dq=False)
+  free = _spec(128, deterministic=False)
+  assert fuses_dq(free, on) and fuses_dq(_spec(64, deterministic=False), on)
+  assert not fuses_dq(free, off) and not fuses_dq(free, MosaicGPUBlockSizes())
+  assert not fuses_dq(_spec(128, deterministic=True), on)
+  assert not fuses_dq(_spec(256, deterministic=False), on)
+  biased = dataclasses.replace(free, bias_shape=(1, 2, 128, 128))
+  assert not fuses_dq(biased, on)  # d bias wants the dQ kernel's d logits
+  assert fuses_dq(dataclasses.replace(biased, bias_grad=False), on)  # a constant bias
+
+
 def test_config_defaults_and_validation():
   for d in (64, 128, 256):
     config = default_config(_spec(d))

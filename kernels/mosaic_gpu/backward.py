@@ -43,7 +43,6 @@ from flash_jax.kernels.mosaic_gpu import compat, dense, features, pipeline, rang
 from flash_jax.kernels.mosaic_gpu.config import NUM_COMPUTE_WGS, MosaicGPUBlockSizes
 
 LOG2E = math.log2(math.e)
-DQ_OWN_SCOPE = False  # experiment: the fused dQ matmul after dK/dV's, with its own wait
 
 
 def _kernel_logits(qk, spec: AttentionSpec, bias=None):
@@ -184,6 +183,17 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   segments = spec.has_segment_ids
   kv_bound = spec.kv_len if s_pad > spec.kv_len else None
   ping_pong = config.dkv_ping_pong and wgs == 2
+  # The unordered backward of a call that masks no block: each CTA walks the query
+  # blocks from its own offset, so that the CTAs of one head that run side by side do
+  # not add into the same dQ rows at once (reduce-adds to one address serialize in L2).
+  # Causal calls' walks start apart already.
+  staggered = adds_dq and not (spec.has_structured_mask or spec.has_mask
+                               or kv_bound is not None)
+  # dQ's matmul in the update's scope (one wgmma wait a step) where its accumulator fits
+  # beside dK's and dV's. At d128 the three take 192 registers a thread, and the kernel
+  # ran 9% (full) and 32% (causal) slower than with dQ's matmul in a scope of its own
+  # (H200, d128 s16384, 2026-12-01).
+  dq_in_update = adds_dq and head_dim <= 64
   dense_names, dense_arrays = dense.inputs(bias, mask, spec, t_pad=q.shape[1], s_pad=s_pad,
                                            rows_per_cta=rows_per_cta, block_cols=block_q,
                                            transposed=True)
@@ -216,17 +226,23 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     q_lo_blk, q_hi_blk = dense_tiles.block_range(lax.axis_index("kv_tiles"), q_lo_blk,
                                                  q_hi_blk)
     num_steps = q_hi_blk - q_lo_blk
+    if staggered:  # step -> query block: this CTA's walk starts at its own offset
+      offset = lax.div(lax.axis_index("kv_tiles") * num_steps, jnp.int32(num_kv_tiles))
+      block_of = lambda step: q_lo_blk + lax.rem(step + offset, jnp.maximum(num_steps, 1))
+    else:
+      block_of = lambda step: q_lo_blk + step
+    rows_of = lambda step: pl.ds(block_of(step) * block_q, block_q)
     rings = (q_ring, do_ring, lse_ring, delta_ring)
     sources = (
-        lambda step: q_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q), head],
-        lambda step: do_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q), head],
-        lambda step: lse_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
-        lambda step: delta_ref.at[batch, head, pl.ds((q_lo_blk + step) * block_q, block_q)],
+        lambda step: q_ref.at[batch, rows_of(step), head],
+        lambda step: do_ref.at[batch, rows_of(step), head],
+        lambda step: lse_ref.at[batch, head, rows_of(step)],
+        lambda step: delta_ref.at[batch, head, rows_of(step)],
     )
     if segments:
       q_ids_ref = feature_refs["q_segment_ids"]
       rings += (q_seg_ring,)
-      sources += (lambda step: q_ids_ref.at[batch, pl.ds((q_lo_blk + step) * block_q, block_q)],)
+      sources += (lambda step: q_ids_ref.at[batch, rows_of(step)],)
     # One stream: a step's operands are read and released together, so one barrier pair
     # serves them all (a wait and an arrival per step, not one per operand).
     streams = (pipeline.Stream(sources, rings, *barriers),)
@@ -258,8 +274,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         zeros_dq = lambda: compat.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                               compat.wgmma_layout())
 
-      def step(i, carry, *, masked: bool):
-        slot = pipeline.slot_of(i - q_lo_blk, stages)
+      def step(n, carry, *, masked: bool):  # the CTA's n-th step: query block i
+        i, slot = block_of(n), pipeline.slot_of(n, stages)
         for stream in streams:
           plgpu.barrier_wait(stream.ready.at[slot])
         q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]  # [block_q, H], [block_q, Hv]
@@ -317,15 +333,14 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         def update(refs):  # all accumulations in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
             plgpu.wgmma(ref, *operands[name])
-          if adds_dq and not DQ_OWN_SCOPE:  # this query block's dQ rows: dS K [block_q, H]
+          if dq_in_update:  # this query block's dQ rows: dS K [block_q, H]
             dq_matmul(refs[-1])
 
-        with_dq = adds_dq and not DQ_OWN_SCOPE
         accs = compat.accumulate_all(
-            update, [carry[n] for n in outputs] + ([zeros_dq()] if with_dq else []))
+            update, [carry[n] for n in outputs] + ([zeros_dq()] if dq_in_update else []))
         carry = dict(zip(outputs, accs))
         if adds_dq:  # stage the rows and add them to the float32 dQ in global memory (TMA)
-          dq_part = accs[-1] if with_dq else compat.accumulate(dq_matmul, zeros_dq())
+          dq_part = accs[-1] if dq_in_update else compat.accumulate(dq_matmul, zeros_dq())
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add read the stage
           dq_stage[...] = dq_part
           plgpu.commit_smem()
@@ -337,9 +352,12 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
       carry = {name: zeros(name) for name in outputs}
       if ping_pong:
         pl.when(wg == 1)(rendezvous)  # consumer 1 starts half a step behind
-      carry = lax.fori_loop(q_lo_blk, f_lo, functools.partial(step, masked=True), carry)
+      # Steps over the masked blocks below f_lo, the unmasked ones, the masked ones above
+      # (a staggered walk masks nothing: f_lo = q_lo_blk, f_hi = q_hi_blk).
+      f_lo, f_hi = f_lo - q_lo_blk, f_hi - q_lo_blk
+      carry = lax.fori_loop(0, f_lo, functools.partial(step, masked=True), carry)
       carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
-      carry = lax.fori_loop(f_hi, q_hi_blk, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(f_hi, num_steps, functools.partial(step, masked=True), carry)
       if ping_pong:
         pl.when(wg == 0)(rendezvous)  # matches consumer 1's extra arrival at the start
       staging = {"dk": k_smem, "dv": v_smem}
