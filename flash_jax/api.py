@@ -58,11 +58,11 @@ def flash_attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None,
     deterministic: True: gradients are bitwise reproducible from run to run. False
       allows an implementation a faster backward that accumulates in no fixed order.
       None (default): True exactly when XLA_FLAGS sets --xla_gpu_deterministic_ops, the
-      switch that makes XLA's own (and cuDNN's) backward reproducible. The unordered
-      backward that False allows is Triton's atomic dQ (`TritonConfig(atomic_dq=True)`),
-      which the shipped tuning tables leave off until it is timed on a GPU; every
-      default backward is deterministic today. See docs/performance_mosaic_gpu.md for
-      the measured price of cuDNN's reproducibility.
+      switch that makes XLA's own (and cuDNN's) backward reproducible. What False
+      allows is a backward that adds dQ up across key blocks with atomics (`atomic_dq`
+      in the Mosaic GPU and Triton configs); the shipped tables use it for mosaic_gpu at
+      head dim 64 on the H200, where it is faster. See docs/performance_mosaic_gpu.md
+      for its figures and the measured price of cuDNN's reproducibility.
 
   Returns:
     out [B, T, Nq, Hv] in q's dtype, and lse if return_lse. A query row that sees no

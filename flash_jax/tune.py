@@ -2,8 +2,8 @@
 
 Sweeps candidate configs of a GPU backend and writes a tuning table (flash_jax/tuning.py)
 with the fastest candidate per entry. The config's fields come in groups, one per kernel:
-the forward (timed forward only), dK/dV and dQ (timed forward+backward), Triton's
-backward form (`atomic_dq`, timed forward+backward) and split-KV kernel (timed on decode
+the forward (timed forward only), dK/dV and dQ (timed forward+backward), the backward's
+form (`atomic_dq`, timed forward+backward) and the split-KV kernel (timed on decode
 problems). Problems: the FlashAttention-paper protocol
 of `python -m flash_jax.bench` (batch x seq = 16384 tokens, model dim 2048) at each
 --seq-lens, head dim and causal, and the decode problems of flash_jax/bench_decode.py.
@@ -57,7 +57,7 @@ GROUPS = {
     "triton": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
                Group("bwd", "fwd_bwd"), Group("split", "decode", ("head_dim", "dtype", "decode"))),
     "mosaic_gpu": (Group("fwd", "fwd"), Group("dkv", "fwd_bwd"), Group("dq", "fwd_bwd"),
-                   Group("split", "decode", ("head_dim", "dtype"))),
+                   Group("bwd", "fwd_bwd"), Group("split", "decode", ("head_dim", "dtype"))),
 }
 
 
@@ -84,12 +84,15 @@ def _mosaic_grids(head_dim: int) -> dict:
             "dkv": {"block_q_dkv": (64,), "block_kv_dkv": (64,), "num_stages_dkv": (2,),
                     "dkv_ping_pong": (False,)},
             "dq": {"block_q_dq": (64,), "block_kv_dq": (64,), "num_stages_dq": (2,)},
+            "bwd": {"atomic_dq": (False,)},  # no registers for dQ's rows (`fuses_dq`)
             "split": {"block_kv_split": (64,), "num_stages_split": (2,),
                       "split_programs_per_multiprocessor": (1,), "split_min_blocks": (2, 4)}}
   return {"fwd": {"block_kv": (64, 128), "num_stages": (2, 3), "overlap_softmax": (False, True)},
           "dkv": {"block_q_dkv": (64, 128), "block_kv_dkv": (64,), "num_stages_dkv": (2, 3),
                   "dkv_ping_pong": (False, True)},
           "dq": {"block_q_dq": (64,), "block_kv_dq": (64, 128), "num_stages_dq": (2, 3)},
+          # The backward's form, as Triton's: the dQ kernel or dQ added up by dK/dV.
+          "bwd": {"atomic_dq": (False, True)},
           # Two slots of 64 keys let two CTAs share a multiprocessor; the rest fit one.
           "split": {"block_kv_split": (64, 128), "num_stages_split": (2, 3, 4),
                     "split_programs_per_multiprocessor": (1, 2), "split_min_blocks": (4,)}}
@@ -113,6 +116,7 @@ _TINY_GRIDS = {
         "dkv": {"block_q_dkv": (64,), "block_kv_dkv": (64,), "num_stages_dkv": (3,),
                 "dkv_ping_pong": (False, True)},
         "dq": {"block_q_dq": (64,), "block_kv_dq": (64,), "num_stages_dq": (2, 3)},
+        "bwd": {"atomic_dq": (True,)},
         "split": {"block_kv_split": (64,), "num_stages_split": (3, 4),
                   "split_programs_per_multiprocessor": (1,), "split_min_blocks": (4,)},
     },

@@ -202,7 +202,7 @@ def test_mosaic_gpu_block_that_does_not_tile_the_pages_is_a_value_error(monkeypa
 @pytest.mark.parametrize("head_dim, t, group, mosaic_gpu_first", [
     (64, 1, 4, True), (256, 16, 4, True),  # one 64-row tile: mosaic_gpu's kernel
     (128, 1, 4, False),  # d65-128: Triton's (the two are level on an H200)
-    (64, 16, 8, False),  # two row tiles: Triton's until checked on a GPU
+    (64, 16, 8, False), (256, 16, 8, True),  # two row tiles: Triton's at d64 only
 ])
 def test_mosaic_gpu_split_kv_preference(monkeypatch, head_dim, t, group, mosaic_gpu_first):
   from flash_jax.kernels.mosaic_gpu import IMPLEMENTATION, compat

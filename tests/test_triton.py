@@ -18,6 +18,7 @@ from flash_jax import BlockSizes, reference, tuning
 from flash_jax import spec as spec_lib
 from flash_jax.kernels.triton import IMPLEMENTATION, TritonConfig
 from flash_jax.kernels.triton import config as config_lib
+from flash_jax.kernels.triton.implementation import FUSED_DQ_MAX_HEAD_DIM
 from flash_jax.kernels.triton.tile_masking import TileMasking
 from cases import CASES, PAGED_CASES, make_inputs, make_paged_inputs
 
@@ -250,7 +251,8 @@ def test_kernels_lower_to_valid_triton_for_cuda(monkeypatch, case, atomic_dq):
 
   _export_for_h200(jax.grad(loss, argnums=(0, 1, 2, 3) if learned_bias else (0, 1, 2)),
                    q, k, v, bias)
-  assert len(seen) == (2 if atomic_dq else 3)  # forward, dK/dV, and a dQ kernel unless fused
+  fused = atomic_dq and max(q.shape[-1], v.shape[-1]) <= FUSED_DQ_MAX_HEAD_DIM
+  assert len(seen) == (2 if fused else 3)  # forward, dK/dV, and a dQ kernel unless fused
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAGED_CASES])
@@ -268,12 +270,14 @@ def test_paged_kernel_lowers_to_valid_triton_for_cuda(monkeypatch, case):
     (True, dict(deterministic=False), True),
     (True, dict(deterministic=True), False),  # reproducible: the dQ kernel
     (True, dict(deterministic=False, bias=True), False),  # d bias needs the dQ kernel's dS
+    (True, dict(deterministic=False, head_dim=256), False),  # the fused kernel's smem
     (False, dict(deterministic=False), False),
     (None, dict(deterministic=False), "table"),  # what the tuning table says
     (None, dict(deterministic=True), False),
 ])
 def test_atomic_dq_serves_only_where_allowed(atomic_dq, kwargs, fused):
-  q = jax.random.normal(jax.random.PRNGKey(0), (1, 40, 2, 32), jnp.float32)
+  head_dim = kwargs.pop("head_dim", 32)
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 40, 2, head_dim), jnp.float32)
   with_bias = kwargs.pop("bias", False)
   bias = jax.random.normal(jax.random.PRNGKey(1), (1, 2, 40, 40)) if with_bias else None
   if fused == "table":

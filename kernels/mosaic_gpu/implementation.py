@@ -45,6 +45,12 @@ BIAS_PREFERRED_MIN_HEAD_DIM = 65
 # some problems, Triton by 6% at B = 64, S = 4096. At d64 (142-165 vs 147-182 us) and d256
 # (474-500 vs 501-508) this kernel was ahead in both layouts.
 SPLIT_KV_TRITON_HEAD_DIMS = range(65, 129)
+# Decode-shaped calls of several 64-row tiles per K/V head (T * G > 64: speculative tokens
+# with a large group) go to Triton's kernel at head dims up to 64, this one's above: B = 8,
+# S = 32768, T = 16, 32/4 heads ran 169 us here against Triton's 154 at d64, and 437
+# against 713 at d256 (cuDNN 737 and 1501; H200, bf16, 2026-12-01, benchmarks/
+# decode_gpu.py compare --shape, each beside the others in one process).
+SPLIT_KV_ROW_TILES_TRITON_MAX_HEAD_DIM = 64
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 
 
@@ -80,11 +86,11 @@ class MosaicGPUImplementation(BlockwiseImplementation):
   def slower_than_next(self, spec: AttentionSpec) -> bool:
     if split_kv.decode_shaped(spec):
       # Not through the split-KV kernel, the forward kernel would run on a padded copy
-      # of the cache. Calls of several 64-row tiles per K/V head lower for CUDA but have
-      # not yet run on a GPU: Triton's kernel, checked there, serves them by default.
-      return (not uses_split_kv(spec)
-              or max(spec.head_dim, spec.head_dim_v) in SPLIT_KV_TRITON_HEAD_DIMS
-              or spec.packed_rows > config_lib.WGMMA_ROWS)
+      # of the cache.
+      head_dim = max(spec.head_dim, spec.head_dim_v)
+      return (not uses_split_kv(spec) or head_dim in SPLIT_KV_TRITON_HEAD_DIMS
+              or (spec.packed_rows > config_lib.WGMMA_ROWS
+                  and head_dim <= SPLIT_KV_ROW_TILES_TRITON_MAX_HEAD_DIM))
     head_dim = max(spec.head_dim, spec.head_dim_v)
     if spec.has_bias and head_dim < BIAS_PREFERRED_MIN_HEAD_DIM:
       return True

@@ -93,10 +93,18 @@ class TritonImplementation(BlockwiseImplementation):
     return dq, dk, dv, dbias
 
 
+# The fused dK/dV kernel's head dims: at d256 it asked for 258 KiB of shared memory, more
+# than the 227 KiB an H200 multiprocessor has (the GPU test, 2026-12-01), which
+# `config.fit_shared_memory` does not model.
+FUSED_DQ_MAX_HEAD_DIM = 128
+
+
 def fuses_dq(spec: AttentionSpec, config: TritonConfig) -> bool:
   """Whether the dK/dV kernel also accumulates dQ, with atomics (`backward_dkv`): where
-  the config asks for it and the call allows it (`spec.allows_atomic_dq`)."""
-  return config.atomic_dq and spec.allows_atomic_dq
+  the config asks for it, the call allows it (`spec.allows_atomic_dq`), and the head
+  dims are at most FUSED_DQ_MAX_HEAD_DIM."""
+  return (bool(config.atomic_dq) and spec.allows_atomic_dq
+          and max(spec.head_dim, spec.head_dim_v) <= FUSED_DQ_MAX_HEAD_DIM)
 
 
 IMPLEMENTATION = TritonImplementation()
