@@ -297,6 +297,22 @@ def test_feature_kernels_lower_for_cuda(monkeypatch, head_dim, options, schedule
   assert ("flash_jax_mosaic_gpu_bwd_dq" in text) == (not fused)
 
 
+def test_unordered_backward_lowers_under_vmap(monkeypatch):
+  """The unordered backward's launch writes its dQ sum in place, which Pallas batches only
+  at size 1: under vmap it runs once per element (`vmapping.map_when_vmapped`)."""
+  from flash_jax.kernels.mosaic_gpu.implementation import MosaicGPUImplementation
+  monkeypatch.setattr(compat, "is_hopper", lambda: True)
+  monkeypatch.setattr(MosaicGPUImplementation, "platforms", ("gpu", jax.default_backend()))
+  q = jax.ShapeDtypeStruct((3, 1, 200, 4, 64), jnp.bfloat16)  # vmapped over the first axis
+  k = jax.ShapeDtypeStruct((3, 1, 333, 2, 64), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(
+      q, k, v, implementation="mosaic_gpu", causal=True, deterministic=False,
+      block_sizes=MosaicGPUBlockSizes(atomic_dq=True)).astype(jnp.float32))
+  grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))
+  text = jax.export.export(jax.jit(grads), platforms=["cuda"])(q, k, k).mlir_module()
+  assert "flash_jax_mosaic_gpu_bwd_dkdv_dq" in text and "stablehlo.while" in text
+
+
 @pytest.mark.parametrize("head_dim,head_dim_v", [(192, 128), (96, 96), (80, 80), (64, 40),
                                                 (128, 256), (256, 64)], ids=str)
 def test_padded_head_dims_lower_for_cuda(monkeypatch, head_dim, head_dim_v):
