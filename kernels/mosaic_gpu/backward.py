@@ -1,4 +1,5 @@
-"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic (no atomics).
+"""Backward kernels for Hopper (sm90): dK/dV and dQ, deterministic (no atomics), or
+dK/dV alone adding dQ up (unordered, `atomic_dq`).
 
 FlashAttention-2 Algorithm 2 split into two passes that each own their output, as in
 FlashAttention-3 section 3 (backward): probabilities are recomputed from the forward's
@@ -16,6 +17,8 @@ with dK) so it waits on the tensor cores twice, not four times.
     slot). With GQA each query head writes its own dK/dV, summed over the group
     afterwards in float32.
   * dQ: a CTA owns 2 x 64 query rows and streams the visible key blocks (K, V).
+  * Unordered (`fuses_dq`): no dQ kernel; each dK/dV step also adds its dS K into a
+    float32 dQ in global memory with a TMA reduce-add (5 matmuls per tile pair, not 7).
 Blocks outside the visible range of the CTA's batch row (q_offset, lengths: see
 `features`) are skipped by loop bounds; fully visible blocks run without mask
 arithmetic. With segment ids every visited block is masked; the ids of the resident
@@ -328,7 +331,7 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         if adds_dq:  # dS^T to shared memory: the A operand (read transposed) of dS K
           ds_smem[...] = operands["dk"][0]
           plgpu.commit_smem()
-        dq_matmul = lambda ref: plgpu.wgmma(ref, ds_smem.transpose((1, 0)), k_smem)
+          dq_matmul = lambda ref: plgpu.wgmma(ref, ds_smem.transpose((1, 0)), k_smem)
 
         def update(refs):  # all accumulations in one scope: one wgmma wait
           for ref, name in zip(refs, outputs):
