@@ -294,21 +294,26 @@ def test_atomic_dq_serves_only_where_allowed(atomic_dq, kwargs, fused):
 
 def test_atomic_dq_sums_every_key_block_and_group_head():
   """Many key blocks and a GQA group add into the same dQ rows; a ragged query tail
-  (padded rows) adds nothing."""
+  (padded rows) adds nothing; NaN and inf in the keys past kv_lengths, inside blocks
+  that visible keys share, reach neither dQ's sum nor dK, dV."""
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
   q = jax.random.normal(keys[0], (2, 45, 6, 32), jnp.float32)
   k = jax.random.normal(keys[1], (2, 83, 2, 32), jnp.float32)
   v = jax.random.normal(keys[2], (2, 83, 2, 24), jnp.float32)
   dout = jax.random.normal(keys[3], (2, 45, 6, 24), jnp.float32)
+  kv_lengths = jnp.array([70, 41], jnp.int32)
+  hidden = (jnp.arange(83)[None, :] >= kv_lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
+  junk_k, junk_v = jnp.where(hidden, jnp.nan, k), jnp.where(hidden, jnp.inf, v)
   config = dataclasses.replace(SMALL_BLOCKS, atomic_dq=True)
 
-  def grads(**kwargs):
-    loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(q, k, v, **kwargs) * dout)
+  def grads(k, v, **kwargs):
+    loss = lambda q, k, v: jnp.sum(flash_jax.flash_attention(
+        q, k, v, kv_lengths=kv_lengths, **kwargs) * dout)
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  fused = grads(implementation="triton", interpret=True, block_sizes=config,
+  fused = grads(junk_k, junk_v, implementation="triton", interpret=True, block_sizes=config,
                 deterministic=False)
   with jax.default_matmul_precision("highest"):
-    exact = grads(implementation="xla")
+    exact = grads(k, v, implementation="xla")
   for name, got, want in zip(("dq", "dk", "dv"), fused, exact):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
