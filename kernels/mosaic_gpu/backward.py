@@ -89,16 +89,17 @@ def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
   operands, t_pad, s_pad = kernel_operands(q, k, v, lse, dout, delta, arrays, spec, config,
                                            stats=stats)
   dense_args = dict(bias=bias, mask=arrays.mask)
-  if fuses_dq(spec, config):
-    dq, dk, dv = _fused_dq_backward(operands, spec=spec, config=config, s_pad=s_pad,
-                                    **dense_args)
-    dlogits = None
+  fused = fuses_dq(spec, config)
+  grads = {}
+  for outputs in dkv_launches(spec):
+    adds_dq = fused and "dk" in outputs  # the launch that computes dS
+    results = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=outputs,
+                   adds_dq=adds_dq, **dense_args)
+    grads.update(zip(outputs + (("dq",) if adds_dq else ()), results))
+  dk, dv = grads["dk"], grads["dv"]
+  if fused:  # dS K summed over key blocks in float32
+    dq, dlogits = (grads["dq"] * spec.scale).astype(q.dtype), None
   else:
-    grads = {}
-    for outputs in dkv_launches(spec):
-      grads.update(zip(outputs, _dkv(*operands, spec=spec, config=config, s_pad=s_pad,
-                                     outputs=outputs, **dense_args)))
-    dk, dv = grads["dk"], grads["dv"]
     dq, dlogits = _dq(*operands, spec=spec, config=config, t_pad=t_pad, **dense_args)
   if dlogits is not None:
     dlogits = dlogits[:, :, :spec.q_len, :spec.kv_len]
@@ -110,27 +111,12 @@ def backward(q, k, v, bias, lse, dout, delta, arrays, spec: AttentionSpec,
 
 
 def fuses_dq(spec: AttentionSpec, config: MosaicGPUBlockSizes) -> bool:
-  """Whether the dK/dV kernel also adds up dQ (`_fused_dq_backward`): where the config
+  """Whether the dK/dV kernel also adds up dQ (`_dkv(adds_dq=True)`): where the config
   asks for it, the call allows an unordered sum (`spec.allows_atomic_dq`), and one
   consumer's registers hold dQ's rows beside dK and dV (head dims up to 128; at 256 the
   dK launch alone fills them)."""
   return (bool(config.atomic_dq) and spec.allows_atomic_dq
           and max(spec.head_dim, spec.head_dim_v) <= 128)
-
-
-def _fused_dq_backward(operands, *, spec: AttentionSpec, config: MosaicGPUBlockSizes,
-                       s_pad: int, bias=None, mask=None):
-  """dq [B, T_pad, Nq, H], dk, dv [B, S_pad, Nq, H|Hv] from the dK/dV kernel alone: the
-  launch that computes dS (the one with dK) also adds each step's dS K into a float32 dQ
-  (`_dkv(adds_dq=True)`)."""
-  grads = {}
-  for outputs in dkv_launches(spec):
-    adds_dq = "dk" in outputs
-    results = _dkv(*operands, spec=spec, config=config, s_pad=s_pad, outputs=outputs,
-                   bias=bias, mask=mask, adds_dq=adds_dq)
-    grads.update(zip(outputs + (("dq",) if adds_dq else ()), results))
-  q = operands[0]
-  return (grads["dq"] * spec.scale).astype(q.dtype), grads["dk"], grads["dv"]
 
 
 def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,

@@ -84,14 +84,13 @@ class MosaicGPUImplementation(BlockwiseImplementation):
     # spec.normalize bounds both head dims by 256, the largest of KERNEL_HEAD_DIMS.
 
   def slower_than_next(self, spec: AttentionSpec) -> bool:
+    head_dim = max(spec.head_dim, spec.head_dim_v)
     if split_kv.decode_shaped(spec):
       # Not through the split-KV kernel, the forward kernel would run on a padded copy
       # of the cache.
-      head_dim = max(spec.head_dim, spec.head_dim_v)
       return (not uses_split_kv(spec) or head_dim in SPLIT_KV_TRITON_HEAD_DIMS
               or (spec.packed_rows > config_lib.WGMMA_ROWS
                   and head_dim <= SPLIT_KV_ROW_TILES_TRITON_MAX_HEAD_DIM))
-    head_dim = max(spec.head_dim, spec.head_dim_v)
     if spec.has_bias and head_dim < BIAS_PREFERRED_MIN_HEAD_DIM:
       return True
     return head_dim < PREFERRED_MIN_HEAD_DIM
