@@ -155,7 +155,7 @@ def kernel_operands(q, k, v, lse, dout, delta, arrays, spec: AttentionSpec,
 
 def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: AttentionSpec,
          config: MosaicGPUBlockSizes, s_pad: int, outputs: tuple[str, ...], bias=None,
-         mask=None, adds_dq: bool = False):
+         mask=None, adds_dq: bool = False, pairs_dq: bool | None = None):
   """dK [B, S_pad, Nq, H] and/or dV [B, S_pad, Nq, Hv] per query head; adds_dq (with
   dK): and dS K summed over key blocks, float32 [B, T_pad, Nq, H] (dQ before the scale).
 
@@ -182,7 +182,13 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
   # beside dK's and dV's. At d128 the three take 192 registers a thread, and the kernel
   # ran 9% (full) and 32% (causal) slower than with dQ's matmul in a scope of its own
   # (H200, d128 s16384, 2026-12-01).
-  dq_in_update = adds_dq and head_dim <= 64
+  # The two consumers' dQ rows of a step are summed in shared memory before one
+  # reduce-add (FlashAttention-3 sums dQ over a CTA's keys too): consumer 0 leaves its
+  # rows in its stage, consumer 1 starts its dS K from them and adds the sum. This halves
+  # the reduce-add traffic, without a barrier that holds consumer 0 back: it waits only
+  # for consumer 1 to have read its last rows.
+  pairs_dq = adds_dq and wgs == 2 if pairs_dq is None else pairs_dq
+  dq_in_update = adds_dq and head_dim <= 64 and not pairs_dq
   dense_names, dense_arrays = dense.inputs(bias, mask, spec, t_pad=q.shape[1], s_pad=s_pad,
                                            rows_per_cta=rows_per_cta, block_cols=block_q,
                                            transposed=True)
@@ -197,6 +203,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     kv_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, kv_ready, *barriers = refs
     if adds_dq:
       ds_smem2, dq_stage2, *barriers = barriers
+    if pairs_dq:
+      dq_ready, dq_free, *barriers = barriers
     if segments:
       kv_seg_smem2, q_seg_ring, *barriers = barriers
     if ping_pong:
@@ -328,17 +336,40 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
         accs = compat.accumulate_all(
             update, [carry[n] for n in outputs] + ([zeros_dq()] if dq_in_update else []))
         carry = dict(zip(outputs, accs))
-        if adds_dq:  # stage the rows and add them to the float32 dQ in global memory (TMA)
-          dq_part = accs[-1] if dq_in_update else compat.accumulate(dq_matmul, zeros_dq())
+        def add_dq(dq_part):  # stage the rows, add them to the float32 dQ in global memory
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add read the stage
           dq_stage[...] = dq_part
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[batch, pl.ds(i * block_q, block_q), head],
                                   reduction_op="add")
+
+        if pairs_dq:
+          @pl.when(wg == 0)
+          def _hand_over():  # its rows [block_q, H] to consumer 1, through its stage
+            dq_part = compat.accumulate(dq_matmul, zeros_dq())
+            if pairs_dq != "nowait":
+              plgpu.barrier_wait(dq_free)
+            dq_stage[...] = dq_part
+            if pairs_dq != "nowait":
+              plgpu.barrier_arrive(dq_ready)
+
+          @pl.when(wg == 1)
+          def _add_both():
+            if pairs_dq != "nowait":
+              plgpu.barrier_wait(dq_ready)
+            partner = (zeros_dq() if pairs_dq == "noload"
+                       else compat.load(dq_stage2.at[0], compat.wgmma_layout()))
+            if pairs_dq != "nowait":
+              plgpu.barrier_arrive(dq_free)
+            add_dq(compat.accumulate(dq_matmul, partner))
+        elif adds_dq:
+          add_dq(accs[-1] if dq_in_update else compat.accumulate(dq_matmul, zeros_dq()))
         pipeline.release(streams, slot)
         return carry
 
       carry = {name: zeros(name) for name in outputs}
+      if pairs_dq and pairs_dq != "nowait":  # consumer 0's stage starts free
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(dq_free))
       if ping_pong:
         pl.when(wg == 1)(rendezvous)  # consumer 1 starts half a step behind
       # Steps over the masked blocks below f_lo, the unmasked ones, the masked ones above
@@ -376,6 +407,8 @@ def _dkv(q, k, v, dout, lse2, delta, feature_names, feature_arrays, *, spec: Att
     scratch += [plgpu.SMEM((wgs, block_kv, block_q), dtype, transforms=transforms),
                 plgpu.SMEM((wgs, block_q, head_dim), jnp.float32,
                            transforms=compat.smem_transforms(jnp.float32))]
+  if pairs_dq:  # consumer 0's dQ rows: ready for consumer 1; read by it
+    scratch += [plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)]
   if segments:
     scratch += [plgpu.SMEM((wgs, block_kv), jnp.int32), plgpu.SMEM((stages, block_q), jnp.int32)]
   scratch += pipeline.ring_barriers(stages, wgs, num_operands=5 if segments else 4)
